@@ -1,0 +1,33 @@
+//! Command-line and environment settings every Flotilla process shares.
+
+use crate::{DEFAULT_AMQP_URL, Topology, topology::DEFAULT_PREFIX};
+use std::time::Duration;
+
+/// Which broker and which set of queues to use.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BrokerArgs {
+    /// RabbitMQ URL.
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    pub amqp_url: String,
+
+    /// Prefix of every queue name; several Flotillas can share a broker.
+    #[arg(long, env = "FLOTILLA_PREFIX", default_value = DEFAULT_PREFIX)]
+    pub prefix: String,
+
+    /// Delay tiers (one queue each) that polls and retries wait in. Every
+    /// process of one Flotilla must use the same list.
+    #[arg(
+        long,
+        env = "FLOTILLA_DELAY_TIERS",
+        value_delimiter = ',',
+        value_parser = humantime::parse_duration,
+        default_value = "1s,5s,30s,2m,10m"
+    )]
+    pub delay_tiers: Vec<Duration>,
+}
+
+impl BrokerArgs {
+    pub fn topology(&self) -> Topology {
+        Topology::new(&self.prefix).with_delay_tiers(self.delay_tiers.clone())
+    }
+}

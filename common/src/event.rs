@@ -1,0 +1,254 @@
+//! Events: what happened to each device, appended to the events stream.
+//!
+//! The stream is the campaign's source of truth: progress, status, reports
+//! and the producer's resume after a crash are all rebuilt from it. Events
+//! never hold a secret.
+
+use crate::{DeviceKind, Ending};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// The event format version this build writes.
+pub const EVENT_VERSION: u32 = 1;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    pub v: u32,
+    pub at: DateTime<Utc>,
+    pub campaign: String,
+    #[serde(flatten)]
+    pub body: EventBody,
+}
+
+impl Event {
+    pub fn new(campaign: impl Into<String>, body: EventBody) -> Self {
+        Event {
+            v: EVENT_VERSION,
+            at: Utc::now(),
+            campaign: campaign.into(),
+            body,
+        }
+    }
+
+    /// The device this event is about, if it is about one.
+    pub fn device(&self) -> Option<&str> {
+        match &self.body {
+            EventBody::Published(p) => Some(&p.device),
+            EventBody::Step(s) => Some(&s.device),
+            EventBody::Finished(f) => Some(&f.device),
+            EventBody::Claim(c) => Some(&c.device),
+            EventBody::Decision(_) => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum EventBody {
+    /// The producer published this device's job (confirmed by the broker).
+    Published(PublishedEvent),
+    /// A worker ran one step of a device's job.
+    Step(StepEvent),
+    /// A device's job reached its terminal state.
+    Finished(FinishedEvent),
+    /// A campaign controller decided something about its campaign.
+    Decision(DecisionEvent),
+    /// A controller asks for room for a device behind shared targets
+    /// (concurrency caps); see [`ClaimEvent`].
+    Claim(ClaimEvent),
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedEvent {
+    pub device: String,
+    pub kind: DeviceKind,
+    /// The wave (0-based) the device was started in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
+}
+
+/// A request for room for one device behind capped shared targets (a DMS
+/// host, an image server), shared by every campaign on the broker.
+///
+/// Claims are judged in stream order by every reader with the same rule:
+/// admitted if, for each target, fewer devices than the claim's cap are in
+/// flight (admitted and not finished). Two controllers racing for the last
+/// slot therefore agree on the winner without talking to each other.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ClaimEvent {
+    pub device: String,
+    pub targets: Vec<CappedTarget>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CappedTarget {
+    /// `host:<host:port>` for a device's API host, `image:<host:port>` for
+    /// an image server.
+    pub key: String,
+    pub cap: u32,
+}
+
+/// What a controller decided, and what it was based on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DecisionEvent {
+    /// Orders a campaign's decisions; a restarted controller replays them
+    /// and never writes one twice.
+    pub seq: u32,
+    #[serde(flatten)]
+    pub decision: Decision,
+    /// Why, in words, for `status`.
+    pub reason: String,
+    pub counts: DecisionCounts,
+    #[serde(default)]
+    pub thresholds: Thresholds,
+    /// The control-stream offset of the command this decision answers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub control_offset: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "decision", rename_all = "snake_case")]
+pub enum Decision {
+    /// The campaign's devices and waves, fixed for its whole life.
+    Started {
+        devices: u64,
+        /// Devices started by the end of each wave (cumulative).
+        waves: Vec<u64>,
+        /// SHA-256 of the campaign and inventory files it was started with.
+        fingerprint: String,
+        /// The firmware version the campaign installs.
+        target_version: String,
+    },
+    WaveStarted {
+        wave: u32,
+    },
+    GatePassed {
+        wave: u32,
+    },
+    Paused {
+        cause: PauseCause,
+    },
+    Resumed,
+    /// Devices are started only inside the maintenance window.
+    WindowClosed {
+        opens_at: DateTime<Utc>,
+    },
+    Cancelled,
+    Completed,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PauseCause {
+    /// The wave's failure ratio passed its budget.
+    WaveBudget,
+    /// The campaign's failure ratio passed its budget.
+    CampaignBudget,
+    /// A wave finished without reaching its success gate.
+    GateNotMet,
+    /// The gate passed; a person must approve the next wave.
+    Approval,
+    /// An operator paused the campaign.
+    Operator,
+}
+
+/// Counts at the moment of a decision. Failures include timeouts.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DecisionCounts {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub wave: Option<u32>,
+    pub wave_size: u64,
+    pub wave_published: u64,
+    pub wave_finished: u64,
+    pub wave_succeeded: u64,
+    pub wave_failed: u64,
+    pub devices: u64,
+    pub published: u64,
+    pub finished: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+}
+
+/// The thresholds a decision compared the counts with.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Thresholds {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub success_gate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_ratio: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_finished: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepEvent {
+    pub device: String,
+    pub kind: DeviceKind,
+    /// The job's step counter when this step ran.
+    pub seq: u32,
+    pub step: String,
+    pub attempt: u32,
+    pub duration_ms: u64,
+    /// The step that runs next, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<String>,
+    /// How long the job waits in a delay queue before `next`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_ms: Option<u64>,
+    /// The transient error this step met, when it is being retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What the device reported along the way (progress, a status message).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+    /// Which worker ran the step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// The device's HTTPS certificate was not checked: the operator turned
+    /// checks off for its group. Said on every step, so no audit misses it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub tls_unverified: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FinishedEvent {
+    pub device: String,
+    pub kind: DeviceKind,
+    pub seq: u32,
+    pub last_step: String,
+    #[serde(flatten)]
+    pub ending: Ending,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<DateTime<Utc>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ErrorClass, Outcome};
+
+    #[test]
+    fn finished_event_is_flat_json_with_a_type_tag() {
+        let event = Event::new(
+            "fw-7.2",
+            EventBody::Finished(FinishedEvent {
+                device: "cpe-1".into(),
+                kind: DeviceKind::Dms,
+                seq: 7,
+                last_step: "deactivate_rule".into(),
+                ending: Ending::failed(ErrorClass::Device, "FaultCode 9010"),
+                started_at: None,
+            }),
+        );
+        let json = serde_json::to_value(&event).unwrap();
+        assert_eq!(json["type"], "finished");
+        assert_eq!(json["outcome"], "failed");
+        assert_eq!(json["error_class"], "device");
+        let back: Event = serde_json::from_value(json).unwrap();
+        assert_eq!(back.device(), Some("cpe-1"));
+        match back.body {
+            EventBody::Finished(f) => assert_eq!(f.ending.outcome, Outcome::Failed),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}

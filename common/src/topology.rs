@@ -1,0 +1,295 @@
+//! The RabbitMQ topology, declared idempotently by every process at start.
+//!
+//! | queue | type | purpose |
+//! |---|---|---|
+//! | `<prefix>.jobs` | quorum | the work; a delivery limit sends a message that keeps crashing workers to `dead` |
+//! | `<prefix>.delay.<tier>` | quorum, one TTL each | delayed re-enqueue: expired messages dead-letter back to `jobs` |
+//! | `<prefix>.events` | stream | every step and outcome; the source of truth for progress |
+//! | `<prefix>.control` | stream | campaign commands (pause, resume, cancel) |
+//! | `<prefix>.dead` | quorum | messages that cannot be processed, with the reason; never dropped |
+//!
+//! Everything is published through the default exchange straight to a queue
+//! name, so there are no exchanges or bindings to keep consistent.
+//!
+//! Dead-lettering is `at-least-once` (which RabbitMQ only allows with
+//! `x-overflow: reject-publish`): without it the broker re-publishes dead
+//! letters unconfirmed and can lose them. One TTL per delay queue, because a
+//! message TTL only expires at the head of a queue, so mixed delays in one
+//! queue would block each other. Every argument here is accepted by
+//! RabbitMQ 3.10 through 4.x.
+
+use lapin::{
+    Channel, Connection, ErrorKind,
+    options::{QueueDeclareOptions, QueueDeleteOptions},
+    protocol::{AMQPErrorKind, AMQPSoftError},
+    types::{AMQPValue, FieldTable, LongString, ShortString},
+};
+use std::time::Duration;
+
+/// The default name prefix; tests and demos use their own to stay apart.
+pub const DEFAULT_PREFIX: &str = "flotilla";
+
+/// How often a job may be delivered before the broker gives up on it and
+/// dead-letters it (a message that crashes every worker that takes it).
+pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
+
+/// How long the streams keep events and commands. A campaign must finish (and
+/// be reported on) within this, since its state is rebuilt from the stream.
+pub const STREAM_MAX_AGE: &str = "30D";
+
+const DEFAULT_DELAY_TIERS: [Duration; 5] = [
+    Duration::from_secs(1),
+    Duration::from_secs(5),
+    Duration::from_secs(30),
+    Duration::from_secs(120),
+    Duration::from_secs(600),
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+    /// Ascending, no duplicates.
+    delay_tiers: Vec<Duration>,
+    delivery_limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error(
+        "queue {queue} already exists with different arguments: {broker_says}. \
+         Delete it (it must be empty) or use another prefix"
+    )]
+    Mismatch { queue: String, broker_says: String },
+    #[error("declaring queue {queue}: {source}")]
+    Broker {
+        queue: String,
+        #[source]
+        source: lapin::Error,
+    },
+}
+
+impl Topology {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Topology {
+            prefix: prefix.into(),
+            delay_tiers: DEFAULT_DELAY_TIERS.to_vec(),
+            delivery_limit: DEFAULT_DELIVERY_LIMIT,
+        }
+    }
+
+    /// Replaces the delay tiers (tests use sub-second tiers to run fast).
+    pub fn with_delay_tiers(mut self, mut tiers: Vec<Duration>) -> Self {
+        tiers.retain(|t| !t.is_zero());
+        tiers.sort();
+        tiers.dedup();
+        assert!(
+            !tiers.is_empty(),
+            "a topology needs at least one delay tier"
+        );
+        self.delay_tiers = tiers;
+        self
+    }
+
+    pub fn with_delivery_limit(mut self, limit: u32) -> Self {
+        self.delivery_limit = limit;
+        self
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn jobs(&self) -> String {
+        format!("{}.jobs", self.prefix)
+    }
+
+    pub fn events(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    pub fn control(&self) -> String {
+        format!("{}.control", self.prefix)
+    }
+
+    pub fn dead(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    pub fn delay_tiers(&self) -> &[Duration] {
+        &self.delay_tiers
+    }
+
+    pub fn delay_queue(&self, tier: Duration) -> String {
+        format!("{}.delay.{}", self.prefix, tier_name(tier))
+    }
+
+    /// The tier for a wanted delay: the longest one not longer than it (the
+    /// shortest if all are longer). A job that comes back early is delayed
+    /// again for the rest, so long waits cost a few hops, never lateness.
+    pub fn tier_for(&self, delay: Duration) -> Duration {
+        self.delay_tiers
+            .iter()
+            .rev()
+            .find(|tier| **tier <= delay)
+            .copied()
+            .unwrap_or(self.delay_tiers[0])
+    }
+
+    /// Every queue, for declaring and for tearing a test's topology down.
+    pub fn queue_names(&self) -> Vec<String> {
+        let mut names = vec![self.jobs(), self.dead(), self.events(), self.control()];
+        names.extend(self.delay_tiers.iter().map(|t| self.delay_queue(*t)));
+        names
+    }
+
+    /// Declares every queue. Safe to run from any number of processes; a
+    /// queue that exists with other arguments is reported by name.
+    pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
+        // A failed declaration closes its channel; one channel for the whole
+        // sequence is fine because we stop at the first failure.
+        let channel =
+            connection
+                .create_channel()
+                .await
+                .map_err(|source| TopologyError::Broker {
+                    queue: self.jobs(),
+                    source,
+                })?;
+        let dead = self.dead();
+        declare(&channel, &dead, quorum()).await?;
+
+        let mut jobs = quorum();
+        jobs.insert(
+            "x-delivery-limit".into(),
+            AMQPValue::LongInt(self.delivery_limit as i32),
+        );
+        dead_letter_to(&mut jobs, &dead);
+        declare(&channel, &self.jobs(), jobs).await?;
+
+        for tier in &self.delay_tiers {
+            let mut delay = quorum();
+            delay.insert(
+                "x-message-ttl".into(),
+                AMQPValue::LongInt(tier.as_millis() as i32),
+            );
+            dead_letter_to(&mut delay, &self.jobs());
+            declare(&channel, &self.delay_queue(*tier), delay).await?;
+        }
+
+        for stream in [self.events(), self.control()] {
+            let mut args = FieldTable::default();
+            args.insert("x-queue-type".into(), long_string("stream"));
+            args.insert("x-max-age".into(), long_string(STREAM_MAX_AGE));
+            declare(&channel, &stream, args).await?;
+        }
+        // Closing is a courtesy; the declarations are already done.
+        let _ = channel.close(200, "declared".into()).await;
+        Ok(())
+    }
+
+    /// Deletes every queue of this topology (tests and demos clean up after
+    /// themselves; production topology is never deleted by Flotilla).
+    pub async fn delete(&self, connection: &Connection) -> Result<(), lapin::Error> {
+        let channel = connection.create_channel().await?;
+        for name in self.queue_names() {
+            channel
+                .queue_delete(name.into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+fn tier_name(tier: Duration) -> String {
+    let ms = tier.as_millis();
+    match ms {
+        ms if ms % 60_000 == 0 => format!("{}m", ms / 60_000),
+        ms if ms % 1_000 == 0 => format!("{}s", ms / 1_000),
+        ms => format!("{ms}ms"),
+    }
+}
+
+fn long_string(value: &str) -> AMQPValue {
+    // A ShortString here makes RabbitMQ drop the whole connection.
+    AMQPValue::LongString(LongString::from(value))
+}
+
+fn quorum() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("quorum"));
+    args
+}
+
+fn dead_letter_to(args: &mut FieldTable, queue: &str) {
+    args.insert("x-dead-letter-exchange".into(), long_string(""));
+    args.insert("x-dead-letter-routing-key".into(), long_string(queue));
+    args.insert(
+        "x-dead-letter-strategy".into(),
+        long_string("at-least-once"),
+    );
+    args.insert("x-overflow".into(), long_string("reject-publish"));
+}
+
+async fn declare(channel: &Channel, queue: &str, args: FieldTable) -> Result<(), TopologyError> {
+    let options = QueueDeclareOptions {
+        durable: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(ShortString::from(queue), options, args)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(source) => Err(match source.kind() {
+            ErrorKind::ProtocolError(amqp)
+                if *amqp.kind() == AMQPErrorKind::Soft(AMQPSoftError::PRECONDITIONFAILED) =>
+            {
+                TopologyError::Mismatch {
+                    queue: queue.to_owned(),
+                    broker_says: amqp.get_message().to_string(),
+                }
+            }
+            _ => TopologyError::Broker {
+                queue: queue.to_owned(),
+                source,
+            },
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delays_pick_the_longest_tier_that_does_not_overshoot() {
+        let topology = Topology::new("t");
+        assert_eq!(
+            topology.tier_for(Duration::from_millis(200)),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            topology.tier_for(Duration::from_secs(7)),
+            Duration::from_secs(5)
+        );
+        assert_eq!(
+            topology.tier_for(Duration::from_secs(3600)),
+            Duration::from_secs(600)
+        );
+    }
+
+    #[test]
+    fn queue_names_carry_prefix_and_tier() {
+        let topology = Topology::new("t1")
+            .with_delay_tiers(vec![Duration::from_millis(250), Duration::from_secs(2)]);
+        assert_eq!(
+            topology.delay_queue(Duration::from_millis(250)),
+            "t1.delay.250ms"
+        );
+        assert_eq!(
+            topology.delay_queue(Duration::from_secs(120)),
+            "t1.delay.2m"
+        );
+        assert_eq!(topology.queue_names().len(), 6);
+    }
+}

@@ -1,0 +1,403 @@
+//! `flotilla-demo`: a real rollout in one process. It starts a simulated
+//! fleet, a few workers and the producer; they talk only through RabbitMQ
+//! and HTTP, exactly as separate processes would. It then checks every
+//! outcome Flotilla reports against what the simulator really did.
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use flotilla_common::{
+    Broker, DEFAULT_AMQP_URL, DeviceKind, Outcome, cli::BrokerArgs, inventory::InventoryWriter,
+};
+use flotilla_producer::{
+    Campaign, CampaignState, RunSpec, check_inventory, fingerprint, run_campaign,
+};
+use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
+use flotilla_worker::{CredentialStore, Credentials, WorkerConfig};
+use indicatif::{ProgressBar, ProgressStyle};
+use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
+use tokio_util::sync::CancellationToken;
+
+/// Device kinds the simulator serves today.
+const SIMULATED: [DeviceKind; 4] = [
+    DeviceKind::Dms,
+    DeviceKind::Netprofiler,
+    DeviceKind::Flowgateway,
+    DeviceKind::Npm,
+];
+
+#[derive(Parser)]
+#[command(
+    name = "flotilla-demo",
+    version,
+    about = "Runs a whole Flotilla rollout against simulated devices."
+)]
+struct Args {
+    /// Devices in the campaign, spread evenly over the kinds.
+    #[arg(long, default_value_t = 1000)]
+    devices: usize,
+    /// Device kinds to simulate (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "dms")]
+    kinds: Vec<DeviceKind>,
+    /// Fraction of devices whose upgrade fails.
+    #[arg(long, default_value_t = 0.05)]
+    fault_ratio: f64,
+    /// Fraction of device requests answered with a transient HTTP 500.
+    #[arg(long, default_value_t = 0.02)]
+    transient_ratio: f64,
+    /// Workers to run.
+    #[arg(long, default_value_t = 4)]
+    workers: u16,
+    #[arg(long, env = "AMQP_URL", default_value = DEFAULT_AMQP_URL, hide_env_values = true)]
+    amqp_url: String,
+    /// Seed of the simulator's fault injection.
+    #[arg(long, default_value_t = 7)]
+    seed: u64,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "error".into()),
+        )
+        .init();
+    match demo(Args::parse()).await {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(args: Args) -> anyhow::Result<ExitCode> {
+    for kind in &args.kinds {
+        if !SIMULATED.contains(kind) {
+            bail!(
+                "the simulator does not serve {kind} devices yet (it serves: dms, netprofiler, \
+                 flowgateway, npm)"
+            );
+        }
+    }
+    if !(0.0..=1.0).contains(&args.fault_ratio) || !(0.0..=1.0).contains(&args.transient_ratio) {
+        bail!("--fault-ratio and --transient-ratio must be between 0 and 1");
+    }
+
+    // One line, and a way out, when there is no broker.
+    let broker = Broker::new(&args.amqp_url, "flotilla-demo")?;
+    match tokio::time::timeout(Duration::from_secs(5), broker.connection()).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(error)) => {
+            eprintln!("{error}. Start one with `rabbitmq-server -detached`, or set AMQP_URL.");
+            return Ok(ExitCode::from(2));
+        }
+        Err(_) => {
+            eprintln!(
+                "RabbitMQ at {} did not answer within 5s. Start one with `rabbitmq-server -detached`, or set AMQP_URL.",
+                broker.display_url()
+            );
+            return Ok(ExitCode::from(2));
+        }
+    }
+
+    // Devices are spread evenly over the kinds; each NetProfiler brings
+    // three Flow Gateways of its own.
+    let share = |kind: DeviceKind| {
+        if !args.kinds.contains(&kind) {
+            return 0;
+        }
+        let position = args
+            .kinds
+            .iter()
+            .position(|k| *k == kind)
+            .expect("the kind is in the list");
+        let per_kind = args.devices / args.kinds.len();
+        per_kind + usize::from(position < args.devices % args.kinds.len())
+    };
+    let fleet = Fleet::start(FleetSpec {
+        dms_cpes: share(DeviceKind::Dms),
+        cpes_per_dms: 250,
+        netprofilers: share(DeviceKind::Netprofiler),
+        gateways_per_netprofiler: GATEWAYS_PER_NETPROFILER,
+        flowgateways: share(DeviceKind::Flowgateway),
+        npm_appliances: share(DeviceKind::Npm),
+        backups_first: true,
+        faults: FaultSpec {
+            failure_ratio: args.fault_ratio,
+            silent_ratio: 0.0,
+            transient_ratio: args.transient_ratio,
+            only_first: None,
+        },
+        request_latency: Duration::from_millis(1)..=Duration::from_millis(10),
+        upgrade_time: Duration::from_millis(500)..=Duration::from_secs(3),
+        seed: args.seed,
+        ..FleetSpec::default()
+    })
+    .await
+    .context("starting the simulated fleet")?;
+    let gateways = share(DeviceKind::Netprofiler) * GATEWAYS_PER_NETPROFILER;
+    println!(
+        "simulator: {} devices ({}){}, {:.0}% set to fail",
+        fleet.devices().len(),
+        args.kinds
+            .iter()
+            .map(|k| format!("{k}: {}", share(*k)))
+            .collect::<Vec<_>>()
+            .join(", "),
+        if gateways > 0 {
+            format!(" with {gateways} Flow Gateways behind the NetProfilers")
+        } else {
+            String::new()
+        },
+        args.fault_ratio * 100.0
+    );
+
+    // The producer reads files, as it would for an operator.
+    let run_id = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let dir = std::env::temp_dir().join(format!("flotilla-{run_id}"));
+    std::fs::create_dir_all(&dir)?;
+    let inventory = dir.join("devices.csv");
+    let campaign_file = dir.join("campaign.toml");
+    write_inventory(&fleet, &inventory)?;
+    std::fs::write(&campaign_file, campaign_toml(&run_id, &fleet))?;
+
+    let broker_args = BrokerArgs {
+        amqp_url: args.amqp_url.clone(),
+        prefix: format!("flotilla-{run_id}"),
+        delay_tiers: vec![
+            Duration::from_millis(250),
+            Duration::from_secs(1),
+            Duration::from_secs(5),
+            Duration::from_secs(30),
+        ],
+    };
+    let topology = broker_args.topology();
+    let stop = CancellationToken::new();
+    let (user, password) = fleet.login();
+    let credentials =
+        CredentialStore::with_given([Credentials::new(flotilla_sim::CREDENTIALS_REFERENCE)
+            .with("username", user)
+            .with("password", password)
+            .with("backup_password", fleet.backup_password())
+            .with("security_password", "demo-backup-encryption-key")]);
+    let workers: Vec<_> = (0..args.workers)
+        .map(|i| {
+            let mut config = WorkerConfig::new(broker_args.clone());
+            config.name = Some(format!("demo-worker-{}", i + 1));
+            let stop = stop.clone();
+            tokio::spawn(flotilla_worker::run(
+                config,
+                credentials.clone(),
+                async move { stop.cancelled().await },
+            ))
+        })
+        .collect();
+    println!(
+        "workers: {} started, queues {}.*",
+        args.workers,
+        topology.prefix()
+    );
+
+    let outcome = rollout(&broker, &topology, &campaign_file, &inventory, &fleet).await;
+    stop.cancel();
+    for worker in workers {
+        worker.await?.context("a worker failed")?;
+    }
+    if let Ok(connection) = broker.connection().await {
+        let _ = topology.delete(&connection).await;
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    outcome
+}
+
+async fn rollout(
+    broker: &Broker,
+    topology: &flotilla_common::Topology,
+    campaign_file: &Path,
+    inventory: &Path,
+    fleet: &Fleet,
+) -> anyhow::Result<ExitCode> {
+    let campaign = Campaign::load(campaign_file)?;
+    let (checked, problems) = check_inventory(inventory, |e| eprintln!("inventory: {e}"))?;
+    if problems > 0 {
+        bail!("the generated inventory has {problems} problem(s)");
+    }
+    let bar = ProgressBar::new(checked.devices).with_style(
+        ProgressStyle::with_template("{msg:12} [{bar:40}] {pos}/{len} devices done ({elapsed})")
+            .expect("the progress template is valid")
+            .progress_chars("=> "),
+    );
+    bar.set_message("upgrading");
+    let started = std::time::Instant::now();
+    let spec = RunSpec {
+        inventory,
+        devices: checked.devices,
+        fingerprint: fingerprint(&[campaign_file, inventory], "")?,
+        only: None,
+    };
+    let tracker = run_campaign(broker, topology, &campaign, spec, |state| {
+        bar.set_position(state.finished() as u64)
+    })
+    .await?;
+    bar.finish_and_clear();
+    println!(
+        "rollout: campaign {} - every device finished in {:.1?}\n",
+        campaign.id,
+        started.elapsed()
+    );
+
+    print_summary(&tracker);
+    Ok(compare_with_simulator(&tracker, fleet))
+}
+
+fn print_summary(tracker: &CampaignState) {
+    let mut table: BTreeMap<DeviceKind, BTreeMap<Outcome, u64>> = BTreeMap::new();
+    for ((kind, outcome), n) in tracker.counts_by_kind() {
+        *table.entry(*kind).or_default().entry(*outcome).or_default() += n;
+    }
+    print!("{:<12}", "kind");
+    for outcome in Outcome::ALL {
+        print!("{:>11}", outcome.as_str());
+    }
+    println!();
+    for (kind, outcomes) in &table {
+        print!("{:<12}", kind.as_str());
+        for outcome in Outcome::ALL {
+            print!("{:>11}", outcomes.get(&outcome).copied().unwrap_or(0));
+        }
+        println!();
+    }
+    let mut failures: Vec<_> = tracker
+        .outcomes()
+        .filter(|f| f.ending.outcome != Outcome::Succeeded)
+        .collect();
+    failures.sort_by(|a, b| a.device.cmp(&b.device));
+    for failure in failures.iter().take(3) {
+        println!(
+            "  e.g. {} {}: {}",
+            failure.device,
+            failure.ending.outcome,
+            failure.ending.error.as_deref().unwrap_or("")
+        );
+    }
+    println!();
+}
+
+/// Every outcome must be the one the simulator's fate called for (its
+/// error class and words too, and for a NetProfiler each gateway's), no
+/// device upgraded twice, and no upgrade rule left enabled.
+fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
+    let mut mismatches = Vec::new();
+    let mut gateways: BTreeMap<String, u64> = BTreeMap::new();
+    for device in fleet.devices() {
+        let Some(reported) = tracker.outcome_of(&device.id) else {
+            mismatches.push(format!("{}: no outcome reported", device.id));
+            continue;
+        };
+        if let Some(expected) = fleet.expectation(&device.id)
+            && let Err(difference) = expected.check(&reported.ending)
+        {
+            mismatches.push(format!("{}: {difference}", device.id));
+        }
+        if let Err(difference) = fleet.check_gateways(&device.id, &reported.ending) {
+            mismatches.push(format!("{}: {difference}", device.id));
+        }
+        let detail = reported.ending.detail.as_ref();
+        for gateway in detail
+            .and_then(|d| d.get("gateways"))
+            .and_then(|g| g.as_array())
+            .into_iter()
+            .flatten()
+        {
+            let outcome = gateway["outcome"].as_str().unwrap_or("unknown");
+            *gateways.entry(outcome.to_owned()).or_default() += 1;
+        }
+        if fleet.upgrades_of(&device.id) > 1 {
+            mismatches.push(format!(
+                "{} was upgraded {} times",
+                device.id,
+                fleet.upgrades_of(&device.id)
+            ));
+        }
+    }
+    let enabled = fleet.enabled_rules();
+    if !enabled.is_empty() {
+        mismatches.push(format!("{} upgrade rule(s) left enabled", enabled.len()));
+    }
+    for repeated in tracker.repeated_outcomes() {
+        mismatches.push(format!("{} ended more than once", repeated.device));
+    }
+    if !gateways.is_empty() {
+        let counts: Vec<String> = gateways.iter().map(|(o, n)| format!("{n} {o}")).collect();
+        println!("netprofiler gateways: {}", counts.join(", "));
+    }
+    let attention = tracker
+        .outcomes()
+        .filter(|f| f.ending.needs_attention)
+        .count();
+    if attention > 0 {
+        println!("needing attention: {attention} device(s) failed critically");
+    }
+    if mismatches.is_empty() {
+        println!(
+            "check: all {} outcomes match the simulator (per gateway for NetProfilers); \
+             no device upgraded twice; no rule left enabled",
+            fleet.devices().len()
+        );
+        ExitCode::SUCCESS
+    } else {
+        println!(
+            "check: {} mismatch(es) with the simulator:",
+            mismatches.len()
+        );
+        for mismatch in mismatches.iter().take(20) {
+            println!("  {mismatch}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn write_inventory(fleet: &Fleet, path: &Path) -> anyhow::Result<()> {
+    let mut writer = InventoryWriter::new(std::fs::File::create(path)?)?;
+    for device in fleet.devices() {
+        writer.write(device)?;
+    }
+    writer.finish()?;
+    Ok(())
+}
+
+/// Flow Gateways each NetProfiler updates.
+const GATEWAYS_PER_NETPROFILER: usize = 3;
+
+fn campaign_toml(id: &str, fleet: &Fleet) -> String {
+    let (version, sha256) = fleet.release();
+    format!(
+        r#"id = "{id}"
+
+[target]
+version = "{version}"
+image_url = "http://files.example.net/firmware/{version}.bin"
+sha256 = "{sha256}"
+
+[drivers.netprofiler]
+backup_first = true
+
+[drivers.flowgateway]
+operation = "backup"
+
+[drivers.npm]
+delete_image = true
+
+[timing]
+deadline = "5m"
+step_timeout = "20s"
+poll_interval = "1s"
+
+[retry]
+max_attempts = 8
+initial_backoff = "250ms"
+max_backoff = "5s"
+"#
+    )
+}

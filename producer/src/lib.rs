@@ -1,0 +1,71 @@
+//! The Flotilla producer: checks a campaign and its whole inventory, then
+//! rolls it out as the campaign's controller: waves, rate, window, caps and
+//! failure budget, every decision written to the events stream.
+//!
+//! - [`campaign`]: the campaign file;
+//! - [`inventory_check`]: every problem of an inventory, in constant memory;
+//! - [`rollout`]: the controller;
+//! - [`state`]: a campaign as its events tell it;
+//! - [`feed`]: reading the events and control streams;
+//! - [`report`]: `status`, `report` and `history`.
+
+pub mod campaign;
+pub mod feed;
+pub mod inventory_check;
+pub mod report;
+pub mod rollout;
+pub mod state;
+
+pub use campaign::{Campaign, CampaignError, TlsSettings};
+pub use feed::{FollowError, follow_campaign, read_campaign};
+pub use inventory_check::{InventorySummary, check_inventory};
+pub use rollout::controller::{RunSpec, run_campaign, send_command};
+pub use state::CampaignState;
+
+use sha2::{Digest, Sha256};
+use std::path::Path;
+
+use flotilla_common::{BrokerError, TopologyError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProducerError {
+    #[error(transparent)]
+    Campaign(#[from] CampaignError),
+    #[error("{path}: {problems} problem(s) found; nothing was published")]
+    Inventory { path: String, problems: u64 },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the inventory changed while it was being published: {0}")]
+    InventoryChanged(String),
+    #[error("campaign {campaign} was started with other files; give a changed campaign a new id")]
+    Mismatch { campaign: String },
+    #[error("campaign {campaign} is already being run by another producer")]
+    AlreadyRunning { campaign: String },
+    #[error("{0}")]
+    Plan(String),
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+}
+
+/// Identifies the files a campaign is run with: a restart must use the same.
+pub fn fingerprint(files: &[&Path], extra: &str) -> Result<String, ProducerError> {
+    let mut hasher = Sha256::new();
+    for path in files {
+        let mut file = std::fs::File::open(path).map_err(|source| ProducerError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+        std::io::copy(&mut file, &mut hasher).map_err(|source| ProducerError::Io {
+            path: path.display().to_string(),
+            source,
+        })?;
+    }
+    hasher.update(extra.as_bytes());
+    Ok(hex::encode(hasher.finalize()))
+}

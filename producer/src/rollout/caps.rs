@@ -1,0 +1,172 @@
+//! Concurrency caps shared by every campaign on a broker: how many devices
+//! are in flight behind each capped target (a DMS host, an image server).
+//!
+//! Controllers ask for room by appending a claim to the events stream.
+//! Every reader judges claims in stream order with the same rule (admitted
+//! if every target has fewer devices in flight than the claim's cap), so
+//! all controllers agree on which claims won without talking to each other.
+//! A device holds its room from its admitted claim until it finishes.
+
+use crate::campaign::Rollout;
+use flotilla_common::{CappedTarget, Device, Event, EventBody, Target};
+use std::collections::{HashMap, HashSet};
+
+/// A campaign and a device: what holds room.
+type Holder = (String, String);
+
+#[derive(Debug, Default)]
+pub struct CapLedger {
+    in_flight: HashMap<String, HashSet<Holder>>,
+    /// The keys each holder holds, to release them when it finishes.
+    held: HashMap<Holder, Vec<String>>,
+    verdicts: HashMap<Holder, bool>,
+}
+
+impl CapLedger {
+    /// Folds one event in, from any campaign.
+    pub fn apply(&mut self, event: &Event) {
+        match &event.body {
+            EventBody::Claim(claim) => {
+                let holder = (event.campaign.clone(), claim.device.clone());
+                if self.held.contains_key(&holder) {
+                    self.verdicts.insert(holder, true);
+                    return;
+                }
+                let admitted = claim
+                    .targets
+                    .iter()
+                    .all(|t| self.count(&t.key) < t.cap as usize);
+                if admitted {
+                    for target in &claim.targets {
+                        self.in_flight
+                            .entry(target.key.clone())
+                            .or_default()
+                            .insert(holder.clone());
+                    }
+                    self.held.insert(
+                        holder.clone(),
+                        claim.targets.iter().map(|t| t.key.clone()).collect(),
+                    );
+                }
+                self.verdicts.insert(holder, admitted);
+            }
+            EventBody::Finished(finished) => {
+                let holder = (event.campaign.clone(), finished.device.clone());
+                for key in self.held.remove(&holder).unwrap_or_default() {
+                    if let Some(holders) = self.in_flight.get_mut(&key) {
+                        holders.remove(&holder);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Devices in flight behind `key`.
+    pub fn count(&self, key: &str) -> usize {
+        self.in_flight.get(key).map_or(0, HashSet::len)
+    }
+
+    /// Whether a claim for `targets` would be admitted now, with `pending`
+    /// more devices per key claimed but not yet judged.
+    pub fn has_room(&self, targets: &[CappedTarget], pending: &HashMap<String, usize>) -> bool {
+        targets.iter().all(|t| {
+            self.count(&t.key) + pending.get(&t.key).copied().unwrap_or(0) < t.cap as usize
+        })
+    }
+
+    /// The judgement of a device's latest claim, once it has been read.
+    pub fn verdict(&self, campaign: &str, device: &str) -> Option<bool> {
+        self.verdicts
+            .get(&(campaign.to_owned(), device.to_owned()))
+            .copied()
+    }
+
+    /// Forgets a verdict, before claiming again.
+    pub fn forget(&mut self, campaign: &str, device: &str) {
+        self.verdicts
+            .remove(&(campaign.to_owned(), device.to_owned()));
+    }
+}
+
+/// The capped targets a device of the campaign needs room behind.
+pub fn targets_of(device: &Device, target: &Target, rollout: &Rollout) -> Vec<CappedTarget> {
+    let mut targets = Vec::new();
+    if let Some(cap) = rollout.per_host {
+        targets.push(CappedTarget {
+            key: format!("host:{}", host_key(&device.address)),
+            cap,
+        });
+    }
+    if let Some(cap) = rollout.per_image_host {
+        targets.push(CappedTarget {
+            key: format!("image:{}", host_key(&target.image_url)),
+            cap,
+        });
+    }
+    targets
+}
+
+fn host_key(url: &url::Url) -> String {
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        _ => url.as_str().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::{ClaimEvent, Ending, FinishedEvent};
+
+    fn claim(campaign: &str, device: &str, cap: u32) -> Event {
+        Event::new(
+            campaign,
+            EventBody::Claim(ClaimEvent {
+                device: device.into(),
+                targets: vec![CappedTarget {
+                    key: "host:dms:7557".into(),
+                    cap,
+                }],
+            }),
+        )
+    }
+
+    fn finished(campaign: &str, device: &str) -> Event {
+        Event::new(
+            campaign,
+            EventBody::Finished(FinishedEvent {
+                device: device.into(),
+                kind: flotilla_common::DeviceKind::Dms,
+                seq: 1,
+                last_step: "deactivate_rule".into(),
+                ending: Ending::succeeded(),
+                started_at: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn claims_from_two_campaigns_share_one_cap_in_stream_order() {
+        let mut ledger = CapLedger::default();
+        for event in [claim("a", "1", 2), claim("b", "1", 2), claim("a", "2", 2)] {
+            ledger.apply(&event);
+        }
+        assert_eq!(ledger.verdict("a", "1"), Some(true));
+        assert_eq!(ledger.verdict("b", "1"), Some(true));
+        assert_eq!(ledger.verdict("a", "2"), Some(false));
+        assert_eq!(ledger.count("host:dms:7557"), 2);
+
+        ledger.apply(&finished("b", "1"));
+        assert_eq!(ledger.count("host:dms:7557"), 1);
+        ledger.forget("a", "2");
+        ledger.apply(&claim("a", "2", 2));
+        assert_eq!(ledger.verdict("a", "2"), Some(true));
+        let targets = [CappedTarget {
+            key: "host:dms:7557".into(),
+            cap: 2,
+        }];
+        assert!(!ledger.has_room(&targets, &HashMap::new()));
+    }
+}

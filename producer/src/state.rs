@@ -1,0 +1,387 @@
+//! A campaign as its events tell it, folded one event at a time.
+//!
+//! The events stream is the source of truth: the controller rebuilds this
+//! after a restart, and `status`, `report`, the demo and the tests read
+//! campaigns through it. Applying an event twice (a published batch applied
+//! locally, then read back) changes nothing.
+
+use chrono::{DateTime, Utc};
+use flotilla_common::{
+    Decision, DecisionCounts, DecisionEvent, DeviceKind, Event, EventBody, FinishedEvent, Outcome,
+    PauseCause, StepEvent,
+};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+/// What a campaign is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// No `started` decision yet.
+    New,
+    Running,
+    Paused(PauseCause),
+    Cancelled,
+    Completed,
+}
+
+/// Devices by where they are, for one wave or the whole campaign.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub published: u64,
+    pub finished: u64,
+    pub succeeded: u64,
+    /// Failed or timed out.
+    pub failed: u64,
+    pub cancelled: u64,
+}
+
+impl Tally {
+    fn count(&mut self, outcome: Outcome) {
+        self.finished += 1;
+        match outcome {
+            Outcome::Succeeded => self.succeeded += 1,
+            Outcome::Failed | Outcome::TimedOut => self.failed += 1,
+            Outcome::Cancelled => self.cancelled += 1,
+        }
+    }
+}
+
+/// What a campaign was started with, from its `started` decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub devices: u64,
+    /// Devices started by the end of each wave.
+    pub wave_ends: Vec<u64>,
+    pub fingerprint: String,
+    pub target_version: String,
+}
+
+/// One device's story so far.
+#[derive(Debug, Clone, Default)]
+pub struct DeviceRecord {
+    pub kind: Option<DeviceKind>,
+    pub wave: Option<u32>,
+    pub published_at: Option<DateTime<Utc>>,
+    pub first_step_at: Option<DateTime<Utc>>,
+    /// Steps run, retries and polls included.
+    pub steps: u32,
+    /// Steps that met a transient error and were retried.
+    pub retries: u32,
+    pub last_step: Option<String>,
+    pub finished: Option<FinishedEvent>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug)]
+pub struct CampaignState {
+    campaign: String,
+    /// What the campaign was started with.
+    plan: Option<Plan>,
+    devices: HashMap<String, DeviceRecord>,
+    waves: Vec<Tally>,
+    totals: Tally,
+    /// Devices finished without ever being published (cancelled first).
+    finished_unpublished: u64,
+    counts_by_kind: BTreeMap<(DeviceKind, Outcome), u64>,
+    phase: Phase,
+    current_wave: Option<u32>,
+    gates_passed: BTreeSet<u32>,
+    /// Waves an operator released by resuming a gate or approval pause.
+    released: BTreeSet<u32>,
+    /// Counts when the campaign last resumed: budgets count failures since.
+    baseline: DecisionCounts,
+    decisions: Vec<DecisionEvent>,
+    /// The last control-stream command a decision answered.
+    control_done: Option<u64>,
+    /// Until when the last `window_closed` decision said to wait.
+    window_closed_until: Option<DateTime<Utc>>,
+    /// Terminal events after a device's first (a redelivered last step).
+    repeated: Vec<FinishedEvent>,
+    retried_errors: Vec<String>,
+}
+
+impl CampaignState {
+    pub fn new(campaign: impl Into<String>) -> Self {
+        CampaignState {
+            campaign: campaign.into(),
+            plan: None,
+            devices: HashMap::new(),
+            waves: Vec::new(),
+            totals: Tally::default(),
+            finished_unpublished: 0,
+            counts_by_kind: BTreeMap::new(),
+            phase: Phase::New,
+            current_wave: None,
+            gates_passed: BTreeSet::new(),
+            released: BTreeSet::new(),
+            baseline: DecisionCounts::default(),
+            decisions: Vec::new(),
+            control_done: None,
+            window_closed_until: None,
+            repeated: Vec::new(),
+            retried_errors: Vec::new(),
+        }
+    }
+
+    pub fn campaign(&self) -> &str {
+        &self.campaign
+    }
+
+    /// Folds one event in; other campaigns' events are ignored.
+    pub fn apply(&mut self, event: &Event) {
+        if event.campaign != self.campaign {
+            return;
+        }
+        match &event.body {
+            EventBody::Published(published) => {
+                let record = self.devices.entry(published.device.clone()).or_default();
+                record.kind = Some(published.kind);
+                if record.published_at.is_none() {
+                    record.published_at = Some(event.at);
+                    record.wave = published.wave;
+                    self.totals.published += 1;
+                    if let Some(tally) = published.wave.and_then(|w| self.waves.get_mut(w as usize))
+                    {
+                        tally.published += 1;
+                    }
+                }
+            }
+            EventBody::Step(step) => self.apply_step(step, event.at),
+            EventBody::Finished(finished) => self.apply_finished(finished, event.at),
+            EventBody::Decision(decision) => self.apply_decision(decision),
+            EventBody::Claim(_) => {}
+        }
+    }
+
+    fn apply_step(&mut self, step: &StepEvent, at: DateTime<Utc>) {
+        let record = self.devices.entry(step.device.clone()).or_default();
+        record.kind = Some(step.kind);
+        record.steps += 1;
+        record.first_step_at.get_or_insert(at);
+        record.last_step = Some(step.step.clone());
+        if let Some(error) = &step.error {
+            record.retries += 1;
+            self.retried_errors.push(error.clone());
+        }
+    }
+
+    fn apply_finished(&mut self, finished: &FinishedEvent, at: DateTime<Utc>) {
+        let record = self.devices.entry(finished.device.clone()).or_default();
+        if record.finished.is_some() {
+            self.repeated.push(finished.clone());
+            return;
+        }
+        record.kind = Some(finished.kind);
+        if record.published_at.is_none() {
+            self.finished_unpublished += 1;
+        }
+        record.finished = Some(finished.clone());
+        record.finished_at = Some(at);
+        let outcome = finished.ending.outcome;
+        self.totals.count(outcome);
+        if let Some(tally) = record.wave.and_then(|w| self.waves.get_mut(w as usize)) {
+            tally.count(outcome);
+        }
+        *self
+            .counts_by_kind
+            .entry((finished.kind, outcome))
+            .or_default() += 1;
+    }
+
+    fn apply_decision(&mut self, event: &DecisionEvent) {
+        if self
+            .decisions
+            .last()
+            .is_some_and(|last| event.seq <= last.seq)
+        {
+            return;
+        }
+        if let Some(offset) = event.control_offset {
+            self.control_done = Some(self.control_done.map_or(offset, |done| done.max(offset)));
+        }
+        match &event.decision {
+            Decision::Started {
+                devices,
+                waves,
+                fingerprint,
+                target_version,
+            } => {
+                self.plan = Some(Plan {
+                    devices: *devices,
+                    wave_ends: waves.clone(),
+                    fingerprint: fingerprint.clone(),
+                    target_version: target_version.clone(),
+                });
+                self.waves = vec![Tally::default(); waves.len()];
+                self.phase = Phase::Running;
+            }
+            Decision::WaveStarted { wave } => {
+                self.current_wave = Some(*wave);
+                self.phase = Phase::Running;
+            }
+            Decision::GatePassed { wave } => {
+                self.gates_passed.insert(*wave);
+            }
+            Decision::Paused { cause } => self.phase = Phase::Paused(*cause),
+            Decision::Resumed => {
+                if let (Phase::Paused(PauseCause::GateNotMet | PauseCause::Approval), Some(wave)) =
+                    (self.phase, self.current_wave)
+                {
+                    self.released.insert(wave);
+                }
+                self.baseline = event.counts.clone();
+                self.phase = Phase::Running;
+            }
+            Decision::WindowClosed { opens_at } => self.window_closed_until = Some(*opens_at),
+            Decision::Cancelled => self.phase = Phase::Cancelled,
+            Decision::Completed => self.phase = Phase::Completed,
+        }
+        self.decisions.push(event.clone());
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    /// What the campaign was started with.
+    pub fn plan(&self) -> Option<&Plan> {
+        self.plan.as_ref()
+    }
+
+    /// Devices in the campaign.
+    pub fn device_count(&self) -> u64 {
+        self.plan.as_ref().map_or(0, |p| p.devices)
+    }
+
+    pub fn current_wave(&self) -> Option<u32> {
+        self.current_wave
+    }
+
+    pub fn wave(&self, wave: u32) -> Tally {
+        self.waves.get(wave as usize).copied().unwrap_or_default()
+    }
+
+    /// How many devices wave `wave` has.
+    pub fn wave_size(&self, wave: u32) -> u64 {
+        let Some(Plan {
+            wave_ends: ends, ..
+        }) = &self.plan
+        else {
+            return 0;
+        };
+        let end = ends.get(wave as usize).copied().unwrap_or(0);
+        let start = if wave == 0 {
+            0
+        } else {
+            ends.get(wave as usize - 1).copied().unwrap_or(0)
+        };
+        end.saturating_sub(start)
+    }
+
+    pub fn wave_count(&self) -> u32 {
+        self.waves.len() as u32
+    }
+
+    pub fn gate_passed(&self, wave: u32) -> bool {
+        self.gates_passed.contains(&wave)
+    }
+
+    pub fn released(&self, wave: u32) -> bool {
+        self.released.contains(&wave)
+    }
+
+    pub fn totals(&self) -> Tally {
+        self.totals
+    }
+
+    /// Devices of the plan neither published nor finished.
+    pub fn unstarted(&self) -> u64 {
+        self.device_count()
+            .saturating_sub(self.totals.published + self.finished_unpublished)
+    }
+
+    pub fn baseline(&self) -> &DecisionCounts {
+        &self.baseline
+    }
+
+    pub fn decisions(&self) -> &[DecisionEvent] {
+        &self.decisions
+    }
+
+    pub fn next_decision_seq(&self) -> u32 {
+        self.decisions.last().map_or(1, |d| d.seq + 1)
+    }
+
+    pub fn control_done(&self) -> Option<u64> {
+        self.control_done
+    }
+
+    pub fn window_closed_until(&self) -> Option<DateTime<Utc>> {
+        self.window_closed_until
+    }
+
+    /// The counts a decision made now is based on.
+    pub fn counts(&self) -> DecisionCounts {
+        let wave = self.current_wave;
+        let tally = wave.map(|w| self.wave(w)).unwrap_or_default();
+        DecisionCounts {
+            wave,
+            wave_size: wave.map_or(0, |w| self.wave_size(w)),
+            wave_published: tally.published,
+            wave_finished: tally.finished,
+            wave_succeeded: tally.succeeded,
+            wave_failed: tally.failed,
+            devices: self.device_count(),
+            published: self.totals.published,
+            finished: self.totals.finished,
+            succeeded: self.totals.succeeded,
+            failed: self.totals.failed,
+        }
+    }
+
+    /// Whether the device was published or finished (as cancelled before
+    /// it started).
+    pub fn is_handled(&self, device: &str) -> bool {
+        self.devices
+            .get(device)
+            .is_some_and(|r| r.published_at.is_some() || r.finished.is_some())
+    }
+
+    pub fn device(&self, device: &str) -> Option<&DeviceRecord> {
+        self.devices.get(device)
+    }
+
+    pub fn devices(&self) -> impl Iterator<Item = (&String, &DeviceRecord)> {
+        self.devices.iter()
+    }
+
+    pub fn published(&self) -> usize {
+        self.totals.published as usize
+    }
+
+    pub fn finished(&self) -> usize {
+        self.totals.finished as usize
+    }
+
+    pub fn outcome_of(&self, device: &str) -> Option<&FinishedEvent> {
+        self.devices.get(device).and_then(|r| r.finished.as_ref())
+    }
+
+    pub fn outcomes(&self) -> impl Iterator<Item = &FinishedEvent> {
+        self.devices.values().filter_map(|r| r.finished.as_ref())
+    }
+
+    /// Terminal events beyond each device's first.
+    pub fn repeated_outcomes(&self) -> &[FinishedEvent] {
+        &self.repeated
+    }
+
+    /// The errors of every step that was retried, in stream order.
+    pub fn retried_errors(&self) -> &[String] {
+        &self.retried_errors
+    }
+
+    /// Finished devices by kind and outcome.
+    pub fn counts_by_kind(&self) -> &BTreeMap<(DeviceKind, Outcome), u64> {
+        &self.counts_by_kind
+    }
+}

@@ -1,0 +1,464 @@
+//! A DMS (TR-069 ACS) northbound API with the CPEs it manages.
+//!
+//! Each CPE is a small state machine: it upgrades only when an enabled rule
+//! with executions left names it *and* it receives a connection request;
+//! the upgrade then takes a while, and ends as the CPE's fate says
+//! (success, FaultCode 9010, or never reporting). Answers mimic the
+//! documented examples, quirks included: the status sits in the body's
+//! `code` while HTTP says 200, and `.*` is part of the paths.
+
+use crate::{
+    faults::Fate,
+    host::{Behaviour, basic_auth_matches},
+};
+use axum::{
+    Json, Router,
+    extract::{Query, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use std::{
+    collections::HashMap,
+    ops::RangeInclusive,
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+/// The fault text of a failed download, as a real ACS reports it.
+pub const DOWNLOAD_FAILURE: &str =
+    "Upgrade has failed with FaultCode 9010. FaultString: Download failure. File not found.";
+
+/// One DMS and its CPEs; cheap to clone.
+#[derive(Clone)]
+pub struct Dms {
+    state: Arc<DmsState>,
+}
+
+struct DmsState {
+    inner: Mutex<Inner>,
+    user: String,
+    password: String,
+    /// How long a CPE takes from connection request to result.
+    upgrade_time: RangeInclusive<Duration>,
+    behaviour: Behaviour,
+}
+
+#[derive(Default)]
+struct Inner {
+    cpes: HashMap<String, Cpe>,
+    /// By rule id (`UPGRADE_<cpeid>`).
+    rules: HashMap<String, Rule>,
+    /// When each upgrade under way ends, to count them.
+    upgrading_until: Vec<Instant>,
+    max_concurrent_upgrades: usize,
+    requests: u64,
+}
+
+struct Cpe {
+    fate: Fate,
+    firmware: String,
+    upgrade: Option<Upgrade>,
+    results: Vec<Value>,
+    upgrades_done: u32,
+    connection_requests: u32,
+}
+
+struct Upgrade {
+    rule: String,
+    file: String,
+    result_id: String,
+    done_at: Instant,
+}
+
+struct Rule {
+    cpeid: String,
+    file: String,
+    enabled: bool,
+    automatic: bool,
+    executions_left: u32,
+}
+
+impl Dms {
+    pub(crate) fn new(
+        cpes: impl IntoIterator<Item = (String, Fate)>,
+        user: &str,
+        password: &str,
+        upgrade_time: RangeInclusive<Duration>,
+        behaviour: Behaviour,
+    ) -> Self {
+        let cpes = cpes
+            .into_iter()
+            .map(|(id, fate)| {
+                let cpe = Cpe {
+                    fate,
+                    firmware: "factory".to_owned(),
+                    upgrade: None,
+                    results: Vec::new(),
+                    upgrades_done: 0,
+                    connection_requests: 0,
+                };
+                (id, cpe)
+            })
+            .collect();
+        Dms {
+            state: Arc::new(DmsState {
+                inner: Mutex::new(Inner {
+                    cpes,
+                    ..Inner::default()
+                }),
+                user: user.to_owned(),
+                password: password.to_owned(),
+                upgrade_time,
+                behaviour,
+            }),
+        }
+    }
+
+    pub(crate) fn routes(&self) -> Router {
+        Router::new()
+            .route(
+                "/v1/dyn/FirmwareStorage/.*",
+                post(create_rule).put(update_rule),
+            )
+            .route("/v1/dyn/FirmwareResultStorage/.*", get(results))
+            .route("/v1/method/SendCNR", post(send_cnr))
+            .with_state(self.clone())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.state
+            .inner
+            .lock()
+            .expect("the DMS lock is never poisoned: nothing panics while holding it")
+    }
+
+    /// Rules that are still enabled (a finished campaign leaves none).
+    pub fn enabled_rules(&self) -> Vec<String> {
+        let inner = self.lock();
+        let mut ids: Vec<String> = inner
+            .rules
+            .iter()
+            .filter(|(_, rule)| rule.enabled)
+            .map(|(id, _)| id.clone())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    /// How many times the CPE really upgraded (never more than once per
+    /// campaign when the worker behaves).
+    pub fn upgrades_of(&self, cpe_id: &str) -> u32 {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.cpes.get_mut(cpe_id).map_or(0, |cpe| {
+            settle(cpe, now);
+            cpe.upgrades_done
+        })
+    }
+
+    /// The firmware file the CPE runs.
+    pub fn firmware_of(&self, cpe_id: &str) -> Option<String> {
+        let mut inner = self.lock();
+        let now = Instant::now();
+        inner.cpes.get_mut(cpe_id).map(|cpe| {
+            settle(cpe, now);
+            cpe.firmware.clone()
+        })
+    }
+
+    /// The most CPEs this DMS ever had upgrading at once.
+    pub fn max_concurrent_upgrades(&self) -> usize {
+        self.lock().max_concurrent_upgrades
+    }
+
+    /// Requests this DMS has answered (injected errors excluded).
+    pub fn requests(&self) -> u64 {
+        self.lock().requests
+    }
+
+    pub fn connection_requests_of(&self, cpe_id: &str) -> u32 {
+        self.lock()
+            .cpes
+            .get(cpe_id)
+            .map_or(0, |cpe| cpe.connection_requests)
+    }
+}
+
+/// Completes an upgrade whose time has come, as the CPE's fate says.
+fn settle(cpe: &mut Cpe, now: Instant) {
+    let Some(upgrade) = &cpe.upgrade else { return };
+    if now < upgrade.done_at || cpe.fate == Fate::Silent {
+        return;
+    }
+    let (code, message) = match cpe.fate {
+        Fate::Upgrade => {
+            cpe.firmware = upgrade.file.clone();
+            cpe.upgrades_done += 1;
+            (200, "Upgrade successful".to_owned())
+        }
+        _ => (500, DOWNLOAD_FAILURE.to_owned()),
+    };
+    let id = upgrade.result_id.clone();
+    let rule = upgrade.rule.clone();
+    cpe.upgrade = None;
+    if let Some(entry) = cpe.results.iter_mut().find(|r| r["id"] == id.as_str()) {
+        entry["result"] = json!({ "code": code, "message": message });
+        entry["ts"] = json!(epoch_seconds());
+    } else {
+        cpe.results.push(result_entry(&id, &rule, code, &message));
+    }
+}
+
+fn result_entry(id: &str, rule: &str, code: u16, message: &str) -> Value {
+    let cpeid = rule.strip_prefix("UPGRADE_").unwrap_or(rule);
+    json!({
+        "id": id,
+        "status": true,
+        "ts": epoch_seconds(),
+        "cpeid": cpeid,
+        "rule_description": "string",
+        "campaignid": rule,
+        "result": { "code": code, "message": message },
+    })
+}
+
+fn epoch_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// The DMS's answers put their status in the body, with HTTP 200.
+fn storage(code: u16, details: Value) -> Response {
+    Json(json!({
+        "code": code,
+        "message": "response from FirmwareStorage",
+        "details": details,
+    }))
+    .into_response()
+}
+
+fn unauthorized() -> Response {
+    (
+        StatusCode::UNAUTHORIZED,
+        [("www-authenticate", "Basic realm=\"DMS\"")],
+        Json(json!({ "code": 401, "message": "Unauthorized", "details": "" })),
+    )
+        .into_response()
+}
+
+fn bad_request(details: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({ "code": 400, "message": "Bad request", "details": details.into() })),
+    )
+        .into_response()
+}
+
+fn authorized(dms: &Dms, headers: &HeaderMap) -> bool {
+    dms.lock().requests += 1;
+    basic_auth_matches(headers, &dms.state.user, &dms.state.password)
+}
+
+#[derive(Deserialize)]
+struct RuleBody {
+    id: String,
+    enabled: bool,
+    #[serde(default)]
+    automatic: bool,
+    #[serde(default)]
+    file: Option<String>,
+    #[serde(default)]
+    condition: Option<Condition>,
+    #[serde(default = "one")]
+    executions: u32,
+}
+
+fn one() -> u32 {
+    1
+}
+
+#[derive(Deserialize)]
+struct Condition {
+    cpeid: String,
+}
+
+async fn create_rule(
+    State(dms): State<Dms>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&dms, &headers) {
+        return unauthorized();
+    }
+    let rule: RuleBody = match serde_json::from_slice(&body) {
+        Ok(rule) => rule,
+        Err(e) => return bad_request(format!("invalid rule: {e}")),
+    };
+    let (Some(file), Some(condition)) = (rule.file, rule.condition) else {
+        return bad_request("a rule needs a file and a condition");
+    };
+    if rule.id != format!("UPGRADE_{}", condition.cpeid) {
+        return bad_request("the rule id must be UPGRADE_<cpeid>");
+    }
+    let mut inner = dms.lock();
+    if !inner.cpes.contains_key(&condition.cpeid) {
+        return storage(404, json!(format!("no CPE {}", condition.cpeid)));
+    }
+    match inner.rules.get_mut(&rule.id) {
+        // Re-posting an armed rule changes nothing: its executions are
+        // already counted.
+        Some(existing) if existing.enabled => {
+            existing.file = file;
+            existing.automatic = rule.automatic;
+        }
+        _ => {
+            inner.rules.insert(
+                rule.id.clone(),
+                Rule {
+                    cpeid: condition.cpeid,
+                    file,
+                    enabled: rule.enabled,
+                    automatic: rule.automatic,
+                    executions_left: rule.executions,
+                },
+            );
+        }
+    }
+    storage(204, json!(""))
+}
+
+async fn update_rule(
+    State(dms): State<Dms>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+    body: axum::body::Bytes,
+) -> Response {
+    if !authorized(&dms, &headers) {
+        return unauthorized();
+    }
+    let Some(campaign) = query.get("campaignid") else {
+        return bad_request("campaignid is required");
+    };
+    let update: Value = match serde_json::from_slice(&body) {
+        Ok(update) => update,
+        Err(e) => return bad_request(format!("invalid rule update: {e}")),
+    };
+    let mut inner = dms.lock();
+    let Some(rule) = inner.rules.get_mut(campaign) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "code": 404, "message": "response from FirmwareStorage", "details": "no such rule" })),
+        )
+            .into_response();
+    };
+    if let Some(enabled) = update["enabled"].as_bool() {
+        rule.enabled = enabled;
+    }
+    if let Some(automatic) = update["automatic"].as_bool() {
+        rule.automatic = automatic;
+    }
+    storage(204, json!(""))
+}
+
+async fn results(
+    State(dms): State<Dms>,
+    headers: HeaderMap,
+    Query(query): Query<HashMap<String, String>>,
+) -> Response {
+    if !authorized(&dms, &headers) {
+        return unauthorized();
+    }
+    let Some(rule) = query.get("id") else {
+        return bad_request("id is required");
+    };
+    let mut inner = dms.lock();
+    let cpe_id = rule.strip_prefix("UPGRADE_").unwrap_or(rule).to_owned();
+    let now = Instant::now();
+    let found: Vec<Value> = match inner.cpes.get_mut(&cpe_id) {
+        Some(cpe) => {
+            settle(cpe, now);
+            cpe.results
+                .iter()
+                .filter(|r| r["campaignid"] == rule.as_str())
+                .cloned()
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    let body = if found.is_empty() {
+        json!({ "code": 404, "message": "response from FirmwareResultStorage", "details": "" })
+    } else {
+        json!({ "code": 200, "message": "response from FirmwareResultStorage", "details": found })
+    };
+    Json(body).into_response()
+}
+
+async fn send_cnr(State(dms): State<Dms>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&dms, &headers) {
+        return unauthorized();
+    }
+    let request: Value = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return bad_request(format!("invalid request: {e}")),
+    };
+    let Some(cpe_id) = request
+        .pointer("/search_options/cpe_id")
+        .and_then(Value::as_str)
+    else {
+        return bad_request("search_options.cpe_id is required");
+    };
+    let upgrade_time = {
+        let mut dice = dms
+            .state
+            .behaviour
+            .dice
+            .lock()
+            .expect("dice lock is never poisoned");
+        dice.duration(&dms.state.upgrade_time)
+    };
+    let now = Instant::now();
+    let mut guard = dms.lock();
+    let inner = &mut *guard;
+    let Some(cpe) = inner.cpes.get_mut(cpe_id) else {
+        return Json(json!({ "result": { "code": 404, "message": "Device not found" } }))
+            .into_response();
+    };
+    cpe.connection_requests += 1;
+    settle(cpe, now);
+    let rule_id = format!("UPGRADE_{cpe_id}");
+    if cpe.upgrade.is_none()
+        && let Some(rule) = inner.rules.get_mut(&rule_id)
+        && rule.enabled
+        && rule.cpeid == cpe_id
+        && rule.executions_left > 0
+    {
+        rule.executions_left -= 1;
+        let done_at = now + upgrade_time;
+        inner.upgrading_until.retain(|until| *until > now);
+        inner.upgrading_until.push(done_at);
+        inner.max_concurrent_upgrades = inner
+            .max_concurrent_upgrades
+            .max(inner.upgrading_until.len());
+        let result_id = uuid::Uuid::new_v4().to_string();
+        // The CPE reports the download as under way until it finishes.
+        if cpe.fate != Fate::Silent {
+            cpe.results.push(result_entry(
+                &result_id,
+                &rule_id,
+                202,
+                "Download in progress",
+            ));
+        }
+        cpe.upgrade = Some(Upgrade {
+            rule: rule_id,
+            file: rule.file.clone(),
+            result_id,
+            done_at,
+        });
+    }
+    Json(json!({ "result": { "code": 200, "message": "OK" } })).into_response()
+}

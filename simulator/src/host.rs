@@ -1,0 +1,258 @@
+//! Serving simulated hosts: a listener with `TCP_NODELAY`, request latency
+//! and injected transient errors in front of a kind's routes.
+//!
+//! A [`Host`] can also reboot: it closes its listener, so connections are
+//! refused as by a restarting appliance, and listens again on the same
+//! address once the reboot is over. A host given a TLS configuration serves
+//! HTTPS.
+
+use crate::faults::Dice;
+use axum::{
+    Router,
+    extract::{Request, State},
+    http::StatusCode,
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    serve::ListenerExt,
+};
+use base64::Engine;
+use std::{
+    net::SocketAddr,
+    ops::RangeInclusive,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How a host answers, whatever its kind.
+#[derive(Debug, Clone)]
+pub(crate) struct Behaviour {
+    /// Time taken before answering each request.
+    pub(crate) latency: RangeInclusive<Duration>,
+    pub(crate) dice: Arc<Mutex<Dice>>,
+    /// The body of an injected 500.
+    pub(crate) error_body: &'static str,
+}
+
+fn app(routes: Router, behaviour: Behaviour) -> Router {
+    routes.layer(middleware::from_fn_with_state(behaviour, misbehave))
+}
+
+fn spawn_server(
+    listener: TcpListener,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    if let Some(config) = tls {
+        let listener = crate::tls::TlsListener::new(listener, config)?;
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        return Ok(());
+    }
+    // Without it, keep-alive calls wait ~40 ms on a delayed ACK.
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
+    Ok(())
+}
+
+/// A host that can reboot: while it is down, connections are refused.
+#[derive(Clone)]
+pub(crate) struct Host {
+    addr: SocketAddr,
+    app: Router,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    up: Arc<AtomicBool>,
+    /// Stops the current listener (a reboot) or every listener (the fleet).
+    current: Arc<Mutex<CancellationToken>>,
+    fleet_stop: CancellationToken,
+}
+
+impl Host {
+    pub(crate) async fn start(
+        addr: SocketAddr,
+        routes: Router,
+        behaviour: Behaviour,
+        tls: Option<Arc<rustls::ServerConfig>>,
+        fleet_stop: CancellationToken,
+    ) -> std::io::Result<Host> {
+        let listener = TcpListener::bind(addr).await?;
+        let addr = listener.local_addr()?;
+        let app = app(routes, behaviour);
+        let current = fleet_stop.child_token();
+        spawn_server(listener, app.clone(), tls.clone(), current.clone())?;
+        Ok(Host {
+            addr,
+            app,
+            tls,
+            up: Arc::new(AtomicBool::new(true)),
+            current: Arc::new(Mutex::new(current)),
+            fleet_stop,
+        })
+    }
+
+    pub(crate) fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Goes down at once: the listener closes, so connections are refused.
+    pub(crate) fn take_down(&self) {
+        if self.up.swap(false, Ordering::SeqCst) {
+            self.current
+                .lock()
+                .expect("the host lock is never poisoned: nothing panics while holding it")
+                .cancel();
+        }
+    }
+
+    /// Listens again on the same address.
+    pub(crate) async fn bring_up(&self) -> std::io::Result<()> {
+        if self.up.load(Ordering::SeqCst) || self.fleet_stop.is_cancelled() {
+            return Ok(());
+        }
+        // The port was ours a moment ago; retry briefly if the kernel has
+        // not released it yet.
+        let mut attempts = 0;
+        let listener = loop {
+            match TcpListener::bind(self.addr).await {
+                Ok(listener) => break listener,
+                Err(error) if attempts >= 50 => return Err(error),
+                Err(_) => attempts += 1,
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let token = self.fleet_stop.child_token();
+        spawn_server(listener, self.app.clone(), self.tls.clone(), token.clone())?;
+        *self
+            .current
+            .lock()
+            .expect("the host lock is never poisoned") = token;
+        self.up.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: Next) -> Response {
+    let (delay, fail) = {
+        let mut dice = behaviour
+            .dice
+            .lock()
+            .expect("dice lock is never poisoned: no panics while held");
+        (dice.duration(&behaviour.latency), dice.transient_error())
+    };
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    if fail {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [("content-type", "application/json")],
+            behaviour.error_body,
+        )
+            .into_response();
+    }
+    next.run(request).await
+}
+
+/// Whether the request carries HTTP Basic credentials `user`:`password`.
+pub(crate) fn basic_auth_matches(
+    headers: &axum::http::HeaderMap,
+    user: &str,
+    password: &str,
+) -> bool {
+    let Some(value) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return false;
+    };
+    let Some(encoded) = value.strip_prefix("Basic ") else {
+        return false;
+    };
+    let Ok(decoded) = base64::engine::general_purpose::STANDARD.decode(encoded.trim()) else {
+        return false;
+    };
+    decoded == format!("{user}:{password}").as_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+
+    #[tokio::test]
+    async fn a_host_that_is_down_refuses_connections_then_answers_again() {
+        let behaviour = Behaviour {
+            latency: Duration::ZERO..=Duration::ZERO,
+            dice: Arc::new(Mutex::new(Dice::new(1, 0.0))),
+            error_body: "{}",
+        };
+        let stop = CancellationToken::new();
+        let routes = Router::new().route("/ping", get(|| async { "pong" }));
+        let host = Host::start(
+            "127.0.0.1:0".parse().unwrap(),
+            routes,
+            behaviour,
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let connect = || tokio::net::TcpStream::connect(host.addr());
+        assert!(connect().await.is_ok());
+
+        host.take_down();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let refused = connect().await.unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused);
+
+        host.bring_up().await.unwrap();
+        assert!(
+            connect().await.is_ok(),
+            "the host listens again after its reboot"
+        );
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn going_down_breaks_open_keep_alive_connections() {
+        flotilla_common::ensure_crypto_provider();
+        let behaviour = Behaviour {
+            latency: Duration::ZERO..=Duration::ZERO,
+            dice: Arc::new(Mutex::new(Dice::new(1, 0.0))),
+            error_body: "{}",
+        };
+        let stop = CancellationToken::new();
+        let routes = Router::new().route("/ping", get(|| async { "pong" }));
+        let host = Host::start(
+            "127.0.0.1:0".parse().unwrap(),
+            routes,
+            behaviour,
+            None,
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        let client = reqwest::Client::new();
+        let url = format!("http://{}/ping", host.addr());
+        assert_eq!(client.get(&url).send().await.unwrap().status(), 200);
+        host.take_down();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let during = client.get(&url).send().await;
+        assert!(during.is_err(), "answered while rebooting: {during:?}");
+        stop.cancel();
+    }
+}

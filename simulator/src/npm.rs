@@ -1,0 +1,503 @@
+//! A Riverbed NPM appliance: system update 2.0 (`npm.system_update`) behind
+//! `mgmt.aaa` bearer tokens.
+//!
+//! Images arrive by fetch (the fleet's release, as if downloaded from the
+//! URL) or by upload (the bytes sent, whose real SHA-256 is reported), are
+//! `UPLOADING`, then `VALIDATING`, then `VALID` — or `INVALID` /
+//! `UPLOAD_ERROR` as the appliance's fault says. The update goes `IDLE` →
+//! `INITIALIZING` → `INITIALIZED` → `RUNNING`; then the appliance reboots:
+//! its host refuses connections for the reboot window and forgets every
+//! token, and comes back `IDLE` on the new version (or `FAILED_*`).
+
+use crate::{
+    epoch_seconds,
+    faults::Dice,
+    host::Host,
+    riverbed_auth::{self, Auth},
+};
+use axum::{
+    Json, Router,
+    extract::{DefaultBodyLimit, Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+};
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+use std::{
+    collections::BTreeMap,
+    ops::RangeInclusive,
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
+    time::{Duration, Instant},
+};
+use tokio_util::sync::CancellationToken;
+
+pub const INVALID_IMAGE: &str = "Image signature verification failed";
+pub const UPLOAD_ERROR: &str = "Fetching the image failed: HTTP 404 Not Found";
+pub const GRACEFUL_FAILURE: &str = "Pre-update checks failed: not enough free space on /data";
+pub const CRITICAL_FAILURE: &str =
+    "The new system did not start after the reboot; the appliance is in rescue mode";
+/// The version every simulated appliance runs before its update.
+pub const PREVIOUS_VERSION: &str = "previous";
+/// A checksum that is not the release's (the checksum-mismatch fault).
+const WRONG_CHECKSUM: &str = "0000000000000000000000000000000000000000000000000000000000000bad";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NpmFault {
+    /// Images end `INVALID`.
+    InvalidImage,
+    /// Images end `UPLOAD_ERROR`.
+    UploadError,
+    /// Images end `VALID` with a checksum that is not the release's.
+    ChecksumMismatch,
+    /// The update ends `FAILED_GRACEFUL` (before any reboot).
+    FailGraceful,
+    /// The update reboots, then ends `FAILED_CRITICAL`.
+    FailCritical,
+    /// The update runs forever.
+    Stuck,
+    /// Its token endpoint refuses the fleet's credentials.
+    RefusedCredentials,
+}
+
+/// What the appliance does, in time.
+#[derive(Debug, Clone)]
+pub(crate) struct NpmTiming {
+    /// Uploading (or fetching), then validating, each; and initializing.
+    pub(crate) step_time: RangeInclusive<Duration>,
+    pub(crate) update_time: RangeInclusive<Duration>,
+    pub(crate) reboot_time: RangeInclusive<Duration>,
+}
+
+/// One appliance; cheap to clone.
+#[derive(Clone)]
+pub struct Npm {
+    state: Arc<Shared>,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    auth: Auth,
+    release_version: String,
+    release_sha256: String,
+    timing: NpmTiming,
+    dice: Arc<Mutex<Dice>>,
+    /// Set once the appliance's host is listening: the update reboots it.
+    host: OnceLock<Host>,
+    stop: CancellationToken,
+}
+
+struct Inner {
+    fault: Option<NpmFault>,
+    images: BTreeMap<u64, Image>,
+    next_id: u64,
+    state: &'static str,
+    description: String,
+    last_state_time: i64,
+    /// While `INITIALIZING`: when it becomes `INITIALIZED`.
+    initialized_at: Option<Instant>,
+    history: Vec<(i64, String)>,
+    updates_started: u32,
+    updates_done: u32,
+    images_deleted: u32,
+    uploads: u32,
+}
+
+struct Image {
+    /// When it stops uploading, and when it is validated.
+    uploaded_at: Instant,
+    validated_at: Instant,
+    checksum: String,
+}
+
+impl Npm {
+    pub(crate) fn new(
+        fault: Option<NpmFault>,
+        auth: Auth,
+        release_version: &str,
+        release_sha256: &str,
+        timing: NpmTiming,
+        dice: Arc<Mutex<Dice>>,
+        stop: CancellationToken,
+    ) -> Self {
+        let now = epoch_seconds();
+        Npm {
+            state: Arc::new(Shared {
+                inner: Mutex::new(Inner {
+                    fault,
+                    images: BTreeMap::new(),
+                    next_id: 1,
+                    state: "IDLE",
+                    description: String::new(),
+                    // Installed a month ago; idle since the day before.
+                    last_state_time: now - 86_400,
+                    initialized_at: None,
+                    history: vec![(now - 30 * 86_400, PREVIOUS_VERSION.to_owned())],
+                    updates_started: 0,
+                    updates_done: 0,
+                    images_deleted: 0,
+                    uploads: 0,
+                }),
+                auth,
+                release_version: release_version.to_owned(),
+                release_sha256: release_sha256.to_owned(),
+                timing,
+                dice,
+                host: OnceLock::new(),
+                stop,
+            }),
+        }
+    }
+
+    pub(crate) fn routes(&self) -> Router {
+        Router::new()
+            .route("/api/npm.system_update/2.0/images", get(images))
+            .route("/api/npm.system_update/2.0/images/fetch", post(fetch))
+            .route(
+                "/api/npm.system_update/2.0/images/upload",
+                post(upload).layer(DefaultBodyLimit::disable()),
+            )
+            .route(
+                "/api/npm.system_update/2.0/images/items/{id}",
+                get(image).delete(delete_image),
+            )
+            .route("/api/npm.system_update/2.0/update", get(update))
+            .route("/api/npm.system_update/2.0/update/init", post(init))
+            .route("/api/npm.system_update/2.0/update/start", post(start))
+            .route("/api/npm.system_update/2.0/update/reset", post(reset))
+            .route(
+                "/api/mgmt.aaa/1.0/token",
+                post(riverbed_auth::npm_token).with_state(self.state.auth.clone()),
+            )
+            .with_state(self.clone())
+    }
+
+    pub(crate) fn attach(&self, host: Host) {
+        let _ = self.state.host.set(host);
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        self.state
+            .inner
+            .lock()
+            .expect("the NPM lock is never poisoned: nothing panics while holding it")
+    }
+
+    fn duration(&self, range: &RangeInclusive<Duration>) -> Duration {
+        self.state
+            .dice
+            .lock()
+            .expect("dice lock is never poisoned")
+            .duration(range)
+    }
+
+    pub fn fault(&self) -> Option<NpmFault> {
+        self.lock().fault
+    }
+
+    /// Updates started (a correct rollout never starts two).
+    pub fn updates_started(&self) -> u32 {
+        self.lock().updates_started
+    }
+
+    pub fn updates_done(&self) -> u32 {
+        self.lock().updates_done
+    }
+
+    /// The newest version of the update history.
+    pub fn version(&self) -> String {
+        self.lock()
+            .history
+            .last()
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+
+    /// Images on the appliance now.
+    pub fn images(&self) -> usize {
+        self.lock().images.len()
+    }
+
+    pub fn images_deleted(&self) -> u32 {
+        self.lock().images_deleted
+    }
+
+    /// Images received by upload.
+    pub fn uploads(&self) -> u32 {
+        self.lock().uploads
+    }
+
+    /// Tokens issued (a short token lifetime makes the worker fetch more).
+    pub fn tokens_issued(&self) -> u32 {
+        self.state.auth.issued()
+    }
+
+    fn add_image(&self, checksum: String) -> Value {
+        let upload = self.duration(&self.state.timing.step_time);
+        let validate = self.duration(&self.state.timing.step_time);
+        let now = Instant::now();
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.images.insert(
+            id,
+            Image {
+                uploaded_at: now + upload,
+                validated_at: now + upload + validate,
+                checksum,
+            },
+        );
+        image_json(&inner, id, &self.state.release_version, now)
+    }
+
+    fn transition(inner: &mut Inner, state: &'static str, description: &str) {
+        inner.state = state;
+        inner.description = description.to_owned();
+        inner.last_state_time = epoch_seconds();
+    }
+
+    /// The update, from `RUNNING` to its end: a reboot (refused
+    /// connections, tokens forgotten), then the new version or a failure.
+    async fn run_update(self) {
+        let update_time = self.duration(&self.state.timing.update_time);
+        let reboot_time = self.duration(&self.state.timing.reboot_time);
+        let stop = self.state.stop.clone();
+        let fault = self.lock().fault;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(update_time) => {}
+        }
+        match fault {
+            Some(NpmFault::Stuck) => return,
+            Some(NpmFault::FailGraceful) => {
+                Npm::transition(&mut self.lock(), "FAILED_GRACEFUL", GRACEFUL_FAILURE);
+                return;
+            }
+            _ => {}
+        }
+        let host = self.state.host.get();
+        if let Some(host) = host {
+            host.take_down();
+        }
+        self.state.auth.forget_tokens();
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(reboot_time) => {}
+        }
+        {
+            let mut inner = self.lock();
+            if fault == Some(NpmFault::FailCritical) {
+                Npm::transition(&mut inner, "FAILED_CRITICAL", CRITICAL_FAILURE);
+            } else {
+                Npm::transition(&mut inner, "IDLE", "");
+                let version = self.state.release_version.clone();
+                inner.history.push((epoch_seconds(), version));
+                inner.updates_done += 1;
+            }
+        }
+        if let Some(host) = host {
+            let _ = host.bring_up().await;
+        }
+    }
+}
+
+fn image_json(inner: &Inner, id: u64, version: &str, now: Instant) -> Value {
+    let Some(image) = inner.images.get(&id) else {
+        return Value::Null;
+    };
+    let (state, description) = if now < image.uploaded_at {
+        ("UPLOADING", "")
+    } else if now < image.validated_at {
+        ("VALIDATING", "Checking the image signature")
+    } else {
+        match inner.fault {
+            Some(NpmFault::InvalidImage) => ("INVALID", INVALID_IMAGE),
+            Some(NpmFault::UploadError) => ("UPLOAD_ERROR", UPLOAD_ERROR),
+            _ => ("VALID", "The image is valid"),
+        }
+    };
+    let mut value = json!({
+        "id": id,
+        "state": state,
+        "state_description": description,
+        "progress": if state == "UPLOADING" { 50 } else { 100 },
+    });
+    if state == "VALID" {
+        value["checksum"] = json!(image.checksum);
+        value["version"] = json!(version);
+    }
+    value
+}
+
+fn refusal(npm: &Npm, headers: &HeaderMap) -> Option<Response> {
+    npm.state.auth.refusal(headers)
+}
+
+fn bad(text: &str) -> Response {
+    riverbed_auth::error(StatusCode::BAD_REQUEST, "BAD_REQUEST", text)
+}
+
+async fn images(State(npm): State<Npm>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let inner = npm.lock();
+    let now = Instant::now();
+    let items: Vec<Value> = inner
+        .images
+        .keys()
+        .map(|id| image_json(&inner, *id, &npm.state.release_version, now))
+        .collect();
+    Json(json!({ "items": items })).into_response()
+}
+
+async fn fetch(State(npm): State<Npm>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    match request.get("url").and_then(Value::as_str) {
+        Some(url) if url.starts_with("http://") || url.starts_with("https://") => {}
+        _ => return bad("url is required (http or https)"),
+    }
+    let checksum = if npm.fault() == Some(NpmFault::ChecksumMismatch) {
+        WRONG_CHECKSUM.to_owned()
+    } else {
+        npm.state.release_sha256.clone()
+    };
+    Json(npm.add_image(checksum)).into_response()
+}
+
+async fn upload(State(npm): State<Npm>, headers: HeaderMap, body: axum::body::Bytes) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let content_type = headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if content_type != "application/octet-stream" {
+        return (
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Json(json!({"error_id": "BAD_REQUEST", "error_text": "the accepted content-type is application/octet-stream"})),
+        )
+            .into_response();
+    }
+    let checksum = if npm.fault() == Some(NpmFault::ChecksumMismatch) {
+        WRONG_CHECKSUM.to_owned()
+    } else {
+        format!("{:x}", Sha256::digest(&body))
+    };
+    npm.lock().uploads += 1;
+    Json(npm.add_image(checksum)).into_response()
+}
+
+async fn image(State(npm): State<Npm>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let inner = npm.lock();
+    match image_json(&inner, id, &npm.state.release_version, Instant::now()) {
+        Value::Null => riverbed_auth::error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such image"),
+        image => Json(image).into_response(),
+    }
+}
+
+async fn delete_image(State(npm): State<Npm>, headers: HeaderMap, Path(id): Path<u64>) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let mut inner = npm.lock();
+    if inner.images.remove(&id).is_none() {
+        return riverbed_auth::error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such image");
+    }
+    inner.images_deleted += 1;
+    StatusCode::NO_CONTENT.into_response()
+}
+
+fn settle(inner: &mut Inner) {
+    if inner.state == "INITIALIZING" && inner.initialized_at.is_some_and(|t| Instant::now() >= t) {
+        inner.initialized_at = None;
+        Npm::transition(inner, "INITIALIZED", "Ready to update");
+    }
+}
+
+async fn update(State(npm): State<Npm>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let mut inner = npm.lock();
+    settle(&mut inner);
+    let history: Vec<Value> = inner
+        .history
+        .iter()
+        .map(|(time, version)| json!({ "time": time, "version": version }))
+        .collect();
+    let mut body = json!({
+        "last_state_time": inner.last_state_time,
+        "state": inner.state,
+        "state_description": inner.description,
+        "update_history": history,
+    });
+    if inner.state != "IDLE" {
+        body["target_version"] = json!(npm.state.release_version);
+    }
+    Json(body).into_response()
+}
+
+async fn init(State(npm): State<Npm>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let init_time = npm.duration(&npm.state.timing.step_time);
+    let now = Instant::now();
+    let mut inner = npm.lock();
+    settle(&mut inner);
+    if inner.state != "IDLE" {
+        return bad(&format!("cannot initialize while {}", inner.state));
+    }
+    let valid = inner
+        .images
+        .keys()
+        .any(|id| image_json(&inner, *id, &npm.state.release_version, now)["state"] == "VALID");
+    if !valid {
+        return bad("no valid update image");
+    }
+    inner.initialized_at = Some(now + init_time);
+    Npm::transition(&mut inner, "INITIALIZING", "Preparing the update");
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn start(State(npm): State<Npm>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    {
+        let mut inner = npm.lock();
+        settle(&mut inner);
+        if inner.state != "INITIALIZED" {
+            return bad(&format!("cannot start while {}", inner.state));
+        }
+        inner.updates_started += 1;
+        Npm::transition(&mut inner, "RUNNING", "Installing the update");
+    }
+    tokio::spawn(npm.clone().run_update());
+    StatusCode::NO_CONTENT.into_response()
+}
+
+async fn reset(State(npm): State<Npm>, headers: HeaderMap) -> Response {
+    if let Some(refused) = refusal(&npm, &headers) {
+        return refused;
+    }
+    let mut inner = npm.lock();
+    settle(&mut inner);
+    if !matches!(
+        inner.state,
+        "FAILED_GRACEFUL" | "INITIALIZED" | "INITIALIZING"
+    ) {
+        return bad(&format!("nothing to reset while {}", inner.state));
+    }
+    inner.initialized_at = None;
+    Npm::transition(&mut inner, "IDLE", "");
+    StatusCode::NO_CONTENT.into_response()
+}

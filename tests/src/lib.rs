@@ -1,0 +1,535 @@
+//! The integration-test harness: a broker, an isolated topology per test,
+//! workers in-process or as real processes, and helpers to publish
+//! campaigns and read their outcomes.
+//!
+//! Tests use the RabbitMQ named by `AMQP_URL`; without it, they start one
+//! with testcontainers (that needs Docker). Each test gets its own queue
+//! prefix, so tests sharing a broker never see each other's messages.
+
+pub mod proxy;
+
+use flotilla_common::{
+    Broker, Device, Event, EventBody, JOB_MESSAGE_TYPE, Job, JobPolicy, Message, PublishedEvent,
+    Publisher, RetryPolicy, StepEvent, Target, Topology,
+    cli::BrokerArgs,
+    inventory::InventoryWriter,
+    stream::{Offset, StreamReader},
+};
+use flotilla_producer::{
+    Campaign, CampaignState, ProducerError, RunSpec, check_inventory, run_campaign,
+};
+use flotilla_sim::Fleet;
+use flotilla_worker::{CredentialStore, Credentials, WorkerConfig, WorkerError};
+use lapin::{options::QueueDeclareOptions, types::FieldTable};
+use rand::Rng;
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    sync::OnceLock,
+    time::Duration,
+};
+use tokio::{sync::OnceCell, task::JoinHandle};
+use tokio_util::sync::CancellationToken;
+
+/// Delay tiers short enough for tests to run quickly.
+pub const TEST_DELAY_TIERS: &str = "100ms,500ms,2s";
+
+/// The broker for this test process.
+pub async fn amqp_url() -> String {
+    static URL: OnceCell<String> = OnceCell::const_new();
+    URL.get_or_init(|| async {
+        if let Ok(url) = std::env::var("AMQP_URL") {
+            return url;
+        }
+        start_container().await
+    })
+    .await
+    .clone()
+}
+
+async fn start_container() -> String {
+    use testcontainers::{
+        GenericImage,
+        core::{IntoContainerPort, WaitFor},
+        runners::AsyncRunner,
+    };
+    let container = GenericImage::new("rabbitmq", "3.13")
+        .with_exposed_port(5672.tcp())
+        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
+        .start()
+        .await
+        .expect("AMQP_URL is unset and a RabbitMQ container could not start (is Docker running?)");
+    let host = container
+        .get_host()
+        .await
+        .expect("the container has a host");
+    let port = container
+        .get_host_port_ipv4(5672)
+        .await
+        .expect("the container exposes 5672");
+    // The container lives as long as the test process.
+    std::mem::forget(container);
+    format!("amqp://guest:guest@{host}:{port}/%2f")
+}
+
+/// One test's view of the broker: its own prefix, hence its own queues.
+pub struct Harness {
+    pub args: BrokerArgs,
+    pub broker: Broker,
+    pub topology: Topology,
+    dir: PathBuf,
+}
+
+impl Harness {
+    pub async fn new(test: &str) -> Harness {
+        flotilla_common::ensure_crypto_provider();
+        let suffix: u32 = rand::rng().random();
+        let prefix = format!("test-{test}-{suffix:08x}");
+        let args = BrokerArgs {
+            amqp_url: amqp_url().await,
+            prefix: prefix.clone(),
+            delay_tiers: TEST_DELAY_TIERS.split(',').map(parse_duration).collect(),
+        };
+        let broker = Broker::new(&args.amqp_url, &prefix).expect("the test AMQP URL is valid");
+        let topology = args.topology();
+        let connection = broker
+            .connection()
+            .await
+            .expect("the test broker is reachable");
+        topology
+            .declare(&connection)
+            .await
+            .expect("a fresh prefix declares cleanly");
+        let dir = std::env::temp_dir().join(&prefix);
+        std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+        Harness {
+            args,
+            broker,
+            topology,
+            dir,
+        }
+    }
+
+    /// A scratch directory for this test's files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn worker_config(&self, name: &str) -> WorkerConfig {
+        let mut config = WorkerConfig::new(self.args.clone());
+        config.name = Some(name.to_owned());
+        config.shutdown_grace = Duration::from_secs(20);
+        config
+    }
+
+    /// Starts an in-process worker.
+    pub fn start_worker(&self, name: &str, credentials: CredentialStore) -> WorkerHandle {
+        let stop = CancellationToken::new();
+        let trigger = stop.clone();
+        let task = tokio::spawn(flotilla_worker::run(
+            self.worker_config(name),
+            credentials,
+            async move { trigger.cancelled().await },
+        ));
+        WorkerHandle { stop, task }
+    }
+
+    /// A campaign with short timings, for `target_version`.
+    pub fn campaign(&self, id: &str) -> Campaign {
+        Campaign {
+            id: id.to_owned(),
+            target: Target {
+                version: "7.2.1".to_owned(),
+                image_url: "http://files.example.net/cpe/7.2.1.bin"
+                    .parse()
+                    .expect("a valid URL"),
+                sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+                    .to_owned(),
+            },
+            policy: JobPolicy {
+                deadline: Duration::from_secs(120),
+                step_timeout: Duration::from_secs(10),
+                poll_interval: Duration::from_millis(200),
+                retry: RetryPolicy {
+                    max_attempts: 10,
+                    initial_backoff: Duration::from_millis(50),
+                    max_backoff: Duration::from_secs(1),
+                },
+            },
+            drivers: Default::default(),
+            rollout: Default::default(),
+            tls: Default::default(),
+        }
+    }
+
+    /// Writes `devices` as an inventory file and returns its path.
+    pub fn write_inventory(&self, name: &str, devices: &[Device]) -> PathBuf {
+        let path = self.dir.join(name);
+        let file = std::fs::File::create(&path).expect("the temp dir is writable");
+        let mut writer = InventoryWriter::new(file).expect("writing an inventory header");
+        for device in devices {
+            writer.write(device).expect("writing an inventory row");
+        }
+        writer.finish().expect("flushing the inventory");
+        path
+    }
+
+    /// Starts the campaign's controller (the producer's library) in the
+    /// background, for `devices` written as an inventory file.
+    pub fn start_campaign(&self, campaign: &Campaign, devices: &[Device]) -> ControllerHandle {
+        let path = self.write_inventory(&format!("{}.csv", campaign.id), devices);
+        let (_, problems) = check_inventory(&path, |e| panic!("bad test inventory: {e}"))
+            .expect("the inventory is readable");
+        assert_eq!(problems, 0);
+        let fingerprint = flotilla_producer::fingerprint(&[&path], &format!("{campaign:?}"))
+            .expect("the inventory is readable");
+        let (broker, topology, campaign, devices) = (
+            self.broker.clone(),
+            self.topology.clone(),
+            campaign.clone(),
+            devices.len() as u64,
+        );
+        ControllerHandle {
+            task: tokio::spawn(async move {
+                let spec = RunSpec {
+                    inventory: &path,
+                    devices,
+                    fingerprint,
+                    only: None,
+                };
+                run_campaign(&broker, &topology, &campaign, spec, |_| {}).await
+            }),
+        }
+    }
+
+    /// Publishes one job per device (with its `published` event) straight
+    /// onto the queues, without a controller: for tests of the pipeline
+    /// alone, and for duplicates of jobs as a redelivery leaves them.
+    pub async fn publish(&self, campaign: &Campaign, devices: &[Device]) {
+        let connection = self.broker.connection().await.expect("broker reachable");
+        let publisher = Publisher::open(&connection).await.expect("a publisher");
+        for device in devices {
+            let mut job = Job::new(
+                &campaign.id,
+                device.clone(),
+                campaign.target.clone(),
+                campaign.policy.clone(),
+            );
+            job.settings = campaign.settings_for(device.kind);
+            job.tls = campaign.tls.profile_for(device.group.as_deref()).clone();
+            let body = serde_json::to_vec(&job).expect("a job serializes");
+            publisher
+                .publish(&self.topology.jobs(), &body, Message::new(JOB_MESSAGE_TYPE))
+                .await
+                .expect("publishing a job");
+            let event = Event::new(
+                &campaign.id,
+                EventBody::Published(PublishedEvent {
+                    device: device.id.clone(),
+                    kind: device.kind,
+                    wave: None,
+                }),
+            );
+            let body = serde_json::to_vec(&event).expect("an event serializes");
+            publisher
+                .publish(
+                    &self.topology.events(),
+                    &body,
+                    Message::new(flotilla_common::EVENT_MESSAGE_TYPE),
+                )
+                .await
+                .expect("publishing an event");
+        }
+    }
+
+    /// Follows the events stream until `devices` devices of `campaign` have
+    /// finished.
+    pub async fn wait_finished(
+        &self,
+        campaign: &str,
+        devices: usize,
+        within: Duration,
+    ) -> CampaignState {
+        let mut tracker = CampaignState::new(campaign);
+        let follow = flotilla_producer::follow_campaign(
+            &self.broker,
+            &self.topology,
+            &mut tracker,
+            within,
+            |t| t.finished() >= devices,
+            |_| {},
+        );
+        match tokio::time::timeout(within, follow).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => panic!("following {campaign}: {error}"),
+            Err(_) => panic!(
+                "{campaign}: only {} of {devices} devices finished within {within:?}",
+                tracker.finished()
+            ),
+        }
+        tracker
+    }
+
+    /// Follows the events stream until `condition` holds for `campaign`.
+    pub async fn wait_until(
+        &self,
+        campaign: &str,
+        within: Duration,
+        what: &str,
+        condition: impl FnMut(&CampaignState) -> bool,
+    ) -> CampaignState {
+        let mut state = CampaignState::new(campaign);
+        let follow = flotilla_producer::follow_campaign(
+            &self.broker,
+            &self.topology,
+            &mut state,
+            within,
+            condition,
+            |_| {},
+        );
+        match tokio::time::timeout(within, follow).await {
+            Ok(Ok(())) => state,
+            Ok(Err(error)) => panic!("{campaign}: waiting for {what}: {error}"),
+            Err(_) => panic!("{campaign}: no {what} within {within:?}"),
+        }
+    }
+
+    /// Every event of `campaign` in the stream now (reads until it has been
+    /// quiet for a second).
+    pub async fn all_events(&self, campaign: &str) -> CampaignState {
+        let mut tracker = CampaignState::new(campaign);
+        let result = flotilla_producer::follow_campaign(
+            &self.broker,
+            &self.topology,
+            &mut tracker,
+            Duration::from_secs(1),
+            |_| false,
+            |_| {},
+        )
+        .await;
+        assert!(
+            matches!(result, Err(flotilla_producer::FollowError::Quiet(_))),
+            "reading events: {result:?}"
+        );
+        tracker
+    }
+
+    /// Every step event of `campaign` in the stream now, in stream order
+    /// (reads until it has been quiet for a second).
+    pub async fn step_events(&self, campaign: &str) -> Vec<StepEvent> {
+        let connection = self.broker.connection().await.expect("broker reachable");
+        let mut reader = StreamReader::open(&connection, &self.topology.events(), Offset::First)
+            .await
+            .expect("the events stream opens");
+        let mut steps = Vec::new();
+        loop {
+            let record = match tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
+                Err(_) => break,
+                Ok(Some(Ok(record))) => record,
+                Ok(other) => panic!("reading events: {other:?}"),
+            };
+            if let Ok(event) = record.decode::<Event>()
+                && event.campaign == campaign
+                && let EventBody::Step(step) = event.body
+            {
+                steps.push(step);
+            }
+        }
+        steps
+    }
+
+    /// Messages ready in a queue (not counting those held by consumers).
+    pub async fn ready_messages(&self, queue: &str) -> u32 {
+        let connection = self.broker.connection().await.expect("broker reachable");
+        let channel = connection.create_channel().await.expect("a channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .expect("the queue exists");
+        let _ = channel.close(200, "done".into()).await;
+        declared.message_count()
+    }
+
+    /// Messages in the jobs queue and every delay queue.
+    pub async fn circulating_jobs(&self) -> u32 {
+        let mut total = self.ready_messages(&self.topology.jobs()).await;
+        for tier in self.topology.delay_tiers() {
+            total += self.ready_messages(&self.topology.delay_queue(*tier)).await;
+        }
+        total
+    }
+
+    /// Environment for a worker process of this test.
+    pub fn worker_env(&self, fleet: &Fleet) -> Vec<(String, String)> {
+        let (user, password) = fleet.login();
+        vec![
+            ("AMQP_URL".into(), self.args.amqp_url.clone()),
+            ("FLOTILLA_PREFIX".into(), self.args.prefix.clone()),
+            ("FLOTILLA_DELAY_TIERS".into(), TEST_DELAY_TIERS.into()),
+            ("FLOTILLA_METRICS_ADDR".into(), "off".into()),
+            ("FLOTILLA_SHUTDOWN_GRACE".into(), "20s".into()),
+            ("FLOTILLA_CREDENTIALS_SIM_USERNAME".into(), user.into()),
+            ("FLOTILLA_CREDENTIALS_SIM_PASSWORD".into(), password.into()),
+            ("RUST_LOG".into(), "info,lapin=warn".into()),
+        ]
+    }
+
+    /// Starts `flotilla-worker` as a separate process, its log in the
+    /// test's directory.
+    pub async fn spawn_worker_process(&self, fleet: &Fleet, name: &str) -> tokio::process::Child {
+        let log = std::fs::File::create(self.dir.join(format!("{name}.log"))).expect("a log file");
+        tokio::process::Command::new(binary("flotilla-worker").await)
+            .envs(self.worker_env(fleet))
+            .env("FLOTILLA_WORKER_NAME", name)
+            .stdout(Stdio::from(log.try_clone().expect("a log handle")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting flotilla-worker")
+    }
+
+    /// The log a worker process wrote.
+    pub fn worker_log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.dir.join(format!("{name}.log"))).unwrap_or_default()
+    }
+
+    /// Deletes the test's queues and files.
+    pub async fn teardown(self) {
+        if let Ok(connection) = self.broker.connection().await {
+            let _ = self.topology.delete(&connection).await;
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A campaign controller running in the background.
+pub struct ControllerHandle {
+    task: JoinHandle<Result<CampaignState, ProducerError>>,
+}
+
+impl ControllerHandle {
+    /// Waits for the controller to finish the campaign.
+    pub async fn finished(self) -> CampaignState {
+        self.task
+            .await
+            .expect("the controller did not panic")
+            .expect("the controller ran the campaign to its end")
+    }
+
+    /// Waits for the controller, returning its error.
+    pub async fn result(self) -> Result<CampaignState, ProducerError> {
+        self.task.await.expect("the controller did not panic")
+    }
+
+    /// Stops the controller at once, as a crash would.
+    pub fn abort(&self) {
+        self.task.abort();
+    }
+}
+
+/// An in-process worker.
+pub struct WorkerHandle {
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), WorkerError>>,
+}
+
+impl WorkerHandle {
+    /// Asks the worker to stop and waits for it to drain.
+    pub async fn stop(self) {
+        self.stop.cancel();
+        self.task
+            .await
+            .expect("the worker task did not panic")
+            .expect("the worker stopped cleanly");
+    }
+}
+
+/// The credentials the simulated fleet accepts, as workers resolve them:
+/// a user and password, and the secrets of Flow Gateway backups.
+pub fn fleet_credentials(fleet: &Fleet) -> CredentialStore {
+    CredentialStore::with_given([fleet_login(fleet)])
+}
+
+/// The fleet's credentials reference with every field its devices accept.
+pub fn fleet_login(fleet: &Fleet) -> Credentials {
+    let (user, password) = fleet.login();
+    Credentials::new(flotilla_sim::CREDENTIALS_REFERENCE)
+        .with("username", user)
+        .with("password", password)
+        .with("backup_password", fleet.backup_password())
+        .with("security_password", "sim-backup-encryption-key")
+}
+
+/// The path of a workspace binary, built first so it is never stale. The
+/// build runs off the test's runtime: blocking it for the length of a build
+/// would starve the broker connection's heartbeats.
+pub async fn binary(name: &str) -> PathBuf {
+    let name = name.to_owned();
+    tokio::task::spawn_blocking(move || binary_blocking(&name))
+        .await
+        .expect("the build task did not panic")
+}
+
+/// [`binary`], for tests without a runtime.
+pub fn binary_blocking(name: &str) -> PathBuf {
+    static BUILD_LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
+    let _guard = BUILD_LOCK
+        .get_or_init(Default::default)
+        .lock()
+        .expect("no build panicked");
+    let exe = std::env::current_exe().expect("the test binary knows its path");
+    // <target>/<profile>/deps/<test binary>
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in <target>/<profile>/deps");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") | None => "dev",
+        Some(other) => other,
+    };
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
+    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate sits in the workspace");
+    let status = std::process::Command::new(cargo)
+        .args(["build", "--quiet", "--profile", profile, "--bin", name])
+        .current_dir(workspace)
+        .status()
+        .expect("running cargo build");
+    assert!(status.success(), "cargo build --bin {name} failed");
+    profile_dir.join(name)
+}
+
+fn parse_duration(text: &str) -> Duration {
+    match text.strip_suffix("ms") {
+        Some(ms) => Duration::from_millis(ms.parse().expect("a number of milliseconds")),
+        None => Duration::from_secs(
+            text.trim_end_matches('s')
+                .parse()
+                .expect("a number of seconds"),
+        ),
+    }
+}
+
+/// Polls `condition` every 50 ms until it holds, or panics after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,301 @@
+//! Handling one delivery: decode, run its step, publish what follows and
+//! the events, wait for the broker's confirms, then ack.
+//!
+//! Acking last makes the pipeline at-least-once: a worker that dies anywhere
+//! before the ack leaves the message to be redelivered, which is why every
+//! driver step observes the device before acting. A message that cannot be
+//! processed goes to the dead-letter queue with its reason, then is acked;
+//! it is never dropped.
+
+use crate::{
+    credentials::CredentialStore,
+    device_http::HttpClients,
+    drivers::{AnyDriver, Registry},
+    metrics::WorkerMetrics,
+    step::{self, Executed, StepEnv},
+};
+use chrono::Utc;
+use flotilla_common::control::{ControlBook, Mode};
+use flotilla_common::{
+    BrokerError, DeviceKind, EVENT_MESSAGE_TYPE, EventBody, JOB_MESSAGE_TYPE, JOB_VERSION, Job,
+    Message, Publisher, Topology, headers,
+};
+use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
+use std::{sync::RwLock, time::Duration};
+use tracing::{debug, warn};
+
+/// A job back from a delay queue this much before its due time runs anyway:
+/// waiting again would cost more than it saves.
+const EARLY_TOLERANCE: Duration = Duration::from_millis(20);
+
+/// Everything a delivery task shares with the others.
+pub(crate) struct Shared {
+    pub topology: Topology,
+    /// Every campaign's mode, from the control stream.
+    pub control: RwLock<ControlBook>,
+    pub registry: Registry,
+    pub http: HttpClients,
+    pub credentials: CredentialStore,
+    pub metrics: WorkerMetrics,
+    /// This worker's name, recorded in step events.
+    pub worker: String,
+}
+
+impl Shared {
+    fn mode(&self, campaign: &str) -> Mode {
+        self.control
+            .read()
+            .expect("the control lock is never poisoned: nothing panics while holding it")
+            .mode(campaign)
+    }
+
+    fn env(&self) -> StepEnv<'_> {
+        StepEnv {
+            http: &self.http,
+            credentials: &self.credentials,
+            metrics: &self.metrics,
+            worker: &self.worker,
+        }
+    }
+}
+
+pub(crate) async fn handle(
+    delivery: Delivery,
+    publisher: &Publisher,
+    shared: &Shared,
+) -> Result<(), BrokerError> {
+    let incoming = delivery.properties.headers().as_ref();
+    let job = match decode(&delivery.data, &shared.registry) {
+        Ok(job) => job,
+        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+    };
+    let Some(driver) = shared.registry.get(job.device.kind) else {
+        let rejection = Rejection {
+            reason: "unknown_kind",
+            detail: format!(
+                "this worker has no driver for device kind {}",
+                job.device.kind
+            ),
+        };
+        return dead_letter(delivery, publisher, shared, rejection).await;
+    };
+
+    if let Some(due_ms) = headers::get_int(incoming, headers::DUE_AT_MS) {
+        let early_ms = due_ms - Utc::now().timestamp_millis();
+        if early_ms > EARLY_TOLERANCE.as_millis() as i64 {
+            let remaining = Duration::from_millis(early_ms as u64);
+            let queue = shared
+                .topology
+                .delay_queue(shared.topology.tier_for(remaining));
+            let message = Message::new(JOB_MESSAGE_TYPE)
+                .id(message_id(&job))
+                .headers(carried_headers(incoming));
+            publisher
+                .publish(
+                    &queue,
+                    &delivery.data,
+                    message.header(headers::DUE_AT_MS, due_ms),
+                )
+                .await?;
+            return ack(&delivery).await;
+        }
+        shared
+            .metrics
+            .poll_lateness(Duration::from_millis((-early_ms).max(0) as u64));
+    }
+
+    let mode = shared.mode(&job.campaign);
+    if mode == Mode::Paused {
+        // Parked: back through a delay queue at the poll pace, untouched,
+        // until the campaign resumes. No device is called.
+        let delay = job.policy.poll_interval;
+        let queue = shared.topology.delay_queue(shared.topology.tier_for(delay));
+        let due = (Utc::now() + delay).timestamp_millis();
+        let message = Message::new(JOB_MESSAGE_TYPE)
+            .id(message_id(&job))
+            .headers(carried_headers(incoming))
+            .header(headers::DUE_AT_MS, due);
+        publisher.publish(&queue, &delivery.data, message).await?;
+        shared.metrics.parked();
+        return ack(&delivery).await;
+    }
+
+    let executed = match run_step(job, driver, mode == Mode::Cancelled, shared).await {
+        Ok(executed) => executed,
+        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+    };
+    publish(executed, incoming, publisher, shared).await?;
+    ack(&delivery).await
+}
+
+async fn run_step(
+    job: Job,
+    driver: &dyn AnyDriver,
+    cancelled: bool,
+    shared: &Shared,
+) -> Result<Executed, Rejection> {
+    let gauge = shared.metrics.in_flight();
+    gauge.inc();
+    let executed = step::execute(job, driver, cancelled, &shared.env()).await;
+    gauge.dec();
+    executed.map_err(|unknown| Rejection {
+        reason: "unknown_step",
+        detail: unknown.to_string(),
+    })
+}
+
+/// Sends the follow-up and the events, then waits for every confirm.
+async fn publish(
+    executed: Executed,
+    incoming: Option<&FieldTable>,
+    publisher: &Publisher,
+    shared: &Shared,
+) -> Result<(), BrokerError> {
+    let mut confirms = Vec::with_capacity(3);
+    if let Some(follow_up) = executed.follow_up {
+        let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
+        let mut message = Message::new(JOB_MESSAGE_TYPE)
+            .id(message_id(&follow_up.job))
+            .headers(carried_headers(incoming));
+        let queue = match follow_up.delay {
+            Some(delay) => {
+                let due = Utc::now() + delay;
+                message = message.header(headers::DUE_AT_MS, due.timestamp_millis());
+                shared.topology.delay_queue(shared.topology.tier_for(delay))
+            }
+            None => shared.topology.jobs(),
+        };
+        confirms.push(publisher.send(&queue, &body, message).await?);
+    }
+    for event in &executed.events {
+        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
+        let message = Message::new(EVENT_MESSAGE_TYPE).headers(carried_headers(incoming));
+        confirms.push(
+            publisher
+                .send(&shared.topology.events(), &body, message)
+                .await?,
+        );
+    }
+    for confirm in confirms {
+        confirm.wait().await?;
+    }
+    // Counted once the broker holds the outcome, so a redelivery after a
+    // failed publish does not count it twice.
+    for event in &executed.events {
+        if let EventBody::Finished(finished) = &event.body {
+            shared
+                .metrics
+                .job_finished(&event.campaign, finished.kind, &finished.ending);
+        }
+    }
+    Ok(())
+}
+
+/// Why a message cannot be processed.
+#[derive(Debug)]
+pub(crate) struct Rejection {
+    /// One of `metrics::DEAD_LETTER_REASONS`.
+    pub reason: &'static str,
+    pub detail: String,
+}
+
+/// Reads a job, checking its version before trusting anything else in it.
+fn decode(data: &[u8], registry: &Registry) -> Result<Job, Rejection> {
+    let undecodable = |detail: String| Rejection {
+        reason: "undecodable",
+        detail,
+    };
+    let value: serde_json::Value =
+        serde_json::from_slice(data).map_err(|e| undecodable(format!("not JSON: {e}")))?;
+    match value.get("v").and_then(serde_json::Value::as_u64) {
+        Some(v) if v == u64::from(JOB_VERSION) => {}
+        Some(v) => {
+            return Err(Rejection {
+                reason: "unsupported_version",
+                detail: format!(
+                    "job envelope version {v}; this worker reads version {JOB_VERSION}"
+                ),
+            });
+        }
+        None => return Err(undecodable("no envelope version (\"v\")".to_owned())),
+    }
+    if let Some(kind) = value
+        .pointer("/device/kind")
+        .and_then(serde_json::Value::as_str)
+    {
+        let known = kind.parse::<DeviceKind>().ok();
+        if known.is_none_or(|k| registry.get(k).is_none()) {
+            return Err(Rejection {
+                reason: "unknown_kind",
+                detail: format!("no driver for device kind {kind:?}"),
+            });
+        }
+    }
+    serde_json::from_value(value).map_err(|e| undecodable(format!("not a job envelope: {e}")))
+}
+
+async fn dead_letter(
+    delivery: Delivery,
+    publisher: &Publisher,
+    shared: &Shared,
+    rejection: Rejection,
+) -> Result<(), BrokerError> {
+    warn!(reason = rejection.reason, detail = %rejection.detail, "dead-lettering a message");
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
+    headers::set(&mut table, headers::DEAD_DETAIL, rejection.detail);
+    headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
+    let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    publisher
+        .publish(&shared.topology.dead(), &delivery.data, message)
+        .await?;
+    shared.metrics.dead_lettered(rejection.reason);
+    ack(&delivery).await
+}
+
+async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
+    delivery.acker.ack(BasicAckOptions::default()).await?;
+    debug!(tag = delivery.delivery_tag, "acked");
+    Ok(())
+}
+
+/// Identifies one step of one job, for whoever inspects a queue.
+fn message_id(job: &Job) -> String {
+    format!("{}/{}/{}", job.campaign, job.device.id, job.seq)
+}
+
+/// Headers that follow a job from step to step (its trace context).
+fn carried_headers(incoming: Option<&FieldTable>) -> FieldTable {
+    let mut table = FieldTable::default();
+    for name in [headers::TRACEPARENT, headers::TRACESTATE] {
+        if let Some(value) = headers::get_text(incoming, name) {
+            headers::set(&mut table, name, value);
+        }
+    }
+    table
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_name_what_is_wrong() {
+        let registry = Registry::standard();
+        let reason = |data: &[u8]| decode(data, &registry).unwrap_err().reason;
+        assert_eq!(reason(b"\x00\x01garbage"), "undecodable");
+        assert_eq!(reason(br#"{"campaign":"c"}"#), "undecodable");
+        assert_eq!(reason(br#"{"v":99,"campaign":"c"}"#), "unsupported_version");
+        assert_eq!(
+            reason(br#"{"v":1,"device":{"kind":"toaster"}}"#),
+            "unknown_kind"
+        );
+        let missing = decode(br#"{"v":1,"device":{"kind":"dms"}}"#, &registry).unwrap_err();
+        assert_eq!(missing.reason, "undecodable");
+        assert!(
+            missing.detail.contains("missing field"),
+            "{}",
+            missing.detail
+        );
+    }
+}

@@ -1,0 +1,333 @@
+//! HTTP to devices: one place that joins paths onto a device's address,
+//! turns transport trouble into retryable errors, names the call in every
+//! error, and counts requests.
+//!
+//! A 5xx or a connection that fails is a transient [`StepError`]; any other
+//! status comes back as a [`Reply`] for the driver to judge, since what a
+//! 404 or a 401 means differs between device APIs.
+//!
+//! [`HttpClients`] keeps one HTTP client per TLS profile (a campaign's CA, a
+//! group without certificate checks), so connections are pooled per profile
+//! and a job's TLS settings never leak into another's.
+
+use crate::{
+    credentials::{Credentials, Secret},
+    drivers::StepError,
+    metrics::WorkerMetrics,
+};
+use flotilla_common::{Device, DeviceKind, TlsProfile, job::join_api_path};
+use reqwest::{Method, StatusCode};
+use serde::{Serialize, de::DeserializeOwned};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+use url::Url;
+
+/// How much of a device's answer an error message quotes.
+const QUOTE_LIMIT: usize = 300;
+
+/// The worker's HTTP clients to devices, one per TLS profile, built on first
+/// use and kept for the worker's lifetime.
+#[derive(Clone)]
+pub(crate) struct HttpClients {
+    timeout: Duration,
+    clients: Arc<Mutex<HashMap<TlsProfile, reqwest::Client>>>,
+}
+
+impl HttpClients {
+    /// Builds the client of the default profile at once, so a worker that
+    /// cannot build any client fails at start rather than on every job.
+    pub(crate) fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+        let default = TlsProfile::default();
+        let client = build_client(timeout, &default)?;
+        Ok(HttpClients {
+            timeout,
+            clients: Arc::new(Mutex::new(HashMap::from([(default, client)]))),
+        })
+    }
+
+    /// The client for `profile` (a cheap handle onto a shared pool).
+    pub(crate) fn get(&self, profile: &TlsProfile) -> Result<reqwest::Client, StepError> {
+        let lock = || {
+            self.clients
+                .lock()
+                .expect("the client map lock is never poisoned: nothing panics while holding it")
+        };
+        if let Some(client) = lock().get(profile) {
+            return Ok(client.clone());
+        }
+        // Built outside the lock: reading the CA takes a moment, and two
+        // tasks building the same profile at once only waste a little work.
+        let client = build_client(self.timeout, profile).map_err(|e| {
+            StepError::config(format!(
+                "cannot build an HTTPS client with the campaign's TLS settings: {}",
+                describe(&e)
+            ))
+        })?;
+        Ok(lock().entry(profile.clone()).or_insert(client).clone())
+    }
+}
+
+fn build_client(
+    timeout: Duration,
+    profile: &TlsProfile,
+) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .timeout(timeout)
+        .connect_timeout(timeout.min(Duration::from_secs(10)))
+        // Without it, a device that writes headers and body separately
+        // makes each keep-alive call wait ~40 ms for a delayed ACK.
+        .tcp_nodelay(true)
+        .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
+    if let Some(pem) = &profile.ca_pem {
+        builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?);
+    }
+    if !profile.verify {
+        builder = builder.tls_danger_accept_invalid_certs(true);
+    }
+    builder.build()
+}
+
+#[derive(Clone, Copy)]
+pub struct DeviceClient<'a> {
+    http: &'a reqwest::Client,
+    base: &'a Url,
+    kind: DeviceKind,
+    /// Names the host in messages when it is not the job's device (a
+    /// NetProfiler job calling one of its Flow Gateways).
+    label: Option<&'a str>,
+    metrics: &'a WorkerMetrics,
+}
+
+impl<'a> DeviceClient<'a> {
+    pub(crate) fn new(
+        http: &'a reqwest::Client,
+        device: &'a Device,
+        metrics: &'a WorkerMetrics,
+    ) -> Self {
+        DeviceClient {
+            http,
+            base: &device.address,
+            kind: device.kind,
+            label: None,
+            metrics,
+        }
+    }
+
+    /// The same client, aimed at another host the job must reach (with the
+    /// same TLS settings), named `label` in messages.
+    pub fn at(&self, base: &'a Url, label: &'a str) -> DeviceClient<'a> {
+        DeviceClient {
+            base,
+            label: Some(label),
+            ..*self
+        }
+    }
+
+    /// The base URL requests go to.
+    pub fn base(&self) -> &'a Url {
+        self.base
+    }
+
+    pub fn get(&self, path: &str) -> Call<'a> {
+        self.request(Method::GET, path)
+    }
+
+    pub fn post(&self, path: &str) -> Call<'a> {
+        self.request(Method::POST, path)
+    }
+
+    pub fn put(&self, path: &str) -> Call<'a> {
+        self.request(Method::PUT, path)
+    }
+
+    pub fn delete(&self, path: &str) -> Call<'a> {
+        self.request(Method::DELETE, path)
+    }
+
+    pub fn request(&self, method: Method, path: &str) -> Call<'a> {
+        let url = join_api_path(self.base, path);
+        // Query strings can carry identifiers; messages name the path only.
+        let path = path.split('?').next().unwrap_or(path);
+        let what = match self.label {
+            Some(label) => format!("{label}: {method} {path}"),
+            None => format!("{method} {path}"),
+        };
+        Call {
+            client: *self,
+            what,
+            builder: self.http.request(method, url),
+        }
+    }
+}
+
+/// One request being built.
+pub struct Call<'a> {
+    client: DeviceClient<'a>,
+    what: String,
+    builder: reqwest::RequestBuilder,
+}
+
+impl Call<'_> {
+    pub fn basic_auth(mut self, credentials: &Credentials) -> Result<Self, StepError> {
+        let user = credentials.require("username")?;
+        let password = credentials.require("password")?;
+        self.builder = self
+            .builder
+            .basic_auth(user.expose(), Some(password.expose()));
+        Ok(self)
+    }
+
+    pub fn basic(mut self, user: &Secret, password: &Secret) -> Self {
+        self.builder = self
+            .builder
+            .basic_auth(user.expose(), Some(password.expose()));
+        self
+    }
+
+    pub fn bearer(mut self, token: &Secret) -> Self {
+        self.builder = self.builder.bearer_auth(token.expose());
+        self
+    }
+
+    pub fn json<T: Serialize + ?Sized>(mut self, body: &T) -> Self {
+        self.builder = self.builder.json(body);
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.builder = self.builder.header(name, value);
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<reqwest::Body>) -> Self {
+        self.builder = self.builder.body(body);
+        self
+    }
+
+    /// Sends the request. Transport failures and 5xx answers are transient
+    /// errors; every other answer is returned.
+    pub async fn send(self) -> Result<Reply, StepError> {
+        let Call {
+            client,
+            what,
+            builder,
+        } = self;
+        let kind = client.kind;
+        let response = match builder.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                client.metrics.device_request(kind, "error");
+                return Err(StepError::transient(format!(
+                    "{what}: {}",
+                    describe(&error)
+                )));
+            }
+        };
+        let status = response.status();
+        client.metrics.device_request(kind, status_class(status));
+        let body = response.bytes().await.map_err(|error| {
+            StepError::transient(format!("{what}: reading the answer: {}", describe(&error)))
+        })?;
+        let reply = Reply {
+            what,
+            status,
+            body: body.to_vec(),
+        };
+        if status.is_server_error() {
+            return Err(StepError::transient(format!(
+                "{} answered HTTP {}: {}",
+                reply.what,
+                status.as_u16(),
+                reply.quote()
+            )));
+        }
+        Ok(reply)
+    }
+}
+
+/// A device's answer other than a 5xx.
+#[derive(Debug)]
+pub struct Reply {
+    /// The call, as `METHOD /path`, for messages.
+    pub what: String,
+    pub status: StatusCode,
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as `T`, or an error that names the call and quotes the body.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+        serde_json::from_slice(&self.body).map_err(|error| {
+            StepError::garbage(format!(
+                "{} answered HTTP {} with a body we cannot read ({error}): {}",
+                self.what,
+                self.status.as_u16(),
+                self.quote()
+            ))
+        })
+    }
+
+    /// Fails unless the status is 2xx: 401 and 403 as an auth failure, any
+    /// other status as the device's refusal, quoting its answer.
+    pub fn success(self) -> Result<Self, StepError> {
+        match self.status {
+            s if s.is_success() => Ok(self),
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(StepError::auth(format!(
+                "{} was refused with HTTP {}: check the credentials reference",
+                self.what,
+                self.status.as_u16()
+            ))),
+            s => Err(StepError::device(format!(
+                "{} answered HTTP {}: {}",
+                self.what,
+                s.as_u16(),
+                self.quote()
+            ))),
+        }
+    }
+
+    /// The start of the body, as text, for error messages.
+    pub fn quote(&self) -> String {
+        let text = String::from_utf8_lossy(&self.body);
+        let text = text.trim();
+        if text.is_empty() {
+            return "(empty body)".to_owned();
+        }
+        match text.char_indices().nth(QUOTE_LIMIT) {
+            Some((cut, _)) => format!("{}…", &text[..cut]),
+            None => text.to_owned(),
+        }
+    }
+}
+
+fn status_class(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        _ => "5xx",
+    }
+}
+
+/// reqwest's own message for a connection failure is "error sending request";
+/// the cause chain says what actually happened (refused, timed out, TLS).
+fn describe(error: &reqwest::Error) -> String {
+    let mut text = if error.is_timeout() {
+        "timed out".to_owned()
+    } else if error.is_connect() {
+        "could not connect".to_owned()
+    } else {
+        "request failed".to_owned()
+    };
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

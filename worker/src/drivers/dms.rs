@@ -1,0 +1,279 @@
+//! TR-069 CPEs, upgraded through their DMS (ACS) northbound API.
+//!
+//! The documented sequence, one step each:
+//!
+//! 1. `create_rule`: `POST /v1/dyn/FirmwareStorage/.*` an enabled, automatic
+//!    rule `UPGRADE_<cpeid>` for one execution of the target file;
+//! 2. `send_connection_request`: `POST /v1/method/SendCNR`, so the CPE calls
+//!    its ACS and the rule runs;
+//! 3. `poll_result`: `GET /v1/dyn/FirmwareResultStorage/.*?id=UPGRADE_<cpeid>`
+//!    until a result appears (a `404`, in the HTTP status or in the body's
+//!    `code`, means not yet);
+//! 4. `deactivate_rule`: `PUT /v1/dyn/FirmwareStorage/.*?campaignid=...`
+//!    with `enabled: false`. This is the cleanup of every other step, so it
+//!    runs whatever the outcome: success, failure, timeout or cancel.
+//!
+//! The API wraps its own status in the body (`{"code": 204, ...}` with HTTP
+//! 200, `{"result": {"code": 200}}`), and `.*` in the paths is literal.
+//!
+//! Observe before acting: the first two steps look for a result of this job
+//! first, so a redelivered step after the CPE upgraded goes straight to the
+//! result instead of arming the rule again.
+
+use super::{Driver, Next, StepContext, StepError};
+use flotilla_common::{DeviceKind, Ending, ErrorClass};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::time::Duration;
+
+/// Results older than the job's first step by more than this belong to an
+/// earlier upgrade of the same CPE (the margin absorbs clock skew between
+/// the DMS and the workers).
+const CLOCK_SKEW: Duration = Duration::from_secs(30);
+
+pub struct Dms;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DmsStep {
+    CreateRule,
+    SendConnectionRequest,
+    PollResult,
+    DeactivateRule,
+}
+
+impl Driver for Dms {
+    type Step = DmsStep;
+    const KIND: DeviceKind = DeviceKind::Dms;
+
+    fn first_step(&self) -> DmsStep {
+        DmsStep::CreateRule
+    }
+
+    fn step_name(step: &DmsStep) -> &'static str {
+        match step {
+            DmsStep::CreateRule => "create_rule",
+            DmsStep::SendConnectionRequest => "send_connection_request",
+            DmsStep::PollResult => "poll_result",
+            DmsStep::DeactivateRule => "deactivate_rule",
+        }
+    }
+
+    async fn run(&self, step: DmsStep, cx: &StepContext<'_>) -> Result<Next<DmsStep>, StepError> {
+        let cpe = cpe_id(cx)?;
+        let rule = format!("UPGRADE_{cpe}");
+        match step {
+            DmsStep::CreateRule => {
+                if let Some(result) = latest_result(cx, &rule).await? {
+                    return Ok(Next::run(DmsStep::PollResult)
+                        .note(format!("result already reported ({})", result.summary())));
+                }
+                let body = json!({
+                    "id": rule,
+                    "enabled": true,
+                    "automatic": true,
+                    "file": cx.job.target.image_url.as_str(),
+                    "condition": { "cpeid": cpe },
+                    "executions": 1,
+                    "priority": 1,
+                    "author": "api",
+                });
+                let reply = cx
+                    .http
+                    .post("/v1/dyn/FirmwareStorage/.*")
+                    .basic_auth(cx.credentials)?
+                    .json(&body)
+                    .send()
+                    .await?;
+                // An existing rule (409) is the one a redelivered step made.
+                if reply.status != StatusCode::CONFLICT {
+                    check_storage_reply(reply)?;
+                }
+                Ok(Next::run(DmsStep::SendConnectionRequest))
+            }
+            DmsStep::SendConnectionRequest => {
+                if let Some(result) = latest_result(cx, &rule).await? {
+                    return Ok(Next::run(DmsStep::PollResult)
+                        .note(format!("result already reported ({})", result.summary())));
+                }
+                let reply = cx
+                    .http
+                    .post("/v1/method/SendCNR")
+                    .basic_auth(cx.credentials)?
+                    .json(&json!({ "search_options": { "cpe_id": cpe } }))
+                    .send()
+                    .await?
+                    .success()?;
+                let answer: CnrReply = reply.json()?;
+                match answer.result.code {
+                    200..=299 => Ok(Next::poll(DmsStep::PollResult)),
+                    404 => Err(StepError::device(format!(
+                        "the DMS does not know CPE {cpe}: {}",
+                        answer.result.message
+                    ))),
+                    // The CPE may be offline for a moment; ask again later.
+                    code => Err(StepError::transient(format!(
+                        "connection request to CPE {cpe} failed with code {code}: {}",
+                        answer.result.message
+                    ))),
+                }
+            }
+            DmsStep::PollResult => match latest_result(cx, &rule).await? {
+                None => Ok(Next::poll(DmsStep::PollResult).note("no result yet")),
+                Some(result) => match result.result.code {
+                    200 => Ok(Next::end(Ending::succeeded()).note(result.summary())),
+                    // 1xx and 202: the DMS reports the upgrade as under way.
+                    100..=199 | 202 => Ok(Next::poll(DmsStep::PollResult).note(result.summary())),
+                    _ => Ok(Next::end(Ending::failed(
+                        ErrorClass::Device,
+                        result.result.message.clone(),
+                    ))
+                    .note(result.summary())),
+                },
+            },
+            DmsStep::DeactivateRule => {
+                let reply = cx
+                    .http
+                    .put(&format!("/v1/dyn/FirmwareStorage/.*?campaignid={rule}"))
+                    .basic_auth(cx.credentials)?
+                    .json(&json!({ "id": rule, "enabled": false, "automatic": false }))
+                    .send()
+                    .await?;
+                // No rule (404) is as good as a deactivated one: the job
+                // ended before its rule was created.
+                if reply.status != StatusCode::NOT_FOUND {
+                    check_storage_reply(reply)?;
+                }
+                Ok(Next::done())
+            }
+        }
+    }
+
+    fn cleanup(&self, step: &DmsStep) -> Option<DmsStep> {
+        match step {
+            DmsStep::DeactivateRule => None,
+            _ => Some(DmsStep::DeactivateRule),
+        }
+    }
+}
+
+fn cpe_id<'a>(cx: &'a StepContext<'_>) -> Result<&'a str, StepError> {
+    cx.job.device.cpe_id.as_deref().ok_or_else(|| {
+        StepError::device(format!(
+            "device {} has no cpe_id; a dms inventory row must name its CPE",
+            cx.job.device.id
+        ))
+    })
+}
+
+/// The DMS's own status, as `code` in the body: `{"code": 204, ...}`.
+#[derive(Debug, Deserialize)]
+struct StorageReply {
+    code: u16,
+    #[serde(default)]
+    message: String,
+    #[serde(default)]
+    details: serde_json::Value,
+}
+
+/// Accepts an empty 2xx or a body whose own `code` is 2xx (or 404 for
+/// `deactivate`).
+fn check_storage_reply(reply: crate::device_http::Reply) -> Result<(), StepError> {
+    let reply = reply.success()?;
+    if reply.body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(());
+    }
+    let answer: StorageReply = reply.json()?;
+    match answer.code {
+        200..=299 | 404 => Ok(()),
+        code => Err(StepError::device(format!(
+            "{} reported code {code}: {} {}",
+            reply.what, answer.message, answer.details
+        ))),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct CnrReply {
+    result: CodeMessage,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct CodeMessage {
+    code: u16,
+    #[serde(default)]
+    message: String,
+}
+
+/// `FirmwareResultStorage`'s answer: `details` is a list of results when
+/// `code` is 200, and a string otherwise.
+#[derive(Debug, Deserialize)]
+struct ResultReply {
+    code: u16,
+    #[serde(default)]
+    details: serde_json::Value,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct UpgradeResult {
+    #[serde(default)]
+    id: String,
+    /// Epoch seconds.
+    #[serde(default)]
+    ts: i64,
+    result: CodeMessage,
+}
+
+impl UpgradeResult {
+    fn summary(&self) -> String {
+        format!(
+            "result {} code {}: {}",
+            self.id, self.result.code, self.result.message
+        )
+    }
+}
+
+/// This job's upgrade result, if the DMS has one: the newest entry for the
+/// rule that is not older than the job.
+async fn latest_result(
+    cx: &StepContext<'_>,
+    rule: &str,
+) -> Result<Option<UpgradeResult>, StepError> {
+    let reply = cx
+        .http
+        .get(&format!("/v1/dyn/FirmwareResultStorage/.*?id={rule}"))
+        .basic_auth(cx.credentials)?
+        .send()
+        .await?;
+    if reply.status == StatusCode::NOT_FOUND {
+        return Ok(None);
+    }
+    let reply = reply.success()?;
+    let answer: ResultReply = reply.json()?;
+    if answer.code == 404 {
+        return Ok(None);
+    }
+    if answer.code != 200 {
+        return Err(StepError::garbage(format!(
+            "{} reported code {} and no results: {}",
+            reply.what, answer.code, answer.details
+        )));
+    }
+    let results: Vec<UpgradeResult> = serde_json::from_value(answer.details).map_err(|e| {
+        StepError::garbage(format!(
+            "{} gave results we cannot read ({e}): {}",
+            reply.what,
+            reply.quote()
+        ))
+    })?;
+    let since = cx
+        .job
+        .started_at
+        .map(|t| t.timestamp() - CLOCK_SKEW.as_secs() as i64)
+        .unwrap_or(i64::MIN);
+    Ok(results
+        .into_iter()
+        .filter(|r| r.ts >= since)
+        .max_by_key(|r| r.ts))
+}

@@ -1,0 +1,117 @@
+//! The Flotilla worker: takes a job from RabbitMQ, runs exactly one step of
+//! it against the device's REST API, and re-enqueues it (at once for the
+//! next step, through a delay queue for a poll) until it ends.
+//!
+//! Workers are stateless and any number run side by side: everything a
+//! step needs is in the job, and everything it learns goes back into the job
+//! or into the events stream.
+//!
+//! Layout:
+//! - [`run`]: start-up, the ops endpoints, shutdown;
+//! - `consumer`: connection lifecycle and the consume loop;
+//! - `delivery`: one delivery, from decoding to the ack;
+//! - `step`: the pipeline's rules around every driver (deadline, timeout,
+//!   retries, cleanup);
+//! - [`drivers`]: one module per device API;
+//! - [`device_http`], [`credentials`], [`metrics`]: what drivers use.
+
+pub mod config;
+mod consumer;
+pub mod credentials;
+mod delivery;
+pub mod device_http;
+pub mod drivers;
+pub mod metrics;
+mod step;
+
+pub use config::{Listen, WorkerConfig};
+pub use credentials::{CredentialStore, Credentials};
+pub use drivers::Registry;
+
+use delivery::Shared;
+use flotilla_common::{Broker, BrokerError, TopologyError, ops};
+use std::{future::Future, sync::Arc};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("cannot serve metrics on {addr}: {source}")]
+    Metrics {
+        addr: std::net::SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("building the device HTTP client: {0}")]
+    Http(#[from] reqwest::Error),
+}
+
+/// Runs a worker until `shutdown` resolves, then stops taking deliveries,
+/// lets in-flight steps finish (within the grace period) and returns.
+pub async fn run(
+    config: WorkerConfig,
+    credentials: CredentialStore,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), WorkerError> {
+    flotilla_common::ensure_crypto_provider();
+    let registry = prometheus::Registry::new();
+    let metrics = metrics::WorkerMetrics::new(&registry)
+        .expect("a new registry has none of the worker's metrics yet");
+    let readiness = Arc::new(ops::Readiness::default());
+    let token = CancellationToken::new();
+    let trigger = token.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        trigger.cancel();
+    });
+
+    let ops_server = match config.metrics_addr {
+        Listen::Off => None,
+        Listen::On(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|source| WorkerError::Metrics { addr, source })?;
+            info!(addr = %listener.local_addr().unwrap_or(addr), "serving /metrics, /healthz and /readyz");
+            let stop = token.clone();
+            Some(tokio::spawn(ops::serve(
+                listener,
+                registry.clone(),
+                readiness.clone(),
+                async move { stop.cancelled().await },
+            )))
+        }
+    };
+
+    let name = config.name.clone().unwrap_or_else(host_name);
+    let broker = Broker::new(&config.broker.amqp_url, &format!("flotilla-worker {name}"))?;
+    let shared = Arc::new(Shared {
+        topology: config.broker.topology(),
+        control: Default::default(),
+        registry: Registry::standard(),
+        http: device_http::HttpClients::new(config.http_timeout)?,
+        credentials,
+        metrics,
+        worker: name,
+    });
+    let result = consumer::run_sessions(&config, &broker, shared, &readiness, &token).await;
+    token.cancel();
+    if let Some(server) = ops_server {
+        let _ = server.await;
+    }
+    result
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned())
+        })
+        .unwrap_or_else(|| format!("worker-{}", std::process::id()))
+}

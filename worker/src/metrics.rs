@@ -1,0 +1,184 @@
+//! The worker's Prometheus metrics, behind typed methods so metric names and
+//! label sets live in this file only.
+//!
+//! Labels are bounded: device kind, step, outcome, error class, campaign,
+//! status class, dead-letter reason. Never a device id or an address.
+
+use flotilla_common::{DeviceKind, Ending, Outcome};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+};
+use std::time::Duration;
+
+/// Step result labels, besides the device's own step names.
+pub const STEP_RESULTS: [&str; 3] = ["ok", "retry", "error"];
+/// Reasons a worker dead-letters a message.
+pub const DEAD_LETTER_REASONS: [&str; 4] = [
+    "undecodable",
+    "unsupported_version",
+    "unknown_kind",
+    "unknown_step",
+];
+const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
+
+#[derive(Clone)]
+pub struct WorkerMetrics {
+    steps: IntCounterVec,
+    step_seconds: HistogramVec,
+    device_requests: IntCounterVec,
+    jobs_finished: IntCounterVec,
+    in_flight: IntGauge,
+    poll_lateness: Histogram,
+    dead_lettered: IntCounterVec,
+    reconnects: IntCounter,
+    parked: IntCounter,
+}
+
+impl WorkerMetrics {
+    /// Registers the worker's metrics on `registry`. Fails only if they are
+    /// already registered there.
+    pub fn new(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = WorkerMetrics {
+            steps: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_worker_steps_total",
+                    "Job steps executed, by device kind, step and result.",
+                ),
+                &["kind", "step", "result"],
+            )?,
+            step_seconds: HistogramVec::new(
+                HistogramOpts::new(
+                    "flotilla_worker_step_duration_seconds",
+                    "Time one step took, device calls included.",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+                &["kind", "step"],
+            )?,
+            device_requests: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_device_http_requests_total",
+                    "HTTP requests to devices, by device kind and status class.",
+                ),
+                &["kind", "status_class"],
+            )?,
+            jobs_finished: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_jobs_finished_total",
+                    "Jobs that reached a terminal state, by campaign, device kind, outcome and error class.",
+                ),
+                &["campaign", "kind", "outcome", "error_class"],
+            )?,
+            in_flight: IntGauge::new(
+                "flotilla_worker_jobs_in_flight",
+                "Steps running now on this worker.",
+            )?,
+            poll_lateness: Histogram::with_opts(
+                HistogramOpts::new(
+                    "flotilla_worker_poll_lateness_seconds",
+                    "How late a delayed job ran against its due time.",
+                )
+                .buckets(vec![
+                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+                ]),
+            )?,
+            dead_lettered: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_worker_dead_lettered_total",
+                    "Messages this worker sent to the dead-letter queue, by reason.",
+                ),
+                &["reason"],
+            )?,
+            reconnects: IntCounter::new(
+                "flotilla_broker_reconnects_total",
+                "Times this process re-established its broker connection.",
+            )?,
+            parked: IntCounter::new(
+                "flotilla_worker_parked_total",
+                "Jobs of paused campaigns sent back to wait, without calling a device.",
+            )?,
+        };
+        registry.register(Box::new(metrics.steps.clone()))?;
+        registry.register(Box::new(metrics.step_seconds.clone()))?;
+        registry.register(Box::new(metrics.device_requests.clone()))?;
+        registry.register(Box::new(metrics.jobs_finished.clone()))?;
+        registry.register(Box::new(metrics.in_flight.clone()))?;
+        registry.register(Box::new(metrics.poll_lateness.clone()))?;
+        registry.register(Box::new(metrics.dead_lettered.clone()))?;
+        registry.register(Box::new(metrics.reconnects.clone()))?;
+        registry.register(Box::new(metrics.parked.clone()))?;
+        metrics.start_known_series_at_zero();
+        Ok(metrics)
+    }
+
+    /// A fresh, unregistered set (for code paths that need metrics but are
+    /// not scraped, such as unit tests).
+    pub fn unregistered() -> Self {
+        // Registering on a new registry cannot collide.
+        WorkerMetrics::new(&Registry::new()).expect("a new registry has no metrics yet")
+    }
+
+    fn start_known_series_at_zero(&self) {
+        for kind in DeviceKind::ALL {
+            for class in STATUS_CLASSES {
+                self.device_requests
+                    .with_label_values(&[kind.as_str(), class]);
+            }
+        }
+        for reason in DEAD_LETTER_REASONS {
+            self.dead_lettered.with_label_values(&[reason]);
+        }
+    }
+
+    pub fn step(&self, kind: DeviceKind, step: &str, result: &str, took: Duration) {
+        self.steps
+            .with_label_values(&[kind.as_str(), step, result])
+            .inc();
+        self.step_seconds
+            .with_label_values(&[kind.as_str(), step])
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn device_request(&self, kind: DeviceKind, status_class: &str) {
+        self.device_requests
+            .with_label_values(&[kind.as_str(), status_class])
+            .inc();
+    }
+
+    /// The first job of a campaign a worker sees starts that campaign's
+    /// outcome series at zero, so rates and ratios exist before a failure.
+    pub fn campaign_seen(&self, campaign: &str, kind: DeviceKind) {
+        for outcome in Outcome::ALL {
+            self.jobs_finished
+                .with_label_values(&[campaign, kind.as_str(), outcome.as_str(), ""]);
+        }
+    }
+
+    pub fn job_finished(&self, campaign: &str, kind: DeviceKind, ending: &Ending) {
+        let class = ending.error_class.map(|c| c.as_str()).unwrap_or("");
+        self.jobs_finished
+            .with_label_values(&[campaign, kind.as_str(), ending.outcome.as_str(), class])
+            .inc();
+    }
+
+    pub fn in_flight(&self) -> &IntGauge {
+        &self.in_flight
+    }
+
+    pub fn poll_lateness(&self, late: Duration) {
+        self.poll_lateness.observe(late.as_secs_f64());
+    }
+
+    pub fn dead_lettered(&self, reason: &str) {
+        self.dead_lettered.with_label_values(&[reason]).inc();
+    }
+
+    pub fn reconnected(&self) {
+        self.reconnects.inc();
+    }
+
+    pub fn parked(&self) {
+        self.parked.inc();
+    }
+}

@@ -1,0 +1,303 @@
+//! One step of a job: run the current step through its driver and decide what
+//! follows. The pipeline's rules live here, the same around every driver:
+//!
+//! - a job's deadline counts from its first step; once passed, the job stops
+//!   upgrading, runs its driver's cleanup and ends `timed_out`;
+//! - a job of a cancelled campaign likewise runs its cleanup and ends
+//!   `cancelled`;
+//! - a step runs under the campaign's step timeout;
+//! - a retryable error retries the same step with exponential backoff and
+//!   jitter, up to the campaign's attempt limit;
+//! - once an outcome is decided it is stored in the job, the driver's
+//!   cleanup for the current step runs, and the job ends with that outcome
+//!   whatever the cleanup meets.
+
+use crate::{
+    credentials::CredentialStore,
+    device_http::{DeviceClient, HttpClients},
+    drivers::{Action, AnyDriver, StepContext, StepError, UnknownStep},
+    metrics::WorkerMetrics,
+};
+use chrono::Utc;
+use flotilla_common::{Ending, Event, EventBody, FinishedEvent, Job, RetryPolicy, StepEvent};
+use rand::Rng;
+use std::time::{Duration, Instant};
+
+/// How long cleanup may run past a job's deadline before the job ends
+/// anyway: a device that never answers must not keep its job circulating.
+pub(crate) const CLEANUP_GRACE: Duration = Duration::from_secs(15 * 60);
+
+/// What a worker needs to run any step, shared by all its tasks.
+pub(crate) struct StepEnv<'a> {
+    pub http: &'a HttpClients,
+    pub credentials: &'a CredentialStore,
+    pub metrics: &'a WorkerMetrics,
+    pub worker: &'a str,
+}
+
+/// The result of one delivery's step.
+#[derive(Debug)]
+pub(crate) struct Executed {
+    /// The job as it continues, or `None` when it has finished.
+    pub follow_up: Option<FollowUp>,
+    /// The step's event, then the terminal event if the job finished.
+    pub events: Vec<Event>,
+}
+
+#[derive(Debug)]
+pub(crate) struct FollowUp {
+    pub job: Job,
+    /// Wait this long (through a delay queue) before the next step.
+    pub delay: Option<Duration>,
+}
+
+pub(crate) async fn execute(
+    mut job: Job,
+    driver: &dyn AnyDriver,
+    cancelled: bool,
+    env: &StepEnv<'_>,
+) -> Result<Executed, UnknownStep> {
+    let now = Utc::now();
+    if job.step.is_null() {
+        job.step = driver.first_step();
+    }
+    let step_name = driver.step_name(&job.step)?;
+    let deadline = *job
+        .deadline
+        .get_or_insert_with(|| now + job.policy.deadline);
+    job.started_at.get_or_insert(now);
+    if job.seq == 0 {
+        env.metrics.campaign_seen(&job.campaign, job.device.kind);
+    }
+
+    if job.ending.is_none() && cancelled {
+        let record =
+            StepRecord::new(&job, step_name, env.worker).note("campaign cancelled; cleaning up");
+        return begin_ending(job, driver, Ending::cancelled(), record);
+    }
+    if job.ending.is_none() && now >= deadline {
+        let ending = Ending::timed_out(format!(
+            "no outcome within the deadline of {} (next step was {step_name})",
+            humantime::format_duration(job.policy.deadline)
+        ));
+        let record =
+            StepRecord::new(&job, step_name, env.worker).note("deadline passed; cleaning up");
+        return begin_ending(job, driver, ending, record);
+    }
+    if job.ending.is_some() && now >= deadline + CLEANUP_GRACE {
+        let record = StepRecord::new(&job, step_name, env.worker)
+            .note("cleanup did not finish in time; giving up on it");
+        return Ok(finish(job, record, Some("cleanup did not finish in time")));
+    }
+
+    let credentials = env.credentials.resolve(&job.device.credentials);
+    let started = Instant::now();
+    let result = match env.http.get(&job.tls) {
+        Err(error) => Err(error),
+        Ok(http) => {
+            let cx = StepContext {
+                job: &job,
+                http: DeviceClient::new(&http, &job.device, env.metrics),
+                credentials: &credentials,
+            };
+            let run = driver.run(&job.step, &cx)?;
+            match tokio::time::timeout(job.policy.step_timeout, run).await {
+                Ok(result) => result,
+                Err(_) => Err(StepError::transient(format!(
+                    "step {step_name} did not finish within {}",
+                    humantime::format_duration(job.policy.step_timeout)
+                ))),
+            }
+        }
+    };
+    let took = started.elapsed();
+    let mut record = StepRecord::new(&job, step_name, env.worker);
+    record.duration = took;
+
+    match result {
+        Ok(next) => {
+            env.metrics.step(job.device.kind, step_name, "ok", took);
+            record.note = next.note;
+            match next.action {
+                Action::Run(step) => advance(job, driver, step, None, record),
+                Action::Poll(step, delay) => {
+                    let delay = delay.unwrap_or(job.policy.poll_interval);
+                    advance(job, driver, step, Some(delay), record)
+                }
+                Action::End(ending) => begin_ending(job, driver, ending, record),
+                Action::Done => Ok(finish(job, record, None)),
+            }
+        }
+        Err(error) if error.retryable && job.attempt + 1 < job.policy.retry.max_attempts => {
+            env.metrics.step(job.device.kind, step_name, "retry", took);
+            let delay = backoff(&job.policy.retry, job.attempt);
+            record.error = Some(error.message);
+            record.next = Some(step_name.to_owned());
+            record.delay = Some(delay);
+            job.attempt += 1;
+            job.seq += 1;
+            Ok(continue_with(job, Some(delay), record))
+        }
+        Err(error) => {
+            env.metrics.step(job.device.kind, step_name, "error", took);
+            let attempts = job.attempt + 1;
+            let message = if error.retryable {
+                format!("{} (gave up after {attempts} attempts)", error.message)
+            } else {
+                error.message.clone()
+            };
+            record.error = Some(message.clone());
+            if job.ending.is_some() {
+                let problem = format!("cleanup step {step_name} failed: {message}");
+                Ok(finish(job, record, Some(&problem)))
+            } else {
+                begin_ending(job, driver, Ending::failed(error.class, message), record)
+            }
+        }
+    }
+}
+
+/// Moves the job to its next step, now or after `delay`.
+fn advance(
+    mut job: Job,
+    driver: &dyn AnyDriver,
+    step: serde_json::Value,
+    delay: Option<Duration>,
+    mut record: StepRecord,
+) -> Result<Executed, UnknownStep> {
+    record.next = Some(driver.step_name(&step)?.to_owned());
+    record.delay = delay;
+    job.step = step;
+    job.attempt = 0;
+    job.seq += 1;
+    Ok(continue_with(job, delay, record))
+}
+
+/// Records the outcome (the first one decided wins) and moves to the current
+/// step's cleanup, or finishes if there is nothing to clean up.
+fn begin_ending(
+    mut job: Job,
+    driver: &dyn AnyDriver,
+    ending: Ending,
+    record: StepRecord,
+) -> Result<Executed, UnknownStep> {
+    job.ending.get_or_insert(ending);
+    match driver.cleanup(&job.step)? {
+        Some(cleanup) => advance(job, driver, cleanup, None, record),
+        None => Ok(finish(job, record, None)),
+    }
+}
+
+fn continue_with(job: Job, delay: Option<Duration>, record: StepRecord) -> Executed {
+    let event = record.into_event(&job.campaign);
+    Executed {
+        follow_up: Some(FollowUp { job, delay }),
+        events: vec![event],
+    }
+}
+
+/// Ends the job with its decided outcome. `problem` (a cleanup that could
+/// not finish) is added to the outcome's error text.
+fn finish(job: Job, record: StepRecord, problem: Option<&str>) -> Executed {
+    let mut ending = job.ending.clone().unwrap_or_else(|| {
+        Ending::failed(
+            flotilla_common::ErrorClass::Protocol,
+            format!("driver finished at step {} without an outcome", record.step),
+        )
+    });
+    if let Some(problem) = problem {
+        ending.error = Some(match ending.error.take() {
+            Some(error) => format!("{error}; {problem}"),
+            None => problem.to_owned(),
+        });
+    }
+    let last_step = record.step.clone();
+    let step_event = record.into_event(&job.campaign);
+    let finished = Event::new(
+        job.campaign.clone(),
+        EventBody::Finished(FinishedEvent {
+            device: job.device.id.clone(),
+            kind: job.device.kind,
+            seq: job.seq,
+            last_step,
+            ending,
+            started_at: job.started_at,
+        }),
+    );
+    Executed {
+        follow_up: None,
+        events: vec![step_event, finished],
+    }
+}
+
+/// Exponential backoff with "equal jitter": half the delay is fixed, half
+/// random, so retries of many devices spread out without any retrying at
+/// once.
+pub(crate) fn backoff(policy: &RetryPolicy, failed_attempts: u32) -> Duration {
+    let exponential = policy
+        .initial_backoff
+        .saturating_mul(2u32.saturating_pow(failed_attempts.min(20)));
+    let capped = exponential.min(policy.max_backoff);
+    let half = capped / 2;
+    half + rand::rng().random_range(Duration::ZERO..=half)
+}
+
+/// The step event being assembled.
+struct StepRecord {
+    device: String,
+    kind: flotilla_common::DeviceKind,
+    seq: u32,
+    step: String,
+    attempt: u32,
+    duration: Duration,
+    next: Option<String>,
+    delay: Option<Duration>,
+    error: Option<String>,
+    note: Option<String>,
+    worker: String,
+    tls_unverified: bool,
+}
+
+impl StepRecord {
+    fn new(job: &Job, step: &str, worker: &str) -> Self {
+        StepRecord {
+            device: job.device.id.clone(),
+            kind: job.device.kind,
+            seq: job.seq,
+            step: step.to_owned(),
+            attempt: job.attempt + 1,
+            duration: Duration::ZERO,
+            next: None,
+            delay: None,
+            error: None,
+            note: None,
+            worker: worker.to_owned(),
+            tls_unverified: !job.tls.verify,
+        }
+    }
+
+    fn note(mut self, note: &str) -> Self {
+        self.note = Some(note.to_owned());
+        self
+    }
+
+    fn into_event(self, campaign: &str) -> Event {
+        Event::new(
+            campaign,
+            EventBody::Step(StepEvent {
+                device: self.device,
+                kind: self.kind,
+                seq: self.seq,
+                step: self.step,
+                attempt: self.attempt,
+                duration_ms: self.duration.as_millis() as u64,
+                next: self.next,
+                delay_ms: self.delay.map(|d| d.as_millis() as u64),
+                error: self.error,
+                note: self.note,
+                worker: Some(self.worker),
+                tls_unverified: self.tls_unverified,
+            }),
+        )
+    }
+}
