@@ -12,6 +12,7 @@ use lapin::{
     types::{AMQPValue, FieldTable, LongString},
 };
 use serde::de::DeserializeOwned;
+use std::pin::Pin;
 
 /// Unacked records in flight to one reader; streams require a prefetch.
 const STREAM_PREFETCH: u16 = 500;
@@ -54,10 +55,14 @@ impl Record {
     }
 }
 
+/// The ack of the record handed out last, still to be sent.
+type PendingAck = Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send>>;
+
 pub struct StreamReader {
     // Kept so the consumer's channel lives as long as the reader.
     _channel: Channel,
     consumer: Consumer,
+    pending_ack: Option<PendingAck>,
 }
 
 impl StreamReader {
@@ -83,19 +88,31 @@ impl StreamReader {
         Ok(StreamReader {
             _channel: channel,
             consumer,
+            pending_ack: None,
         })
     }
 
     /// The next record, waiting for one to be appended if need be. `None`
     /// once the consumer is cancelled or its connection is gone.
     pub async fn next(&mut self) -> Option<Result<Record, BrokerError>> {
+        // Cancel-safe, as `select!` loops need: the record is returned as
+        // soon as it arrives and its ack is sent on the next call, so a
+        // dropped call loses neither a record nor a credit.
+        if let Some(ack) = self.pending_ack.as_mut() {
+            let acked = ack.await;
+            self.pending_ack = None;
+            if let Err(error) = acked {
+                return Some(Err(error.into()));
+            }
+        }
         let delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(error.into())),
         };
-        if let Err(error) = delivery.ack(BasicAckOptions::default()).await {
-            return Some(Err(error.into()));
-        }
+        let acker = delivery.acker.clone();
+        self.pending_ack = Some(Box::pin(async move {
+            acker.ack(BasicAckOptions::default()).await
+        }));
         let offset =
             crate::headers::get_int(delivery.properties.headers().as_ref(), "x-stream-offset")
                 .and_then(|o| u64::try_from(o).ok());

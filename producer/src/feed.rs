@@ -6,6 +6,7 @@ use flotilla_common::{
     control::ControlMessage,
     stream::{Offset, StreamReader},
 };
+use lapin::Connection;
 use std::time::Duration;
 use tracing::warn;
 
@@ -15,18 +16,12 @@ pub const CAUGHT_UP: Duration = Duration::from_millis(400);
 /// The events stream, from its start.
 pub struct EventFeed {
     reader: StreamReader,
-    // The reader's channel lives on this connection.
-    _connection: deadpool_lapin::Connection,
 }
 
 impl EventFeed {
-    pub async fn open(broker: &Broker, topology: &Topology) -> Result<Self, BrokerError> {
-        let connection = broker.connection().await?;
-        let reader = StreamReader::open(&connection, &topology.events(), Offset::First).await?;
-        Ok(EventFeed {
-            reader,
-            _connection: connection,
-        })
+    pub async fn open(connection: &Connection, topology: &Topology) -> Result<Self, BrokerError> {
+        let reader = StreamReader::open(connection, &topology.events(), Offset::First).await?;
+        Ok(EventFeed { reader })
     }
 
     /// The next event, waiting as long as it takes. Records this build
@@ -59,17 +54,12 @@ impl EventFeed {
 /// The control stream, from its start, with each command's offset.
 pub struct ControlFeed {
     reader: StreamReader,
-    _connection: deadpool_lapin::Connection,
 }
 
 impl ControlFeed {
-    pub async fn open(broker: &Broker, topology: &Topology) -> Result<Self, BrokerError> {
-        let connection = broker.connection().await?;
-        let reader = StreamReader::open(&connection, &topology.control(), Offset::First).await?;
-        Ok(ControlFeed {
-            reader,
-            _connection: connection,
-        })
+    pub async fn open(connection: &Connection, topology: &Topology) -> Result<Self, BrokerError> {
+        let reader = StreamReader::open(connection, &topology.control(), Offset::First).await?;
+        Ok(ControlFeed { reader })
     }
 
     pub async fn next(&mut self) -> Result<(u64, ControlMessage), BrokerError> {
@@ -107,7 +97,8 @@ pub async fn read_campaign(
     campaign: &str,
 ) -> Result<CampaignState, BrokerError> {
     let mut state = CampaignState::new(campaign);
-    let mut feed = EventFeed::open(broker, topology).await?;
+    let connection = broker.connection().await?;
+    let mut feed = EventFeed::open(&connection, topology).await?;
     while let Some(event) = feed.next_within(CAUGHT_UP).await? {
         state.apply(&event);
     }
@@ -128,7 +119,8 @@ pub async fn follow_campaign(
     if done(state) {
         return Ok(());
     }
-    let mut feed = EventFeed::open(broker, topology).await?;
+    let connection = broker.connection().await?;
+    let mut feed = EventFeed::open(&connection, topology).await?;
     loop {
         let event = feed
             .next_within(quiet_limit)

@@ -180,7 +180,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             broker,
         } => {
-            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?;
+            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?
+                .connection()
+                .await?;
             let mut feed = EventFeed::open(&connection, &broker.topology()).await?;
             let mut events: Vec<Event> = Vec::new();
             while let Some(event) = feed.next_within(CAUGHT_UP).await? {
@@ -286,7 +288,8 @@ async fn watch_status(
     let bar = progress_bar(state.device_count());
     show_progress(&bar, &state);
     let mut decisions = state.decisions().len();
-    let mut feed = EventFeed::open(connection, &broker.topology()).await?;
+    let reading = connection.connection().await?;
+    let mut feed = EventFeed::open(&reading, &broker.topology()).await?;
     // Replay to where the status was read, quietly, then follow.
     let mut replay = CampaignState::new(campaign);
     while replay.decisions().len() < decisions || replay.finished() < state.finished() {

@@ -83,6 +83,14 @@ pub struct Harness {
 impl Harness {
     pub async fn new(test: &str) -> Harness {
         flotilla_common::ensure_crypto_provider();
+        // `RUST_LOG=info cargo nextest run ...` shows what the in-process
+        // workers and controllers did, for a failing test.
+        if std::env::var_os("RUST_LOG").is_some() {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+                .with_test_writer()
+                .try_init();
+        }
         let suffix: u32 = rand::rng().random();
         let prefix = format!("test-{test}-{suffix:08x}");
         let args = BrokerArgs {

@@ -70,12 +70,14 @@ pub async fn run_campaign(
     // Replay both streams before deciding anything.
     let mut state = CampaignState::new(&campaign.id);
     let mut ledger = CapLedger::default();
-    let mut events = EventFeed::open(broker, topology).await?;
+    // One connection for the controller's readers and publishers: the
+    // broker's pool is shared with every other campaign in the process.
+    let mut events = EventFeed::open(&connection, topology).await?;
     while let Some(event) = events.next_within(CAUGHT_UP).await? {
         state.apply(&event);
         ledger.apply(&event);
     }
-    let mut control = ControlFeed::open(broker, topology).await?;
+    let mut control = ControlFeed::open(&connection, topology).await?;
     let mut commands = Vec::new();
     while let Some(command) = control.next_within(CAUGHT_UP).await? {
         commands.push(command);
@@ -492,7 +494,6 @@ impl Controller<'_> {
         }
         info!(campaign = %self.campaign.id, devices = unstarted.len(), "recording unstarted devices as cancelled");
         for chunk in unstarted.chunks(BATCH as usize) {
-            let mut finished = Vec::with_capacity(chunk.len());
             for device in chunk {
                 let event = Event::new(
                     &self.campaign.id,
@@ -518,13 +519,19 @@ impl Controller<'_> {
                         Message::new(EVENT_MESSAGE_TYPE),
                     )
                     .await?;
-                finished.push(event);
             }
             self.jobs.commit().await?;
-            for event in &finished {
-                self.state.apply(event);
-                self.ledger.apply(event);
-            }
+        }
+        // Counted as they come back from the stream, the one record: counting
+        // them here too would end each of these devices twice.
+        while unstarted.iter().any(|d| !self.state.is_handled(&d.id)) {
+            let event = self
+                .event_rx
+                .recv()
+                .await
+                .ok_or(BrokerError::ConnectionLost)??;
+            self.state.apply(&event);
+            self.ledger.apply(&event);
         }
         if self.state.unstarted() > 0 {
             warn!(campaign = %self.campaign.id, missing = self.state.unstarted(), "devices of the plan are missing from the inventory");
