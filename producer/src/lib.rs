@@ -7,11 +7,13 @@
 //! - [`rollout`]: the controller;
 //! - [`state`]: a campaign as its events tell it;
 //! - [`feed`]: reading the events and control streams;
-//! - [`report`]: `status`, `report` and `history`.
+//! - [`report`]: `status`, `report` and `history`;
+//! - [`metrics`]: what `run` exports to Prometheus.
 
 pub mod campaign;
 pub mod feed;
 pub mod inventory_check;
+pub mod metrics;
 pub mod report;
 pub mod rollout;
 pub mod state;

@@ -1,12 +1,14 @@
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flotilla_common::{
-    Broker, Event, cli::BrokerArgs, control::Command as ControlCommand, inventory::RowError,
+    Broker, Event, cli::BrokerArgs, control::Command as ControlCommand, inventory::RowError, ops,
 };
 use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
     feed::{CAUGHT_UP, EventFeed},
-    fingerprint, read_campaign,
+    fingerprint,
+    metrics::ProducerMetrics,
+    read_campaign,
     report::{self, Format},
     run_campaign, send_command,
     state::Phase,
@@ -14,8 +16,10 @@ use flotilla_producer::{
 use indicatif::{ProgressBar, ProgressStyle};
 use std::{
     collections::HashSet,
+    net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
+    sync::Arc,
 };
 
 #[derive(Parser)]
@@ -40,6 +44,9 @@ enum Command {
         /// Only the devices that failed or timed out in this campaign.
         #[arg(long)]
         retry_failed_from: Option<String>,
+        /// Serve /metrics, /healthz and /readyz here while the campaign runs.
+        #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
+        metrics_addr: Option<SocketAddr>,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -136,8 +143,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Run {
             files,
             retry_failed_from,
+            metrics_addr,
             broker,
-        } => rollout(files, retry_failed_from, broker).await,
+        } => rollout(files, retry_failed_from, metrics_addr, broker).await,
         Command::Status {
             campaign,
             watch,
@@ -202,6 +210,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 async fn rollout(
     files: CampaignFiles,
     retry_failed_from: Option<String>,
+    metrics_addr: Option<SocketAddr>,
     broker: BrokerArgs,
 ) -> anyhow::Result<ExitCode> {
     let connection = Broker::new(&broker.amqp_url, "flotilla-producer")?;
@@ -242,6 +251,13 @@ async fn rollout(
         by_kind(&summary)
     );
 
+    let registry = prometheus::Registry::new();
+    let mut metrics = ProducerMetrics::new(&registry, &campaign)
+        .expect("a new registry has none of the producer's metrics yet");
+    if let Some(addr) = metrics_addr {
+        serve_metrics(addr, registry).await?;
+    }
+
     let bar = progress_bar(summary.devices);
     let mut printed = 0;
     let spec = RunSpec {
@@ -260,6 +276,7 @@ async fn rollout(
         }
         printed = state.decisions().len();
         show_progress(&bar, state);
+        metrics.observe(state);
     };
     let run = run_campaign(&connection, &topology, &campaign, spec, observe);
     let state = tokio::select! {
@@ -273,6 +290,23 @@ async fn rollout(
     bar.finish_and_clear();
     print!("{}", report::status(&state));
     Ok(ExitCode::SUCCESS)
+}
+
+/// Serves the operations endpoints for as long as the process runs.
+async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("serving metrics on {addr}"))?;
+    // The run fails, and the process exits, when the broker goes away.
+    let readiness = Arc::new(ops::Readiness::default());
+    readiness.set(true);
+    tokio::spawn(ops::serve(
+        listener,
+        registry,
+        readiness,
+        std::future::pending(),
+    ));
+    Ok(())
 }
 
 async fn watch_status(

@@ -81,6 +81,7 @@ pub struct CampaignState {
     totals: Tally,
     /// Devices finished without ever being published (cancelled first).
     finished_unpublished: u64,
+    published_by_kind: BTreeMap<DeviceKind, u64>,
     counts_by_kind: BTreeMap<(DeviceKind, Outcome), u64>,
     phase: Phase,
     current_wave: Option<u32>,
@@ -108,6 +109,7 @@ impl CampaignState {
             waves: Vec::new(),
             totals: Tally::default(),
             finished_unpublished: 0,
+            published_by_kind: BTreeMap::new(),
             counts_by_kind: BTreeMap::new(),
             phase: Phase::New,
             current_wave: None,
@@ -139,6 +141,7 @@ impl CampaignState {
                     record.published_at = Some(event.at);
                     record.wave = published.wave;
                     self.totals.published += 1;
+                    *self.published_by_kind.entry(published.kind).or_default() += 1;
                     if let Some(tally) = published.wave.and_then(|w| self.waves.get_mut(w as usize))
                     {
                         tally.published += 1;
@@ -378,6 +381,11 @@ impl CampaignState {
     /// The errors of every step that was retried, in stream order.
     pub fn retried_errors(&self) -> &[String] {
         &self.retried_errors
+    }
+
+    /// Published devices by kind.
+    pub fn published_by_kind(&self) -> &BTreeMap<DeviceKind, u64> {
+        &self.published_by_kind
     }
 
     /// Finished devices by kind and outcome.

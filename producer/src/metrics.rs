@@ -1,0 +1,135 @@
+//! The producer's metrics: the jobs it published and where its campaign
+//! stands, for dashboards and for alerts on failure ratios and stalls.
+//!
+//! Everything is derived from the campaign's state as the controller sees
+//! it, so the numbers agree with `flotilla-producer status`.
+
+use crate::{Campaign, CampaignState, state::Phase};
+use flotilla_common::{DeviceKind, Outcome};
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use std::collections::BTreeMap;
+
+/// The `state` label values of `flotilla_campaign_devices`.
+const STATES: [&str; 6] = [
+    "pending",
+    "in_progress",
+    "succeeded",
+    "failed",
+    "timed_out",
+    "cancelled",
+];
+
+pub struct ProducerMetrics {
+    campaign: String,
+    published: IntCounterVec,
+    devices: IntGaugeVec,
+    paused: IntGaugeVec,
+    /// Devices published per kind at the last observation; `None` before
+    /// the first, so a restarted producer does not count the publications
+    /// it only replayed.
+    seen: Option<BTreeMap<DeviceKind, u64>>,
+}
+
+impl ProducerMetrics {
+    /// Registers the metrics of `campaign` on `registry`, every known
+    /// series at zero.
+    pub fn new(registry: &Registry, campaign: &Campaign) -> prometheus::Result<Self> {
+        let published = IntCounterVec::new(
+            Opts::new(
+                "flotilla_producer_jobs_published_total",
+                "Jobs this producer published, by campaign and device kind.",
+            ),
+            &["campaign", "kind"],
+        )?;
+        let devices = IntGaugeVec::new(
+            Opts::new(
+                "flotilla_campaign_devices",
+                "The campaign's devices by state: pending (not started), in_progress, or their outcome.",
+            ),
+            &["campaign", "state"],
+        )?;
+        let budget = GaugeVec::new(
+            Opts::new(
+                "flotilla_campaign_failure_budget_ratio",
+                "The failure ratio past which the campaign pauses (its campaign budget, else its wave budget).",
+            ),
+            &["campaign"],
+        )?;
+        let paused = IntGaugeVec::new(
+            Opts::new(
+                "flotilla_campaign_paused",
+                "1 while the campaign is paused (by its budget, a gate, an approval or an operator).",
+            ),
+            &["campaign"],
+        )?;
+        registry.register(Box::new(published.clone()))?;
+        registry.register(Box::new(devices.clone()))?;
+        registry.register(Box::new(budget.clone()))?;
+        registry.register(Box::new(paused.clone()))?;
+
+        let id = campaign.id.as_str();
+        for kind in DeviceKind::ALL {
+            published.with_label_values(&[id, kind.as_str()]);
+        }
+        for state in STATES {
+            devices.with_label_values(&[id, state]);
+        }
+        paused.with_label_values(&[id]);
+        let rollout = &campaign.rollout;
+        if let Some(limit) = rollout
+            .campaign_budget
+            .as_ref()
+            .or(rollout.wave_budget.as_ref())
+        {
+            budget.with_label_values(&[id]).set(limit.ratio);
+        }
+        Ok(ProducerMetrics {
+            campaign: campaign.id.clone(),
+            published,
+            devices,
+            paused,
+            seen: None,
+        })
+    }
+
+    /// Brings the metrics up to `state`.
+    pub fn observe(&mut self, state: &CampaignState) {
+        let id = self.campaign.as_str();
+        let now = state.published_by_kind();
+        if let Some(seen) = &self.seen {
+            for (kind, count) in now {
+                let before = seen.get(kind).copied().unwrap_or(0);
+                self.published
+                    .with_label_values(&[id, kind.as_str()])
+                    .inc_by(count.saturating_sub(before));
+            }
+        }
+        self.seen = Some(now.clone());
+
+        let mut outcomes: BTreeMap<Outcome, u64> = BTreeMap::new();
+        for ((_, outcome), n) in state.counts_by_kind() {
+            *outcomes.entry(*outcome).or_default() += n;
+        }
+        let finished = state.totals().finished;
+        let pending = state.unstarted();
+        let in_progress = state
+            .device_count()
+            .saturating_sub(pending)
+            .saturating_sub(finished);
+        let outcome = |o| outcomes.get(&o).copied().unwrap_or(0);
+        for (label, value) in [
+            ("pending", pending),
+            ("in_progress", in_progress),
+            ("succeeded", outcome(Outcome::Succeeded)),
+            ("failed", outcome(Outcome::Failed)),
+            ("timed_out", outcome(Outcome::TimedOut)),
+            ("cancelled", outcome(Outcome::Cancelled)),
+        ] {
+            self.devices
+                .with_label_values(&[id, label])
+                .set(i64::try_from(value).unwrap_or(i64::MAX));
+        }
+        let paused = matches!(state.phase(), Phase::Paused(_));
+        self.paused.with_label_values(&[id]).set(i64::from(paused));
+    }
+}
