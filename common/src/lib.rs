@@ -11,7 +11,8 @@
 //! - [`topology`]: queue names and their idempotent declaration.
 //! - [`control`]: pause, resume and cancel commands.
 //! - [`broker`], [`stream`], [`headers`]: AMQP plumbing.
-//! - [`cli`]: settings every binary takes; [`ops`]: metrics and health endpoints.
+//! - [`cli`]: settings every binary takes; [`ops`]: metrics and health
+//!   endpoints; [`telemetry`]: logs and traces.
 
 pub mod broker;
 pub mod cli;
@@ -25,6 +26,7 @@ pub mod ops;
 pub mod outcome;
 pub mod settings;
 pub mod stream;
+pub mod telemetry;
 pub mod tls;
 pub mod topology;
 

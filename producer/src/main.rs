@@ -1,7 +1,12 @@
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use flotilla_common::{
-    Broker, Event, cli::BrokerArgs, control::Command as ControlCommand, inventory::RowError, ops,
+    Broker, Event,
+    cli::BrokerArgs,
+    control::Command as ControlCommand,
+    inventory::RowError,
+    ops,
+    telemetry::{LogArgs, Telemetry},
 };
 use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
@@ -31,6 +36,8 @@ use std::{
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: LogArgs,
 }
 
 #[derive(Subcommand)]
@@ -112,13 +119,9 @@ struct ControlArgs {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
-    match run(Cli::parse()).await {
+    let cli = Cli::parse();
+    let _telemetry = Telemetry::init("flotilla-producer", cli.log.log_format, "warn");
+    match run(cli).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");

@@ -18,11 +18,11 @@ use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeviceKind, EVENT_MESSAGE_TYPE, EventBody, JOB_MESSAGE_TYPE, JOB_VERSION, Job,
-    Message, Publisher, Topology, headers,
+    Message, Publisher, Topology, headers, telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
-use tracing::{debug, warn};
+use tracing::{Instrument, debug, info_span, warn};
 
 /// A job back from a delay queue this much before its due time runs anyway:
 /// waiting again would cost more than it saves.
@@ -120,12 +120,28 @@ pub(crate) async fn handle(
         return ack(&delivery).await;
     }
 
-    let executed = match run_step(job, driver, mode == Mode::Cancelled, shared).await {
-        Ok(executed) => executed,
-        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
-    };
-    publish(executed, incoming, publisher, shared).await?;
-    ack(&delivery).await
+    // One span per step, in the device's trace; the fields also label the
+    // step's log lines.
+    let span = info_span!(
+        "step",
+        otel.name = %format!("{} {}", job.device.kind, driver.step_name(&job.step).unwrap_or("unknown")),
+        campaign = %job.campaign,
+        device = %job.device.id,
+        kind = %job.device.kind,
+        attempt = job.attempt,
+    );
+    telemetry::continue_trace(&span, incoming);
+    let incoming = incoming.cloned();
+    async move {
+        let executed = match run_step(job, driver, mode == Mode::Cancelled, shared).await {
+            Ok(executed) => executed,
+            Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+        };
+        publish(executed, incoming.as_ref(), publisher, shared).await?;
+        ack(&delivery).await
+    }
+    .instrument(span)
+    .await
 }
 
 async fn run_step(
@@ -156,7 +172,7 @@ async fn publish(
         let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
         let mut message = Message::new(JOB_MESSAGE_TYPE)
             .id(message_id(&follow_up.job))
-            .headers(carried_headers(incoming));
+            .headers(trace_headers(incoming));
         let queue = match follow_up.delay {
             Some(delay) => {
                 let due = Utc::now() + delay;
@@ -169,7 +185,7 @@ async fn publish(
     }
     for event in &executed.events {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = Message::new(EVENT_MESSAGE_TYPE).headers(carried_headers(incoming));
+        let message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
         confirms.push(
             publisher
                 .send(&shared.topology.events(), &body, message)
@@ -271,6 +287,16 @@ fn carried_headers(incoming: Option<&FieldTable>) -> FieldTable {
         if let Some(value) = headers::get_text(incoming, name) {
             headers::set(&mut table, name, value);
         }
+    }
+    table
+}
+
+/// The trace context of what a step publishes: the job's own or, for a job
+/// published without one, this step's, so the steps that follow join it.
+fn trace_headers(incoming: Option<&FieldTable>) -> FieldTable {
+    let mut table = carried_headers(incoming);
+    if headers::get_text(Some(&table), headers::TRACEPARENT).is_none() {
+        telemetry::inject_current(&mut table);
     }
     table
 }

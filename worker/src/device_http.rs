@@ -23,6 +23,7 @@ use std::{
     sync::{Arc, Mutex},
     time::Duration,
 };
+use tracing::{Instrument, Span, info_span};
 use url::Url;
 
 /// How much of a device's answer an error message quotes.
@@ -158,6 +159,13 @@ impl<'a> DeviceClient<'a> {
         Call {
             client: *self,
             what,
+            span: info_span!(
+                "http",
+                otel.name = %format!("{method} {}", path_template(path)),
+                http.request.method = %method,
+                url.template = %path_template(path),
+                http.response.status_code = tracing::field::Empty,
+            ),
             builder: self.http.request(method, url),
         }
     }
@@ -167,6 +175,9 @@ impl<'a> DeviceClient<'a> {
 pub struct Call<'a> {
     client: DeviceClient<'a>,
     what: String,
+    /// Names the call by method and path template: never its query, body
+    /// or credentials.
+    span: Span,
     builder: reqwest::RequestBuilder,
 }
 
@@ -210,9 +221,15 @@ impl Call<'_> {
     /// Sends the request. Transport failures and 5xx answers are transient
     /// errors; every other answer is returned.
     pub async fn send(self) -> Result<Reply, StepError> {
+        let span = self.span.clone();
+        self.send_in_span().instrument(span).await
+    }
+
+    async fn send_in_span(self) -> Result<Reply, StepError> {
         let Call {
             client,
             what,
+            span,
             builder,
         } = self;
         let kind = client.kind;
@@ -227,6 +244,7 @@ impl Call<'_> {
             }
         };
         let status = response.status();
+        span.record("http.response.status_code", status.as_u16());
         client.metrics.device_request(kind, status_class(status));
         let body = response.bytes().await.map_err(|error| {
             StepError::transient(format!("{what}: reading the answer: {}", describe(&error)))
@@ -303,6 +321,29 @@ impl Reply {
     }
 }
 
+/// The path with its identifiers replaced by `{id}`, so that spans of one
+/// call group together: a segment is an identifier when it holds a digit
+/// and is not an API version (`1.0`, `v2`).
+fn path_template(path: &str) -> String {
+    let path = path.split('?').next().unwrap_or(path);
+    let is_version = |segment: &str| {
+        let digits = segment.strip_prefix('v').unwrap_or(segment);
+        !digits.is_empty()
+            && digits.chars().all(|c| c.is_ascii_digit() || c == '.')
+            && (segment.starts_with('v') || segment.contains('.'))
+    };
+    path.split('/')
+        .map(|segment| {
+            if segment.chars().any(|c| c.is_ascii_digit()) && !is_version(segment) {
+                "{id}"
+            } else {
+                segment
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
 fn status_class(status: StatusCode) -> &'static str {
     match status.as_u16() {
         100..=199 => "1xx",
@@ -330,4 +371,25 @@ fn describe(error: &reqwest::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::path_template;
+
+    #[test]
+    fn templates_hide_identifiers_but_keep_versions() {
+        assert_eq!(
+            path_template("/api/mgmt.gateway_backup/1.0/backup"),
+            "/api/mgmt.gateway_backup/1.0/backup"
+        );
+        assert_eq!(
+            path_template("/nbi/v1/cpes/00259E-C123/firmware?x=1"),
+            "/nbi/v1/cpes/{id}/firmware"
+        );
+        assert_eq!(
+            path_template("/api/npm.system_update/2.0/images/17"),
+            "/api/npm.system_update/2.0/images/{id}"
+        );
+    }
 }

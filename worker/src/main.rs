@@ -1,16 +1,20 @@
 use clap::Parser;
+use flotilla_common::telemetry::{LogArgs, Telemetry};
 use flotilla_worker::{CredentialStore, WorkerConfig};
 use tracing::{error, info};
 
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    config: WorkerConfig,
+    #[command(flatten)]
+    log: LogArgs,
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let config = WorkerConfig::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,lapin=warn".into()),
-        )
-        .init();
+    let Cli { config, log } = Cli::parse();
+    let _telemetry = Telemetry::init("flotilla-worker", log.log_format, "info,lapin=warn");
     info!(broker = %flotilla_common::broker::redact_url(&config.broker.amqp_url), prefix = %config.broker.prefix, "starting worker");
     match flotilla_worker::run(config, CredentialStore::from_env(), shutdown_signal()).await {
         Ok(()) => {

@@ -27,14 +27,16 @@ use flotilla_common::{
     Event, EventBody, FinishedEvent, JOB_MESSAGE_TYPE, Job, Message, PauseCause, PublishedEvent,
     Publisher, Thresholds, Topology, TxPublisher,
     control::{self, Command, ControlMessage},
+    telemetry,
 };
+use lapin::types::FieldTable;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
     path::Path,
     time::Instant,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{info, info_span, warn};
 
 /// Devices started in one transaction at most.
 const BATCH: u64 = 200;
@@ -453,8 +455,21 @@ impl Controller<'_> {
                 .profile_for(job.device.group.as_deref())
                 .clone();
             let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
-            let message =
-                Message::new(JOB_MESSAGE_TYPE).id(format!("{}/{}/0", job.campaign, job.device.id));
+            // The device's rollout is one trace, started here; the job
+            // carries its context to every step.
+            let rollout_span = info_span!(
+                parent: None,
+                "rollout",
+                otel.name = %format!("rollout {}", job.device.kind),
+                campaign = %job.campaign,
+                device = %job.device.id,
+                kind = %job.device.kind,
+            );
+            let mut headers = FieldTable::default();
+            rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
+            let message = Message::new(JOB_MESSAGE_TYPE)
+                .id(format!("{}/{}/0", job.campaign, job.device.id))
+                .headers(headers);
             self.jobs
                 .send(&self.topology.jobs(), &body, message)
                 .await?;

@@ -1,0 +1,219 @@
+//! Traces and logs: a real OTLP/HTTP receiver gets the producer's and the
+//! worker's spans, and one device's rollout is one whole trace.
+
+// Test helpers may unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+use axum::{Router, body::Bytes, extract::State, routing::post};
+use flotilla_sim::{Fleet, FleetSpec};
+use flotilla_tests::{Harness, binary};
+use serde_json::Value;
+use std::{
+    collections::HashMap,
+    process::Stdio,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+const CAMPAIGN: &str = r#"
+id = "traced"
+[target]
+version = "7.2.1"
+image_url = "http://files.example.net/cpe/7.2.1.bin"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+[timing]
+deadline = "1m"
+poll_interval = "200ms"
+"#;
+
+/// A span as OTLP/JSON carries it, with the service that sent it.
+#[derive(Debug, Clone)]
+struct Span {
+    service: String,
+    trace: String,
+    id: String,
+    parent: String,
+    name: String,
+    attributes: HashMap<String, String>,
+}
+
+type Received = Arc<Mutex<Vec<Span>>>;
+
+/// An OTLP/HTTP receiver on a loopback port, keeping every span.
+async fn otlp_receiver() -> (String, Received) {
+    let received: Received = Arc::default();
+    let app = Router::new()
+        .route("/v1/traces", post(receive))
+        .with_state(received.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let endpoint = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (endpoint, received)
+}
+
+async fn receive(State(received): State<Received>, body: Bytes) -> &'static str {
+    let request: Value = serde_json::from_slice(&body).expect("an OTLP/JSON export request");
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let mut spans = received.lock().unwrap();
+    for resource in request["resourceSpans"].as_array().unwrap() {
+        let service = attributes(&resource["resource"]["attributes"])
+            .remove("service.name")
+            .unwrap_or_default();
+        for scope in resource["scopeSpans"].as_array().unwrap() {
+            for span in scope["spans"].as_array().unwrap() {
+                spans.push(Span {
+                    service: service.clone(),
+                    trace: text(&span["traceId"]),
+                    id: text(&span["spanId"]),
+                    parent: text(&span["parentSpanId"]),
+                    name: text(&span["name"]),
+                    attributes: attributes(&span["attributes"]),
+                });
+            }
+        }
+    }
+    "{}"
+}
+
+fn attributes(list: &Value) -> HashMap<String, String> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| {
+            let value = &a["value"];
+            let value = value["stringValue"]
+                .as_str()
+                .map(str::to_owned)
+                .unwrap_or_else(|| {
+                    value
+                        .as_object()
+                        .and_then(|o| o.values().next())
+                        .map(|v| v.to_string().trim_matches('"').to_owned())
+                        .unwrap_or_default()
+                });
+            (a["key"].as_str().unwrap().to_owned(), value)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
+    let harness = Harness::new("traces").await;
+    let (endpoint, received) = otlp_receiver().await;
+    let fleet = Fleet::start(FleetSpec {
+        dms_cpes: 4,
+        upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
+        ..FleetSpec::default()
+    })
+    .await
+    .unwrap();
+    let inventory = harness.write_inventory("devices.csv", fleet.devices());
+    let campaign = harness.dir().join("campaign.toml");
+    std::fs::write(&campaign, CAMPAIGN).unwrap();
+    let otel = [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+    ];
+
+    let worker_log = harness.dir().join("worker.log");
+    let mut worker = tokio::process::Command::new(binary("flotilla-worker").await)
+        .envs(harness.worker_env(&fleet))
+        .envs(otel)
+        .env("FLOTILLA_LOG_FORMAT", "json")
+        .stderr(Stdio::from(std::fs::File::create(&worker_log).unwrap()))
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let producer = tokio::process::Command::new(binary("flotilla-producer").await)
+        .args(["run", "--campaign"])
+        .arg(&campaign)
+        .arg("--inventory")
+        .arg(&inventory)
+        .env("AMQP_URL", &harness.args.amqp_url)
+        .env("FLOTILLA_PREFIX", &harness.args.prefix)
+        .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
+        .envs(otel)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        producer.status.success(),
+        "{}",
+        String::from_utf8_lossy(&producer.stderr)
+    );
+    // A stopped worker sends the spans it still holds.
+    let pid = worker.id().unwrap().to_string();
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(worker.wait().await.unwrap().success());
+
+    let device = &fleet.devices()[2].id;
+    let steps_recorded = harness
+        .step_events("traced")
+        .await
+        .iter()
+        .filter(|s| &s.device == device)
+        .count();
+    let spans = received.lock().unwrap().clone();
+    let of_device = |service: &str| -> Vec<&Span> {
+        spans
+            .iter()
+            .filter(|s| s.service == service && s.attributes.get("device") == Some(device))
+            .collect()
+    };
+    let roots = of_device("flotilla-producer");
+    assert_eq!(roots.len(), 1, "one rollout span per device: {roots:?}");
+    let root = roots[0];
+    assert_eq!(root.name, "rollout dms");
+    assert_eq!(root.parent, "", "the rollout span starts the trace");
+
+    let steps = of_device("flotilla-worker");
+    assert!(steps_recorded >= 4, "{steps_recorded} steps recorded");
+    assert_eq!(steps.len(), steps_recorded, "a span per step: {steps:?}");
+    for step in &steps {
+        assert_eq!(step.trace, root.trace, "{step:?} left the device's trace");
+        assert_eq!(step.parent, root.id, "{step:?}");
+        assert_eq!(step.attributes["campaign"], "traced");
+    }
+    let step_ids: Vec<&str> = steps.iter().map(|s| s.id.as_str()).collect();
+    let calls: Vec<&Span> = spans
+        .iter()
+        .filter(|s| step_ids.contains(&s.parent.as_str()))
+        .collect();
+    assert!(calls.len() >= steps.len(), "device calls: {calls:?}");
+    for call in &calls {
+        assert_eq!(call.trace, root.trace);
+        assert!(
+            call.attributes.contains_key("http.response.status_code"),
+            "{call:?}"
+        );
+        assert!(
+            !call.attributes["url.template"].contains(device.as_str()),
+            "{call:?}"
+        );
+    }
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.name == "POST /v1/dyn/FirmwareStorage/.*"),
+        "{calls:?}"
+    );
+    let (_, password) = fleet.login();
+    for span in &spans {
+        for value in span.attributes.values() {
+            assert!(!value.contains(password), "a secret in {span:?}");
+        }
+    }
+
+    // JSON logs: one object per line, a step's lines carry its device.
+    let log = std::fs::read_to_string(&worker_log).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    assert!(lines.iter().any(|l| l["fields"]["message"] == "consuming"));
+    assert!(!log.contains(password));
+    harness.teardown().await;
+}
