@@ -6,10 +6,12 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use flotilla_common::{
-    Broker, DEFAULT_AMQP_URL, DeviceKind, Outcome, cli::BrokerArgs, inventory::InventoryWriter,
+    Broker, DEFAULT_AMQP_URL, Decision, Device, DeviceKind, Outcome, cli::BrokerArgs,
+    control::Command, inventory::InventoryWriter,
 };
 use flotilla_producer::{
-    Campaign, CampaignState, RunSpec, check_inventory, fingerprint, run_campaign,
+    Campaign, CampaignState, RunSpec, check_inventory, fingerprint, report, run_campaign,
+    send_command,
 };
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_worker::{CredentialStore, Credentials, WorkerConfig};
@@ -52,6 +54,15 @@ struct Args {
     /// Seed of the simulator's fault injection.
     #[arg(long, default_value_t = 7)]
     seed: u64,
+    /// Start with a canary wave of this many devices, holding all the
+    /// injected faults, then 10%, 50% and 100%. A canary failing more than
+    /// 5% pauses the campaign.
+    #[arg(long)]
+    canary: Option<usize>,
+    /// How long a paused campaign waits before the demo resumes it, as an
+    /// operator would (resume it sooner with the command it prints).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    resume_after: Duration,
 }
 
 #[tokio::main]
@@ -127,7 +138,9 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
             failure_ratio: args.fault_ratio,
             silent_ratio: 0.0,
             transient_ratio: args.transient_ratio,
-            only_first: None,
+            // The inventory takes the kinds in turn, so the canary holds
+            // an even share of each kind.
+            only_first: args.canary.map(|n| n.div_ceil(args.kinds.len())),
         },
         request_latency: Duration::from_millis(1)..=Duration::from_millis(10),
         upgrade_time: Duration::from_millis(500)..=Duration::from_secs(3),
@@ -160,7 +173,7 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     let inventory = dir.join("devices.csv");
     let campaign_file = dir.join("campaign.toml");
     write_inventory(&fleet, &inventory)?;
-    std::fs::write(&campaign_file, campaign_toml(&run_id, &fleet))?;
+    std::fs::write(&campaign_file, campaign_toml(&run_id, &fleet, args.canary))?;
 
     let broker_args = BrokerArgs {
         amqp_url: args.amqp_url.clone(),
@@ -199,7 +212,12 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         topology.prefix()
     );
 
-    let outcome = rollout(&broker, &topology, &campaign_file, &inventory, &fleet).await;
+    let operator = Operator {
+        broker: broker.clone(),
+        broker_args: broker_args.clone(),
+        resume_after: args.resume_after,
+    };
+    let outcome = rollout(&operator, &campaign_file, &inventory, &fleet).await;
     stop.cancel();
     for worker in workers {
         worker.await?.context("a worker failed")?;
@@ -211,13 +229,52 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     outcome
 }
 
+/// What the demo does as the operator of a campaign that pauses.
+struct Operator {
+    broker: Broker,
+    broker_args: BrokerArgs,
+    resume_after: Duration,
+}
+
+impl Operator {
+    /// Shows why the campaign paused, as `flotilla-producer status` does,
+    /// and resumes it after a while.
+    fn paused(&self, state: &CampaignState, bar: &ProgressBar) {
+        let id = state.campaign().to_owned();
+        bar.suspend(|| {
+            println!(
+                "\n$ flotilla-producer status {id}\n{}",
+                report::status(state)
+            );
+            println!(
+                "resuming in {:?}; or now, from another terminal (same AMQP_URL):\n  \
+                 FLOTILLA_PREFIX={} target/release/flotilla-producer resume {id}\n",
+                self.resume_after, self.broker_args.prefix,
+            );
+        });
+        let (broker, topology, wait) = (
+            self.broker.clone(),
+            self.broker_args.topology(),
+            self.resume_after,
+        );
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let reason = Some("the demo's operator looked and resumed".to_owned());
+            if let Err(error) = send_command(&broker, &topology, &id, Command::Resume, reason).await
+            {
+                eprintln!("resuming {id}: {error}");
+            }
+        });
+    }
+}
+
 async fn rollout(
-    broker: &Broker,
-    topology: &flotilla_common::Topology,
+    operator: &Operator,
     campaign_file: &Path,
     inventory: &Path,
     fleet: &Fleet,
 ) -> anyhow::Result<ExitCode> {
+    let (broker, topology) = (&operator.broker, &operator.broker_args.topology());
     let campaign = Campaign::load(campaign_file)?;
     let (checked, problems) = check_inventory(inventory, |e| eprintln!("inventory: {e}"))?;
     if problems > 0 {
@@ -236,7 +293,21 @@ async fn rollout(
         fingerprint: fingerprint(&[campaign_file, inventory], "")?,
         only: None,
     };
+    let mut decisions = 0;
     let tracker = run_campaign(broker, topology, &campaign, spec, |state| {
+        for decision in &state.decisions()[decisions..] {
+            bar.suspend(|| {
+                println!(
+                    "[{}] {}",
+                    report::decision_name(&decision.decision),
+                    decision.reason
+                )
+            });
+            if matches!(decision.decision, Decision::Paused { .. }) {
+                operator.paused(state, &bar);
+            }
+        }
+        decisions = state.decisions().len();
         bar.set_position(state.finished() as u64)
     })
     .await?;
@@ -358,10 +429,26 @@ fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
     }
 }
 
+/// Writes the fleet's devices taking the kinds in turn, so that every wave
+/// of a mixed campaign has some of each kind.
 fn write_inventory(fleet: &Fleet, path: &Path) -> anyhow::Result<()> {
-    let mut writer = InventoryWriter::new(std::fs::File::create(path)?)?;
+    let mut by_kind: BTreeMap<DeviceKind, Vec<&Device>> = BTreeMap::new();
     for device in fleet.devices() {
-        writer.write(device)?;
+        by_kind.entry(device.kind).or_default().push(device);
+    }
+    let mut by_kind: Vec<_> = by_kind.into_values().map(Vec::into_iter).collect();
+    let mut writer = InventoryWriter::new(std::fs::File::create(path)?)?;
+    loop {
+        let mut wrote = false;
+        for devices in &mut by_kind {
+            if let Some(device) = devices.next() {
+                writer.write(device)?;
+                wrote = true;
+            }
+        }
+        if !wrote {
+            break;
+        }
     }
     writer.finish()?;
     Ok(())
@@ -370,8 +457,24 @@ fn write_inventory(fleet: &Fleet, path: &Path) -> anyhow::Result<()> {
 /// Flow Gateways each NetProfiler updates.
 const GATEWAYS_PER_NETPROFILER: usize = 3;
 
-fn campaign_toml(id: &str, fleet: &Fleet) -> String {
+fn campaign_toml(id: &str, fleet: &Fleet, canary: Option<usize>) -> String {
     let (version, sha256) = fleet.release();
+    let waves = match canary {
+        // The budget applies from half the canary on: the gate lets the
+        // next wave start before the whole canary has finished.
+        Some(n) => format!(
+            r#"
+[waves]
+sizes = [{n}, "10%", "50%", "100%"]
+success_gate = 0.8
+
+[failure_budget]
+wave = {{ ratio = 0.05, min_finished = {half} }}
+"#,
+            half = (n / 2).max(1)
+        ),
+        None => String::new(),
+    };
     format!(
         r#"id = "{id}"
 
@@ -398,6 +501,6 @@ poll_interval = "1s"
 max_attempts = 8
 initial_backoff = "250ms"
 max_backoff = "5s"
-"#
+{waves}"#
     )
 }
