@@ -1,9 +1,6 @@
 //! Flow Gateway backups and restores through a real broker and real HTTP to
 //! simulated gateways, with Basic and OAuth logins.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{DeviceKind, ErrorClass, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, GatewayFault, flowgateway::RUN_ERROR};
 use flotilla_tests::{Harness, eventually, fleet_credentials};

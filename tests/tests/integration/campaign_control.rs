@@ -2,9 +2,6 @@
 //! its ramp, caps shared between campaigns, pause/resume/cancel, the
 //! maintenance window, and a producer that crashes and resumes.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{Decision, EventBody, Outcome, PauseCause, control::Command};
 use flotilla_producer::{
     campaign::Budget,

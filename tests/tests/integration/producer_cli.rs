@@ -1,8 +1,5 @@
 //! The `flotilla-producer` command as an operator runs it.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::Device;
 use flotilla_sim::{Fleet, FleetSpec};
 use flotilla_tests::{Harness, binary, binary_blocking, fleet_credentials};

@@ -1,9 +1,6 @@
 //! Traces and logs: a real OTLP/HTTP receiver gets the producer's and the
 //! worker's spans, and one device's rollout is one whole trace.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use axum::{Router, body::Bytes, extract::State, routing::post};
 use flotilla_sim::{Fleet, FleetSpec};
 use flotilla_tests::{Harness, binary};

@@ -1,9 +1,6 @@
 //! Whole campaigns of TR-069 CPEs through a real broker and real HTTP to the
 //! simulated DMS.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{ErrorClass, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, dms::DOWNLOAD_FAILURE, faults::FaultSpec};
 use flotilla_tests::{Harness, fleet_credentials};

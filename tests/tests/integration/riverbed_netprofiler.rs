@@ -2,9 +2,6 @@
 //! through a real broker and real HTTP to simulated appliances: every
 //! documented failure, per-gateway outcomes, and redelivered steps.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{DeviceKind, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, GatewayFault};
 use flotilla_tests::{Harness, eventually, fleet_credentials};

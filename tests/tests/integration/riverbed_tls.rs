@@ -2,9 +2,6 @@
 //! in the campaign, and a device group whose checks the operator turned
 //! off, through a real broker.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{DeviceKind, ErrorClass, Outcome, TlsProfile};
 use flotilla_sim::{Fleet, FleetSpec};
 use flotilla_tests::{Harness, fleet_credentials};

@@ -2,9 +2,6 @@
 //! appliances: every documented failure state, the reboot window, token
 //! expiry, uploads from a local file, and redelivered steps.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{DeviceKind, ErrorClass, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, NpmFault};
 use flotilla_tests::{Harness, fleet_credentials};

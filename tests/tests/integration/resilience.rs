@@ -1,9 +1,6 @@
 //! What a rollout survives: poison messages, workers killed or stopped
 //! mid-campaign, a broker connection that drops, a topology that disagrees.
 
-// Test helpers may unwrap: a panic is how a test fails.
-#![allow(clippy::unwrap_used)]
-
 use flotilla_common::{
     EventBody, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, Topology, TopologyError, headers,
 };

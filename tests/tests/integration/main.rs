@@ -1,0 +1,16 @@
+//! Flotilla's integration tests: real RabbitMQ, real HTTP to the simulated
+//! fleet, real processes. One module per area, all in one binary: linking
+//! once instead of once per file saves a minute of every CI run.
+
+// Test helpers may unwrap: a panic is how a test fails.
+#![allow(clippy::unwrap_used)]
+
+mod campaign_control;
+mod dms_campaigns;
+mod producer_cli;
+mod resilience;
+mod riverbed_flowgateway;
+mod riverbed_netprofiler;
+mod riverbed_npm;
+mod riverbed_tls;
+mod traces;
