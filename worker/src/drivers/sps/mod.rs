@@ -29,6 +29,13 @@
 //!
 //! Authentication: a `session_id` cookie from `GET /api/authentication`
 //! (HTTP Basic), cached per appliance ([`session`]).
+//!
+//! Two copies of one job can run at once (a redelivery while the first
+//! still runs): both would observe the slot unselected and both upgrade.
+//! Within a worker, the steps that start something (`stage`, `upgrade`)
+//! therefore run one at a time per appliance. The API has no conditional
+//! upgrade, so between workers the few milliseconds from the observation
+//! to the `POST` remain open.
 
 mod answers;
 mod session;
@@ -44,6 +51,10 @@ use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use session::{Login, Sessions};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
 
 const FETCH: &str = "/api/firmware/fetch";
 const SLOTS: &str = "/api/firmware/slots";
@@ -57,6 +68,26 @@ fn fetch_path(key: &str) -> String {
 #[derive(Default)]
 pub struct Sps {
     sessions: Sessions,
+    acting: ActingLocks,
+}
+
+/// One lock per appliance, held by a step that starts something.
+#[derive(Default)]
+struct ActingLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ActingLocks {
+    fn of(&self, appliance: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .expect("the lock map is never poisoned: nothing panics while holding it");
+        // Locks no step holds or awaits are dropped, so the map stays as
+        // small as the steps in flight.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(appliance.to_owned()).or_default().clone()
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,6 +134,16 @@ impl Driver for Sps {
             sessions: &self.sessions,
             cx,
             login: &login,
+        };
+        let acting = match step {
+            SpsStep::Stage | SpsStep::Upgrade { .. } => {
+                Some(self.acting.of(cx.http.base().as_str()))
+            }
+            _ => None,
+        };
+        let _acting = match &acting {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
         };
         match step {
             SpsStep::Stage => api.stage().await,
