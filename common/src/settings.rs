@@ -22,8 +22,9 @@ pub fn validate(kind: DeviceKind, table: &serde_json::Value) -> Result<(), Strin
             settings.backup.check("backup")
         }
         DeviceKind::Npm => read::<NpmSettings>(table).map(drop),
+        DeviceKind::Sps => read::<SpsSettings>(table)?.check(),
         // Kinds without settings take none.
-        DeviceKind::Dms | DeviceKind::Sps => expect_empty(kind, table),
+        DeviceKind::Dms => expect_empty(kind, table),
     }
 }
 
@@ -98,6 +99,32 @@ pub struct NpmSettings {
     pub delete_image: bool,
 }
 
+/// `[drivers.sps]`: One Identity SPS firmware upgrades.
+///
+/// ```toml
+/// [drivers.sps]
+/// commit_message = "Firmware 7.2.1, change CHG-1234"
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpsSettings {
+    /// The commit log message of the upgrade. Appliances with
+    /// `require_commit_log` refuse an upgrade without one; others record
+    /// it when given.
+    pub commit_message: Option<String>,
+}
+
+impl SpsSettings {
+    fn check(&self) -> Result<(), String> {
+        match &self.commit_message {
+            Some(message) if message.trim().is_empty() => {
+                Err("commit_message is empty (leave it out to send none)".to_owned())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
 /// Where a Flow Gateway writes a backup (or finds one to restore). The SSH
 /// password (`backup_password`) and the backup's encryption password
 /// (`security_password`) come from the credentials reference.
@@ -164,6 +191,11 @@ mod tests {
             json!({"backup_first": true, "backup": {"host": "bk", "username": "mazu"}});
         let error = validate(DeviceKind::Netprofiler, &remote_without_path).unwrap_err();
         assert!(error.contains("backup.path is required"), "{error}");
+
+        let blank = json!({"commit_message": " "});
+        let error = validate(DeviceKind::Sps, &blank).unwrap_err();
+        assert!(error.contains("commit_message is empty"), "{error}");
+        validate(DeviceKind::Sps, &json!({"commit_message": "CHG-1"})).unwrap();
 
         let misspelt = json!({"delete_imag": true});
         let error = validate(DeviceKind::Npm, &misspelt).unwrap_err();

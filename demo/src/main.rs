@@ -20,11 +20,12 @@ use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 /// Device kinds the simulator serves today.
-const SIMULATED: [DeviceKind; 4] = [
+const SIMULATED: [DeviceKind; 5] = [
     DeviceKind::Dms,
     DeviceKind::Netprofiler,
     DeviceKind::Flowgateway,
     DeviceKind::Npm,
+    DeviceKind::Sps,
 ];
 
 #[derive(Parser)]
@@ -87,7 +88,7 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         if !SIMULATED.contains(kind) {
             bail!(
                 "the simulator does not serve {kind} devices yet (it serves: dms, netprofiler, \
-                 flowgateway, npm)"
+                 flowgateway, npm, sps)"
             );
         }
     }
@@ -133,6 +134,7 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         gateways_per_netprofiler: GATEWAYS_PER_NETPROFILER,
         flowgateways: share(DeviceKind::Flowgateway),
         npm_appliances: share(DeviceKind::Npm),
+        sps_appliances: share(DeviceKind::Sps),
         backups_first: true,
         faults: FaultSpec {
             failure_ratio: args.fault_ratio,
@@ -361,6 +363,8 @@ fn print_summary(tracker: &CampaignState) {
 fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
     let mut mismatches = Vec::new();
     let mut gateways: BTreeMap<String, u64> = BTreeMap::new();
+    // SPS appliances by the upgrades the simulator accepted from them.
+    let mut sps_upgrades: BTreeMap<u32, u64> = BTreeMap::new();
     for device in fleet.devices() {
         let Some(reported) = tracker.outcome_of(&device.id) else {
             mismatches.push(format!("{}: no outcome reported", device.id));
@@ -384,6 +388,11 @@ fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
             let outcome = gateway["outcome"].as_str().unwrap_or("unknown");
             *gateways.entry(outcome.to_owned()).or_default() += 1;
         }
+        if device.kind == DeviceKind::Sps {
+            *sps_upgrades
+                .entry(fleet.upgrades_of(&device.id))
+                .or_default() += 1;
+        }
         if fleet.upgrades_of(&device.id) > 1 {
             mismatches.push(format!(
                 "{} was upgraded {} times",
@@ -398,6 +407,17 @@ fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
     }
     for repeated in tracker.repeated_outcomes() {
         mismatches.push(format!("{} ended more than once", repeated.device));
+    }
+    if !sps_upgrades.is_empty() {
+        let counts: Vec<String> = sps_upgrades
+            .iter()
+            .map(|(upgrades, n)| format!("{n} upgraded {upgrades} time(s)"))
+            .collect();
+        let twice: u64 = sps_upgrades.range(2..).map(|(_, n)| n).sum();
+        println!(
+            "sps appliances, by the simulator's own count: {}; upgraded twice: {twice}",
+            counts.join(", ")
+        );
     }
     if !gateways.is_empty() {
         let counts: Vec<String> = gateways.iter().map(|(o, n)| format!("{n} {o}")).collect();
@@ -491,6 +511,11 @@ operation = "backup"
 
 [drivers.npm]
 delete_image = true
+
+# Without a commit message, SPS appliances that require a commit log
+# refuse the upgrade (some of the simulator's faults):
+# [drivers.sps]
+# commit_message = "Firmware {version}"
 
 [timing]
 deadline = "5m"

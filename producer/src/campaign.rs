@@ -766,7 +766,11 @@ mod tests {
     #[test]
     fn the_example_campaigns_are_valid() {
         let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-        for name in ["campaign.toml", "riverbed-campaign.toml"] {
+        for name in [
+            "campaign.toml",
+            "riverbed-campaign.toml",
+            "sps-campaign.toml",
+        ] {
             let campaign = Campaign::load(&examples.join(name)).unwrap();
             assert!(!campaign.id.is_empty());
         }

@@ -9,13 +9,14 @@
 //! Layout: [`faults`] (fates and dice), `host` (listeners that can reboot,
 //! latency, injected errors), [`tls`] (the fleet's CA, HTTPS listeners),
 //! `riverbed_auth` (Basic, OAuth and NPM tokens), one module per device API
-//! ([`dms`], [`netprofiler`], [`flowgateway`], [`npm`]). A new device kind
+//! ([`dms`], [`netprofiler`], [`flowgateway`], [`npm`], [`sps`]). A new device kind
 //! adds a module, a count in [`FleetSpec`], a block in [`Fleet::start`] and
 //! a variant of `Simulated`.
 //!
 //! Fault knobs: [`FaultSpec`] ratios pick devices at random, each kind
 //! cycling through its faults ([`GatewayFault`] for NetProfilers — on their
-//! first gateway — and standalone Flow Gateways, [`NpmFault`] for NPM);
+//! first gateway — and standalone Flow Gateways, [`NpmFault`] for NPM,
+//! [`SpsFault`] for SPS);
 //! [`FleetSpec`]'s `*_faults` lists give the first devices of a kind exact
 //! faults, for tests.
 
@@ -26,10 +27,12 @@ mod host;
 pub mod netprofiler;
 pub mod npm;
 mod riverbed_auth;
+pub mod sps;
 pub mod tls;
 
 pub use flowgateway::GatewayFault;
 pub use npm::NpmFault;
+pub use sps::SpsFault;
 
 use faults::{Dice, Fate, FaultSpec};
 use flotilla_common::{Device, DeviceKind, Ending, ErrorClass, Outcome};
@@ -59,11 +62,15 @@ pub struct FleetSpec {
     /// Standalone Flow Gateways (backup or restore jobs).
     pub flowgateways: usize,
     pub npm_appliances: usize,
+    /// One Identity SPS appliances.
+    pub sps_appliances: usize,
     /// Exact faults for the first NetProfilers (on their first gateway),
     /// Flow Gateways and NPM appliances, before the ratios apply to the rest.
     pub netprofiler_faults: Vec<GatewayFault>,
     pub flowgateway_faults: Vec<GatewayFault>,
     pub npm_faults: Vec<NpmFault>,
+    /// Exact faults for the first SPS appliances.
+    pub sps_faults: Vec<SpsFault>,
     /// Campaigns against this fleet back up NetProfilers' gateways first:
     /// a backup error then fails the NetProfiler, and is one of its
     /// random faults.
@@ -75,8 +82,11 @@ pub struct FleetSpec {
     /// Backups, restores, initialization, image upload and validation each
     /// take this long.
     pub operation_time: RangeInclusive<Duration>,
-    /// How long an NPM appliance refuses connections while it reboots.
+    /// How long an NPM or SPS appliance refuses connections while it
+    /// reboots. SPS fetches are queued, then download, this long each.
     pub reboot_time: RangeInclusive<Duration>,
+    /// An SPS session without a call for this long ends.
+    pub sps_session_idle: Duration,
     /// Lifetime of Riverbed bearer tokens.
     pub token_lifetime: Duration,
     /// The OAuth access code Riverbed Common API devices accept.
@@ -107,15 +117,18 @@ impl Default for FleetSpec {
             gateways_per_netprofiler: 3,
             flowgateways: 0,
             npm_appliances: 0,
+            sps_appliances: 0,
             netprofiler_faults: Vec::new(),
             flowgateway_faults: Vec::new(),
             npm_faults: Vec::new(),
+            sps_faults: Vec::new(),
             backups_first: false,
             release_version: "7.2.1".to_owned(),
             release_sha256: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
                 .to_owned(),
             operation_time: Duration::from_millis(100)..=Duration::from_millis(400),
             reboot_time: Duration::from_millis(300)..=Duration::from_millis(800),
+            sps_session_idle: Duration::from_secs(600),
             token_lifetime: Duration::from_secs(600),
             access_code: "sim-access-code".to_owned(),
             backup_password: "sim-backup-password".to_owned(),
@@ -219,6 +232,7 @@ enum Simulated {
     Netprofiler(usize),
     Flowgateway(usize),
     Npm(usize),
+    Sps(usize),
 }
 
 /// A running simulated fleet. Dropping it (or [`Fleet::shutdown`]) stops
@@ -231,6 +245,7 @@ pub struct Fleet {
     netprofilers: Vec<(netprofiler::Netprofiler, Option<GatewayFault>)>,
     flowgateways: Vec<flowgateway::FlowGateway>,
     npms: Vec<(npm::Npm, host::Host)>,
+    spss: Vec<sps::Sps>,
     ca: tls::FleetCa,
     spec: FleetSpec,
     stop: CancellationToken,
@@ -248,6 +263,7 @@ impl Fleet {
             netprofilers: Vec::new(),
             flowgateways: Vec::new(),
             npms: Vec::new(),
+            spss: Vec::new(),
             ca: tls::FleetCa::new(&format!("fleet {}", spec.seed))
                 .map_err(std::io::Error::other)?,
             spec: spec.clone(),
@@ -310,6 +326,7 @@ impl Fleet {
             fleet.dms.push((dms, host));
         }
         fleet.start_riverbed(&mut rng).await?;
+        fleet.start_sps(&mut rng).await?;
         Ok(fleet)
     }
 
@@ -515,6 +532,74 @@ impl Fleet {
         Ok(())
     }
 
+    /// SPS appliances, each on its own host.
+    async fn start_sps(&mut self, rng: &mut StdRng) -> std::io::Result<()> {
+        let spec = self.spec.clone();
+        let faults = with_explicit(
+            faults::assign_faults(
+                spec.sps_appliances,
+                &spec.faults,
+                &[
+                    SpsFault::FetchFailed,
+                    SpsFault::ChecksumMismatch,
+                    SpsFault::FetchCanceled,
+                    SpsFault::EmptySlot,
+                    SpsFault::FirmwareTestFailed,
+                    SpsFault::UpgradeMessageMissing,
+                    SpsFault::IncompleteRequestBody,
+                    SpsFault::RefusedCredentials,
+                ],
+                Some(SpsFault::Stuck),
+                rng,
+            ),
+            &spec.sps_faults,
+        );
+        for (i, fault) in faults.into_iter().enumerate() {
+            let appliance = sps::Sps::new(
+                fault,
+                (&spec.username, &spec.password),
+                (&spec.release_version, &spec.release_sha256),
+                sps::SpsTiming {
+                    fetch_step: spec.operation_time.clone(),
+                    reboot_time: spec.reboot_time.clone(),
+                    session_idle: spec.sps_session_idle,
+                },
+                self.behaviour(80_000 + i as u64, SPS_ERROR).dice,
+                self.stop.clone(),
+            );
+            let host = self
+                .serve(spec.ip, appliance.routes(), 90_000 + i as u64)
+                .await?;
+            appliance.attach(host.clone());
+            let device = |text: &str| Expectation::failed(ErrorClass::Device, text);
+            let expectation = match fault {
+                None => Expectation::succeeded(),
+                Some(SpsFault::FetchFailed) => device("Max retries exceeded"),
+                Some(SpsFault::ChecksumMismatch) => device(sps::CHECKSUM_MISMATCH),
+                Some(SpsFault::FetchCanceled) => device("canceled"),
+                Some(SpsFault::EmptySlot) => device("ResourceNotFound"),
+                Some(SpsFault::FirmwareTestFailed) => device("HA check failed"),
+                // Campaigns against the fleet give no commit message.
+                Some(SpsFault::UpgradeMessageMissing) => device("UpgradeMessageMissing"),
+                Some(SpsFault::IncompleteRequestBody) => device("IncompleteRequestBodyError"),
+                Some(SpsFault::RefusedCredentials) => {
+                    Expectation::failed(ErrorClass::Auth, "refused")
+                }
+                Some(SpsFault::Stuck) => Expectation::timed_out(),
+            };
+            self.add_device(
+                format!("sps-{:04}", i + 1),
+                DeviceKind::Sps,
+                self.url(host.addr()),
+                Vec::new(),
+                expectation,
+                Simulated::Sps(self.spss.len()),
+            );
+            self.spss.push(appliance);
+        }
+        Ok(())
+    }
+
     fn auth(&self, refuses: bool, basic: bool) -> Auth {
         let spec = &self.spec;
         if refuses {
@@ -675,6 +760,7 @@ impl Fleet {
                 gateway.backups_started() + gateway.restores_started()
             }
             Some(Simulated::Npm(i)) => self.npms[*i].0.updates_started(),
+            Some(Simulated::Sps(i)) => self.spss[*i].upgrades(),
             None => 0,
         }
     }
@@ -699,6 +785,14 @@ impl Fleet {
     pub fn npm(&self, device_id: &str) -> Option<&npm::Npm> {
         match self.simulated.get(device_id)? {
             Simulated::Npm(i) => Some(&self.npms[*i].0),
+            _ => None,
+        }
+    }
+
+    /// The appliance behind an `sps` device.
+    pub fn sps(&self, device_id: &str) -> Option<&sps::Sps> {
+        match self.simulated.get(device_id)? {
+            Simulated::Sps(i) => Some(&self.spss[*i]),
             _ => None,
         }
     }
@@ -843,6 +937,8 @@ pub(crate) fn epoch_seconds() -> i64 {
 
 const RIVERBED_ERROR: &str =
     r#"{"error_id":"INTERNAL_ERROR","error_text":"simulated transient failure"}"#;
+
+const SPS_ERROR: &str = r#"{"error":{"details":{},"message":"simulated transient failure","type":"InternalServerError"}}"#;
 
 const DMS_ERROR: &str =
     r#"{"code":500,"message":"Internal error","details":"simulated transient failure"}"#;

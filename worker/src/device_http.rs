@@ -218,6 +218,12 @@ impl Call<'_> {
         self
     }
 
+    /// A `multipart/form-data` body (its content type and boundary set).
+    pub fn multipart(mut self, form: reqwest::multipart::Form) -> Self {
+        self.builder = self.builder.multipart(form);
+        self
+    }
+
     /// Sends the request. Transport failures and 5xx answers are transient
     /// errors; every other answer is returned.
     pub async fn send(self) -> Result<Reply, StepError> {
@@ -246,12 +252,14 @@ impl Call<'_> {
         let status = response.status();
         span.record("http.response.status_code", status.as_u16());
         client.metrics.device_request(kind, status_class(status));
+        let headers = response.headers().clone();
         let body = response.bytes().await.map_err(|error| {
             StepError::transient(format!("{what}: reading the answer: {}", describe(&error)))
         })?;
         let reply = Reply {
             what,
             status,
+            headers,
             body: body.to_vec(),
         };
         if status.is_server_error() {
@@ -272,6 +280,9 @@ pub struct Reply {
     /// The call, as `METHOD /path`, for messages.
     pub what: String,
     pub status: StatusCode,
+    /// For the few answers that matter beyond the body (a session cookie);
+    /// never quoted in messages, as they can carry secrets.
+    pub headers: reqwest::header::HeaderMap,
     pub body: Vec<u8>,
 }
 

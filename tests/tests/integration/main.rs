@@ -13,4 +13,5 @@ mod riverbed_flowgateway;
 mod riverbed_netprofiler;
 mod riverbed_npm;
 mod riverbed_tls;
+mod sps;
 mod traces;

@@ -17,6 +17,7 @@ pub mod flowgateway;
 pub mod netprofiler;
 pub mod npm;
 mod riverbed;
+pub mod sps;
 
 use crate::{credentials::Credentials, device_http::DeviceClient};
 use flotilla_common::{DeviceKind, Ending, ErrorClass, Job};
@@ -269,6 +270,7 @@ impl Registry {
         registry.register(netprofiler::Netprofiler::default());
         registry.register(flowgateway::Flowgateway::default());
         registry.register(npm::Npm::default());
+        registry.register(sps::Sps::default());
         registry
     }
 

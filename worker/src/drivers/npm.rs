@@ -521,7 +521,7 @@ fn garbage(reply: &crate::device_http::Reply, problem: &str) -> StepError {
 }
 
 /// The SHA-256 (lowercase hex) and size of a file, read in chunks.
-async fn file_sha256(path: &std::path::Path) -> Result<(String, u64), StepError> {
+pub(super) async fn file_sha256(path: &std::path::Path) -> Result<(String, u64), StepError> {
     let unreadable = |e: std::io::Error| {
         StepError::config(format!("cannot read image file {}: {e}", path.display()))
     };

@@ -1,0 +1,593 @@
+//! One Identity Safeguard for Privileged Sessions (SPS) appliances: firmware
+//! upgrades through the SPS REST API.
+//!
+//! Steps, each reading the appliance before acting:
+//!
+//! 1. `stage`: an appliance whose current slot holds the target version
+//!    succeeds at once; a slot already holding it goes straight to the
+//!    upgrade. Otherwise follow a running fetch of the campaign's URL (and
+//!    SHA-256, when reported), or one this job started, or start one:
+//!    `POST /api/firmware/fetch` with the URL and its SHA-256; for a `file:`
+//!    URL, `POST /api/upload/firmware` of the file as multipart (after
+//!    checking its SHA-256);
+//! 2. `await_fetch`: poll `GET /api/firmware/fetch/<key>` through `queued`
+//!    and `in-progress` (progress in the step events) to `finished`, whose
+//!    `slot_id` is what gets upgraded; `failed` ends the job with the
+//!    appliance's `error`, `canceled` ends it too;
+//! 3. `upgrade`: unless the slots show the upgrade already done (current,
+//!    or selected for the restart), `POST /api/firmware/upgrade` with the
+//!    slot and `[drivers.sps] commit_message`; each documented refusal ends
+//!    the job in the appliance's words;
+//! 4. `await_reboot`: the appliance restarts into the new slot: refused
+//!    connections, timeouts and 5xx are waits (until the job's deadline);
+//!    the job succeeds once `GET /api/firmware/slots`, in a new session,
+//!    shows the target version's slot as `current`;
+//! 5. `cancel_fetch` (the cleanup of `await_fetch`, when the job fails, is
+//!    cancelled or passes its deadline): `DELETE` a fetch still queued or
+//!    in progress, then `DELETE` its status entry once it no longer runs.
+//!    A finished fetch's entry stays: it records where the image went.
+//!
+//! Authentication: a `session_id` cookie from `GET /api/authentication`
+//! (HTTP Basic), cached per appliance ([`session`]).
+//!
+//! Two copies of one job can run at once (a redelivery while the first
+//! still runs): both would observe the slot unselected and both upgrade.
+//! Within a worker, the steps that start something (`stage`, `upgrade`)
+//! therefore run one at a time per appliance. The API has no conditional
+//! upgrade, so between workers the few milliseconds from the observation
+//! to the `POST` remain open.
+
+mod answers;
+mod session;
+
+use super::{Driver, Next, StepContext, StepError, npm::file_sha256, riverbed};
+use crate::device_http::{Call, Reply};
+use answers::{ApiError, Fetch, FetchStatus, Slot};
+use flotilla_common::{
+    DeviceKind, Ending, ErrorClass,
+    settings::{self, SpsSettings},
+};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use session::{Login, Sessions};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+const FETCH: &str = "/api/firmware/fetch";
+const SLOTS: &str = "/api/firmware/slots";
+const UPGRADE: &str = "/api/firmware/upgrade";
+const UPLOAD: &str = "/api/upload/firmware";
+
+fn fetch_path(key: &str) -> String {
+    format!("{FETCH}/{key}")
+}
+
+#[derive(Default)]
+pub struct Sps {
+    sessions: Sessions,
+    acting: ActingLocks,
+}
+
+/// One lock per appliance, held by a step that starts something.
+#[derive(Default)]
+struct ActingLocks {
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl ActingLocks {
+    fn of(&self, appliance: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self
+            .locks
+            .lock()
+            .expect("the lock map is never poisoned: nothing panics while holding it");
+        // Locks no step holds or awaits are dropped, so the map stays as
+        // small as the steps in flight.
+        locks.retain(|_, lock| Arc::strong_count(lock) > 1);
+        locks.entry(appliance.to_owned()).or_default().clone()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SpsStep {
+    Stage,
+    /// `key`: the fetch on the appliance.
+    AwaitFetch {
+        key: String,
+    },
+    /// `slot`: the firmware slot holding the target version.
+    Upgrade {
+        slot: String,
+    },
+    AwaitReboot {
+        slot: String,
+    },
+    CancelFetch {
+        key: String,
+    },
+}
+
+impl Driver for Sps {
+    type Step = SpsStep;
+    const KIND: DeviceKind = DeviceKind::Sps;
+
+    fn first_step(&self) -> SpsStep {
+        SpsStep::Stage
+    }
+
+    fn step_name(step: &SpsStep) -> &'static str {
+        match step {
+            SpsStep::Stage => "stage",
+            SpsStep::AwaitFetch { .. } => "await_fetch",
+            SpsStep::Upgrade { .. } => "upgrade",
+            SpsStep::AwaitReboot { .. } => "await_reboot",
+            SpsStep::CancelFetch { .. } => "cancel_fetch",
+        }
+    }
+
+    async fn run(&self, step: SpsStep, cx: &StepContext<'_>) -> Result<Next<SpsStep>, StepError> {
+        let login = Login::new(cx.credentials)?;
+        let api = Api {
+            sessions: &self.sessions,
+            cx,
+            login: &login,
+        };
+        let acting = match step {
+            SpsStep::Stage | SpsStep::Upgrade { .. } => {
+                Some(self.acting.of(cx.http.base().as_str()))
+            }
+            _ => None,
+        };
+        let _acting = match &acting {
+            Some(lock) => Some(lock.lock().await),
+            None => None,
+        };
+        match step {
+            SpsStep::Stage => api.stage().await,
+            SpsStep::AwaitFetch { key } => api.await_fetch(key).await,
+            SpsStep::Upgrade { slot } => api.upgrade(slot).await,
+            SpsStep::AwaitReboot { slot } => api.await_reboot(slot).await,
+            SpsStep::CancelFetch { key } => api.cancel_fetch(key).await,
+        }
+    }
+
+    fn cleanup(&self, step: &SpsStep) -> Option<SpsStep> {
+        match step {
+            SpsStep::AwaitFetch { key } => Some(SpsStep::CancelFetch { key: key.clone() }),
+            // Once the image is in a slot there is nothing to undo: an
+            // upgrade cannot be taken back, and the slot is the appliance's.
+            _ => None,
+        }
+    }
+}
+
+/// One step's view of the appliance.
+struct Api<'s, 'c> {
+    sessions: &'s Sessions,
+    cx: &'s StepContext<'c>,
+    login: &'s Login,
+}
+
+impl<'c> Api<'_, 'c> {
+    fn target(&self) -> &str {
+        &self.cx.job.target.version
+    }
+
+    async fn stage(&self) -> Result<Next<SpsStep>, StepError> {
+        let slots = self.slots().await?;
+        if let Some(slot) = slots.iter().find(|s| s.holds(self.target())) {
+            if slot.current {
+                return Ok(Next::end(self.succeeded(slot)).note(format!(
+                    "the appliance already runs {} (slot {})",
+                    self.target(),
+                    slot.key
+                )));
+            }
+            return Ok(Next::run(SpsStep::Upgrade {
+                slot: slot.key.clone(),
+            })
+            .note(format!("slot {} already holds {}", slot.key, self.target())));
+        }
+        let url = &self.cx.job.target.image_url;
+        if url.scheme() == "file" {
+            return self.upload(url).await;
+        }
+        if let Some(fetch) = self.find_fetch().await? {
+            return Ok(Next::run(SpsStep::AwaitFetch {
+                key: fetch.key.clone(),
+            })
+            .note(format!(
+                "following fetch {} already on the appliance: {}",
+                fetch.key,
+                fetch.describe()
+            )));
+        }
+        let body = json!({
+            "url": url.as_str(),
+            "checksum": { "sha256": self.cx.job.target.sha256 },
+        });
+        let reply = success(
+            self.send(|| Ok(self.cx.http.post(FETCH).json(&body)))
+                .await?,
+        )?;
+        let key = answers::read_key(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        Ok(Next::poll(SpsStep::AwaitFetch { key: key.clone() })
+            .note(format!("fetch {key} of {url} started")))
+    }
+
+    /// A fetch of the campaign's image to follow rather than start another:
+    /// one still running, else the newest this job started (a redelivered
+    /// `stage` finds its own). Older finished, failed or canceled fetches
+    /// are history: their slot may have been reused since.
+    async fn find_fetch(&self) -> Result<Option<Fetch>, StepError> {
+        let reply = success(self.send(|| Ok(self.cx.http.get(FETCH))).await?)?;
+        let fetches = answers::read_fetches(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        let target = &self.cx.job.target;
+        let since = riverbed::since(self.cx.job);
+        let ours = fetches.into_iter().filter(|fetch| {
+            fetch.url.as_deref() == Some(target.image_url.as_str())
+                && fetch
+                    .sha256
+                    .as_deref()
+                    .is_none_or(|sha| sha.trim().eq_ignore_ascii_case(&target.sha256))
+                && (fetch.status.running() || fetch.started.is_some_and(|t| t >= since))
+        });
+        Ok(ours.max_by_key(|fetch| (fetch.status.running(), fetch.started)))
+    }
+
+    /// Uploads the campaign's `file:` image into a free slot.
+    async fn upload(&self, url: &url::Url) -> Result<Next<SpsStep>, StepError> {
+        let path = url
+            .to_file_path()
+            .map_err(|()| StepError::config(format!("image URL {url} is not a local file path")))?;
+        let (sha256, size) = file_sha256(&path).await?;
+        if sha256 != self.cx.job.target.sha256 {
+            return Err(StepError {
+                retryable: false,
+                ..StepError::config(format!(
+                    "image file {} has SHA-256 {sha256}, not the campaign's {}",
+                    path.display(),
+                    self.cx.job.target.sha256
+                ))
+            });
+        }
+        let file_name = path.file_name().map_or_else(
+            || "firmware.iso".into(),
+            |n| n.to_string_lossy().into_owned(),
+        );
+        let reply = self
+            .send(|| {
+                let file = std::fs::File::open(&path).map_err(|e| {
+                    StepError::config(format!("cannot open image file {}: {e}", path.display()))
+                })?;
+                let part = reqwest::multipart::Part::stream_with_length(
+                    tokio::fs::File::from_std(file),
+                    size,
+                )
+                .file_name(file_name.clone());
+                let form = reqwest::multipart::Form::new().part("firmware", part);
+                Ok(self.cx.http.post(UPLOAD).multipart(form))
+            })
+            .await?;
+        let reply = success(reply)?;
+        let slot = answers::read_slot(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        if !slot.holds(self.target()) {
+            return Ok(Next::end(Ending::failed(
+                ErrorClass::Device,
+                format!(
+                    "the uploaded image in slot {} holds version {}, not the campaign's {}",
+                    slot.key,
+                    slot.version_text(),
+                    self.target()
+                ),
+            )));
+        }
+        Ok(Next::run(SpsStep::Upgrade {
+            slot: slot.key.clone(),
+        })
+        .note(format!("image uploaded into slot {}", slot.key)))
+    }
+
+    async fn await_fetch(&self, key: String) -> Result<Next<SpsStep>, StepError> {
+        let Some(fetch) = self.fetch(&key).await? else {
+            return Err(StepError::device(format!(
+                "fetch {key} is gone from the appliance (its status was removed)"
+            )));
+        };
+        match fetch.status {
+            FetchStatus::Queued | FetchStatus::InProgress => {
+                Ok(Next::poll(SpsStep::AwaitFetch { key }).note(fetch.describe()))
+            }
+            FetchStatus::Finished => match fetch.slot.clone() {
+                Some(slot) => Ok(Next::run(SpsStep::Upgrade { slot: slot.clone() })
+                    .note(format!("{} into slot {slot}", fetch.describe()))),
+                None => Err(StepError::garbage(format!(
+                    "GET {FETCH}/{key}: the fetch finished without a slot_id"
+                ))),
+            },
+            FetchStatus::Failed => Ok(Next::end(Ending::failed(
+                ErrorClass::Device,
+                format!(
+                    "fetch {key} of {} failed ({}): {}",
+                    fetch.url.as_deref().unwrap_or("the image"),
+                    fetch.info.as_deref().unwrap_or("no info"),
+                    fetch.error.as_deref().unwrap_or("no error given")
+                ),
+            ))),
+            FetchStatus::Canceled => Ok(Next::end(Ending::failed(
+                ErrorClass::Device,
+                format!("fetch {key} was canceled on the appliance"),
+            ))),
+        }
+    }
+
+    async fn upgrade(&self, slot: String) -> Result<Next<SpsStep>, StepError> {
+        let slots = self.slots().await?;
+        if let Some(running) = slots.iter().find(|s| s.holds(self.target()) && s.current) {
+            return Ok(Next::end(self.succeeded(running))
+                .note(format!("the appliance already runs {}", self.target())));
+        }
+        if let Some(known) = slots.iter().find(|s| s.key == slot) {
+            if known.version.is_some() && !known.holds(self.target()) {
+                return Ok(Next::end(Ending::failed(
+                    ErrorClass::Device,
+                    format!(
+                        "slot {slot} holds version {}, not the campaign's {}: not upgrading",
+                        known.version_text(),
+                        self.target()
+                    ),
+                )));
+            }
+            if known.after_reboot {
+                // A copy of this step got there first: never upgrade twice.
+                return Ok(Next::poll(SpsStep::AwaitReboot { slot })
+                    .note("the slot is already selected for the restart"));
+            }
+        }
+        // An empty or unknown slot is left for the appliance to refuse, in
+        // its own words (ResourceNotFound).
+        let settings: SpsSettings = settings::read(&self.cx.job.settings)
+            .map_err(|e| StepError::device(format!("the job's [drivers.sps] settings: {e}")))?;
+        let body = json!({
+            "slot_id": slot.parse::<u64>().map_or_else(|_| json!(slot), |n| json!(n)),
+            "message": settings.commit_message,
+        });
+        let reply = self
+            .send(|| Ok(self.cx.http.post(UPGRADE).json(&body)))
+            .await?;
+        if !reply.status.is_success()
+            && let Some(error) = answers::read_error(&reply.body)
+            && let Some(ending) = refused_upgrade(&slot, &error)
+        {
+            return Ok(Next::end(ending));
+        }
+        let reply = success(reply)?;
+        let summary = serde_json::from_slice::<Value>(&reply.body)
+            .ok()
+            .and_then(|body| answers::test_summary(&body));
+        let mut note = format!("upgrade to slot {slot} accepted; the appliance restarts");
+        if let Some(summary) = summary {
+            note.push_str(&format!(" (test: {summary})"));
+        }
+        Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(note))
+    }
+
+    async fn await_reboot(&self, slot: String) -> Result<Next<SpsStep>, StepError> {
+        let slots = match self.slots().await {
+            Ok(slots) => slots,
+            // The appliance restarts into the new slot: not answering is
+            // part of the upgrade, and the job's deadline bounds the wait.
+            Err(error) if error.class == ErrorClass::Transient => {
+                return Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(format!(
+                    "waiting for the appliance to come back: {}",
+                    error.message
+                )));
+            }
+            Err(error) => return Err(error),
+        };
+        match slots.iter().find(|s| s.holds(self.target())) {
+            Some(running) if running.current => {
+                Ok(Next::end(self.succeeded(running)).note(format!(
+                    "the appliance runs {} from slot {}",
+                    self.target(),
+                    running.key
+                )))
+            }
+            Some(selected) if selected.after_reboot => {
+                Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(format!(
+                    "slot {} is selected; waiting for the restart",
+                    selected.key
+                )))
+            }
+            _ => {
+                let current = slots.iter().find(|s| s.current);
+                Ok(Next::end(Ending::failed(
+                    ErrorClass::Device,
+                    format!(
+                        "after the upgrade the appliance runs {} (slot {}), not {} (slot {slot})",
+                        current.map_or("an unknown version", Slot::version_text),
+                        current.map_or("unknown", |s| s.key.as_str()),
+                        self.target()
+                    ),
+                )))
+            }
+        }
+    }
+
+    async fn cancel_fetch(&self, key: String) -> Result<Next<SpsStep>, StepError> {
+        let Some(fetch) = self.fetch(&key).await? else {
+            return Ok(Next::done().note(format!("fetch {key} is already removed")));
+        };
+        let reply = self
+            .send(|| Ok(self.cx.http.delete(&fetch_path(&key))))
+            .await?;
+        if reply.status != StatusCode::NOT_FOUND {
+            success(reply)?;
+        }
+        if fetch.status.running() {
+            // Its status entry stays until a second DELETE, once the
+            // cancellation has taken.
+            return Ok(Next::poll(SpsStep::CancelFetch { key: key.clone() })
+                .note(format!("fetch {key} cancelled at {}", fetch.describe())));
+        }
+        Ok(Next::done().note(format!(
+            "status of fetch {key} ({}) removed",
+            fetch.status.name()
+        )))
+    }
+
+    fn succeeded(&self, slot: &Slot) -> Ending {
+        Ending::succeeded().with_detail(json!({
+            "version": self.target(),
+            "slot": slot.key,
+        }))
+    }
+
+    /// The fetch `key`, or `None` if the appliance does not know it.
+    async fn fetch(&self, key: &str) -> Result<Option<Fetch>, StepError> {
+        let reply = self.send(|| Ok(self.cx.http.get(&fetch_path(key)))).await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let reply = success(reply)?;
+        answers::read_fetch(&reply.json()?)
+            .map(Some)
+            .map_err(|p| garbage(&reply, &p))
+    }
+
+    async fn slots(&self) -> Result<Vec<Slot>, StepError> {
+        let reply = success(self.send(|| Ok(self.cx.http.get(SLOTS))).await?)?;
+        answers::read_slots(&reply.json()?).map_err(|p| garbage(&reply, &p))
+    }
+
+    async fn send(
+        &self,
+        build: impl Fn() -> Result<Call<'c>, StepError>,
+    ) -> Result<Reply, StepError> {
+        self.sessions.send(&self.cx.http, self.login, build).await
+    }
+}
+
+/// The ending of an upgrade the appliance refused with a documented
+/// error; `None` for any other error.
+fn refused_upgrade(slot: &str, error: &ApiError) -> Option<Ending> {
+    let text = match error.kind.as_str() {
+        "IncompleteRequestBodyError" => {
+            let paths = error.missing_paths();
+            let mut text = format!(
+                "the appliance refused the upgrade: the request misses {} (IncompleteRequestBodyError)",
+                if paths.is_empty() {
+                    "paths it does not name".to_owned()
+                } else {
+                    paths.join(", ")
+                }
+            );
+            if paths.iter().any(|p| p == "message") {
+                text.push_str(COMMIT_LOG_HINT);
+            }
+            text
+        }
+        "ResourceNotFound" => format!(
+            "firmware slot {} is empty (ResourceNotFound)",
+            error.detail("resource").unwrap_or_else(|| slot.to_owned())
+        ),
+        "FirmwareTestFailed" => {
+            let summary = error
+                .detail("test_summary")
+                .map(|s| answers::one_line(&s))
+                .unwrap_or_else(|| error.message.clone());
+            let exit = error
+                .detail("exit_code")
+                .map(|code| format!(", exit code {code}"))
+                .unwrap_or_default();
+            format!("the firmware test failed (FirmwareTestFailed{exit}): {summary}")
+        }
+        "UpgradeMessageMissing" => {
+            format!(
+                "the appliance requires a commit message (UpgradeMessageMissing){COMMIT_LOG_HINT}"
+            )
+        }
+        _ => return None,
+    };
+    Some(Ending::failed(ErrorClass::Device, text))
+}
+
+const COMMIT_LOG_HINT: &str =
+    ": the appliance requires a commit log; set [drivers.sps] commit_message in the campaign";
+
+/// Fails unless the reply is a 2xx: a 401/403 as an auth failure, another
+/// status as the appliance's refusal in its own words (its error `type`
+/// and `message` when the body has them).
+fn success(reply: Reply) -> Result<Reply, StepError> {
+    if reply.status.is_success() || matches!(reply.status.as_u16(), 401 | 403) {
+        return reply.success();
+    }
+    match answers::read_error(&reply.body) {
+        Some(error) => Err(StepError::device(format!(
+            "{} answered HTTP {} {}: {}",
+            reply.what,
+            reply.status.as_u16(),
+            error.kind,
+            error.message
+        ))),
+        None => reply.success(),
+    }
+}
+
+fn garbage(reply: &Reply, problem: &str) -> StepError {
+    StepError::garbage(format!("{}: {problem}: {}", reply.what, reply.quote()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_refusal_ends_in_its_own_words() {
+        let read = |body: &str| answers::read_error(body.as_bytes()).unwrap();
+        let missing = refused_upgrade(
+            "2",
+            &read(r#"{"error": {"details": {"missing_paths": ["message"]}, "type": "IncompleteRequestBodyError"}}"#),
+        )
+        .unwrap();
+        let text = missing.error.unwrap();
+        assert!(text.contains("misses message"), "{text}");
+        assert!(text.contains("commit_message"), "{text}");
+
+        let empty = refused_upgrade(
+            "3",
+            &read(r#"{"error": {"details": {"resource": "3"}, "type": "ResourceNotFound"}}"#),
+        )
+        .unwrap();
+        assert_eq!(
+            empty.error.as_deref(),
+            Some("firmware slot 3 is empty (ResourceNotFound)")
+        );
+
+        let test = refused_upgrade(
+            "2",
+            &read(
+                r#"{"error": {"details": {"exit_code": 1, "test_summary": "HA check started\nHA check failed"}, "type": "FirmwareTestFailed"}}"#,
+            ),
+        )
+        .unwrap();
+        assert_eq!(
+            test.error.as_deref(),
+            Some(
+                "the firmware test failed (FirmwareTestFailed, exit code 1): HA check started; HA check failed"
+            )
+        );
+        assert_eq!(test.error_class, Some(ErrorClass::Device));
+
+        let message = refused_upgrade(
+            "2",
+            &read(r#"{"error": {"type": "UpgradeMessageMissing"}}"#),
+        )
+        .unwrap();
+        assert!(message.error.unwrap().contains("UpgradeMessageMissing"));
+        assert!(refused_upgrade("2", &read(r#"{"error": {"type": "Other"}}"#)).is_none());
+    }
+}
