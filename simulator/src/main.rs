@@ -5,13 +5,13 @@ use anyhow::Context;
 use clap::Parser;
 use flotilla_common::inventory::InventoryWriter;
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
-use std::{path::PathBuf, time::Duration};
+use std::{net::IpAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser)]
 #[command(
     name = "flotilla-sim",
     version,
-    about = "Serves a simulated device fleet on loopback addresses."
+    about = "Serves a simulated device fleet (on loopback addresses unless told otherwise)."
 )]
 struct Args {
     /// TR-069 CPEs (behind simulated DMS hosts).
@@ -40,6 +40,14 @@ struct Args {
     /// Where to write the fleet's inventory.
     #[arg(long, default_value = "sim-devices.csv")]
     inventory: PathBuf,
+    /// Address the simulated hosts listen on: 0.0.0.0 when workers run
+    /// elsewhere, as in containers.
+    #[arg(long, default_value = "127.0.0.1")]
+    listen: IpAddr,
+    /// Host name the inventory gives for the devices instead of the listening
+    /// address (the simulator's name on a container network).
+    #[arg(long)]
+    advertise: Option<String>,
 }
 
 #[tokio::main]
@@ -68,18 +76,31 @@ async fn main() -> anyhow::Result<()> {
         request_latency: Duration::ZERO..=args.latency,
         upgrade_time: args.upgrade_time / 5..=args.upgrade_time,
         seed: args.seed,
+        ip: args.listen,
         ..FleetSpec::default()
     };
     let fleet = Fleet::start(spec)
         .await
         .context("starting the simulated fleet")?;
-    let file = std::fs::File::create(&args.inventory)
-        .with_context(|| format!("creating {}", args.inventory.display()))?;
+    // Written aside, then renamed: whoever waits for the inventory to appear
+    // (a producer container) never reads half of it.
+    let partial = args.inventory.with_extension("partial");
+    let file = std::fs::File::create(&partial)
+        .with_context(|| format!("creating {}", partial.display()))?;
     let mut writer = InventoryWriter::new(file)?;
     for device in fleet.devices() {
-        writer.write(device)?;
+        let mut device = device.clone();
+        if let Some(host) = &args.advertise {
+            device
+                .address
+                .set_host(Some(host))
+                .with_context(|| format!("--advertise {host:?}"))?;
+        }
+        writer.write(&device)?;
     }
     writer.finish()?;
+    std::fs::rename(&partial, &args.inventory)
+        .with_context(|| format!("writing {}", args.inventory.display()))?;
     let (user, password) = fleet.login();
     println!(
         "{} devices up; inventory in {}.\nWorkers need the credentials reference `{}`, e.g.:\n  \

@@ -506,11 +506,31 @@ pub fn binary_blocking(name: &str) -> PathBuf {
     let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("the tests crate sits in the workspace");
-    let status = std::process::Command::new(cargo)
+    let mut build = std::process::Command::new(cargo);
+    build
         .args(["build", "--quiet", "--profile", profile, "--bin", name])
-        .current_dir(workspace)
-        .status()
-        .expect("running cargo build");
+        .current_dir(workspace);
+    // Cargo gives a test process its package's variables (CARGO_MANIFEST_DIR
+    // and the like). A build that inherits them sees a changed environment
+    // and rebuilds ring and everything above it, and the next `cargo test`
+    // rebuilds it all back: minutes on two cores.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|key| {
+            [
+                "CARGO_MANIFEST_",
+                "CARGO_PKG_",
+                "CARGO_CRATE_",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_BIN_",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .iter()
+            .any(|prefix| key.starts_with(prefix))
+        }) {
+            build.env_remove(key);
+        }
+    }
+    let status = build.status().expect("running cargo build");
     assert!(status.success(), "cargo build --bin {name} failed");
     profile_dir.join(name)
 }

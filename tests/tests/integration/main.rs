@@ -7,6 +7,7 @@
 
 mod campaign_control;
 mod dms_campaigns;
+mod observability;
 mod producer_cli;
 mod resilience;
 mod riverbed_flowgateway;
