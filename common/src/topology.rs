@@ -20,7 +20,7 @@
 
 use lapin::{
     Channel, Connection, ErrorKind,
-    options::{QueueDeclareOptions, QueueDeleteOptions},
+    options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions},
     protocol::{AMQPErrorKind, AMQPSoftError},
     types::{AMQPValue, FieldTable, LongString, ShortString},
 };
@@ -36,6 +36,8 @@ pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 /// How long the streams keep events and commands. A campaign must finish (and
 /// be reported on) within this, since its state is rebuilt from the stream.
 pub const STREAM_MAX_AGE: &str = "30D";
+/// How long a new stream may take to elect its leader.
+const STREAM_LEADER_WAIT: Duration = Duration::from_secs(10);
 
 const DEFAULT_DELAY_TIERS: [Duration; 5] = [
     Duration::from_secs(1),
@@ -184,6 +186,9 @@ impl Topology {
         }
         // Closing is a courtesy; the declarations are already done.
         let _ = channel.close(200, "declared".into()).await;
+        for stream in [self.events(), self.control()] {
+            await_stream_leader(connection, &stream).await?;
+        }
         Ok(())
     }
 
@@ -228,6 +233,42 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
         long_string("at-least-once"),
     );
     args.insert("x-overflow".into(), long_string("reject-publish"));
+}
+
+/// A stream declared a moment ago has no leader yet, and until it has, the
+/// broker refuses its readers (and can fail its writers). Waits, briefly,
+/// until a reader can attach.
+async fn await_stream_leader(connection: &Connection, stream: &str) -> Result<(), TopologyError> {
+    let deadline = tokio::time::Instant::now() + STREAM_LEADER_WAIT;
+    loop {
+        match attach_reader(connection, stream).await {
+            Ok(()) => return Ok(()),
+            Err(source) if tokio::time::Instant::now() >= deadline => {
+                return Err(TopologyError::Broker {
+                    queue: stream.to_owned(),
+                    source,
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}
+
+async fn attach_reader(connection: &Connection, stream: &str) -> Result<(), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(1, BasicQosOptions::default()).await?;
+    let mut args = FieldTable::default();
+    args.insert("x-stream-offset".into(), long_string("next"));
+    channel
+        .basic_consume(
+            ShortString::from(stream),
+            ShortString::from(""),
+            BasicConsumeOptions::default(),
+            args,
+        )
+        .await?;
+    let _ = channel.close(200, "the stream has a leader".into()).await;
+    Ok(())
 }
 
 async fn declare(channel: &Channel, queue: &str, args: FieldTable) -> Result<(), TopologyError> {
