@@ -409,18 +409,12 @@ impl Controller<'_> {
             self.append(&event).await?;
         }
         // Verdicts come from reading the claims back in stream order.
-        while devices
-            .iter()
-            .any(|d| self.ledger.verdict(&self.campaign.id, &d.id).is_none())
-        {
-            let event = self
-                .event_rx
-                .recv()
-                .await
-                .ok_or(BrokerError::ConnectionLost)??;
-            self.state.apply(&event);
-            self.ledger.apply(&event);
-        }
+        self.read_until(|c| {
+            devices
+                .iter()
+                .all(|d| c.ledger.verdict(&c.campaign.id, &d.id).is_some())
+        })
+        .await?;
         let mut admitted = Vec::new();
         for device in devices.into_iter().rev() {
             if self.ledger.verdict(&self.campaign.id, &device.id) == Some(true) {
@@ -481,14 +475,7 @@ impl Controller<'_> {
                     wave: Some(wave),
                 }),
             );
-            let body = serde_json::to_vec(&event).expect("an event serializes to JSON");
-            self.jobs
-                .send(
-                    &self.topology.events(),
-                    &body,
-                    Message::new(EVENT_MESSAGE_TYPE),
-                )
-                .await?;
+            self.add_to_transaction(&event).await?;
             published.push(event);
         }
         self.jobs.commit().await?;
@@ -526,20 +513,39 @@ impl Controller<'_> {
                         started_at: None,
                     }),
                 );
-                let body = serde_json::to_vec(&event).expect("an event serializes to JSON");
-                self.jobs
-                    .send(
-                        &self.topology.events(),
-                        &body,
-                        Message::new(EVENT_MESSAGE_TYPE),
-                    )
-                    .await?;
+                self.add_to_transaction(&event).await?;
             }
             self.jobs.commit().await?;
         }
         // Counted as they come back from the stream, the one record: counting
         // them here too would end each of these devices twice.
-        while unstarted.iter().any(|d| !self.state.is_handled(&d.id)) {
+        self.read_until(|c| unstarted.iter().all(|d| c.state.is_handled(&d.id)))
+            .await?;
+        if self.state.unstarted() > 0 {
+            warn!(campaign = %self.campaign.id, missing = self.state.unstarted(), "devices of the plan are missing from the inventory");
+            return Err(ProducerError::InventoryChanged(
+                "the inventory has fewer devices than when the campaign started".to_owned(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Adds an event to the open transaction of `jobs`.
+    async fn add_to_transaction(&self, event: &Event) -> Result<(), ProducerError> {
+        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
+        self.jobs
+            .send(
+                &self.topology.events(),
+                &body,
+                Message::new(EVENT_MESSAGE_TYPE),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Follows the events stream until `done` holds.
+    async fn read_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), ProducerError> {
+        while !done(self) {
             let event = self
                 .event_rx
                 .recv()
@@ -547,12 +553,6 @@ impl Controller<'_> {
                 .ok_or(BrokerError::ConnectionLost)??;
             self.state.apply(&event);
             self.ledger.apply(&event);
-        }
-        if self.state.unstarted() > 0 {
-            warn!(campaign = %self.campaign.id, missing = self.state.unstarted(), "devices of the plan are missing from the inventory");
-            return Err(ProducerError::InventoryChanged(
-                "the inventory has fewer devices than when the campaign started".to_owned(),
-            ));
         }
         Ok(())
     }
