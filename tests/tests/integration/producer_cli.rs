@@ -1,8 +1,10 @@
 //! The `flotilla-producer` command as an operator runs it.
 
 use flotilla_common::Device;
-use flotilla_sim::{Fleet, FleetSpec};
+use flotilla_common::Outcome;
+use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, binary, binary_blocking, fleet_credentials};
+use std::collections::BTreeSet;
 use std::path::Path;
 
 const CAMPAIGN: &str = r#"
@@ -17,11 +19,21 @@ poll_interval = "1s"
 "#;
 
 async fn producer(harness: &Harness, campaign: &Path, inventory: &Path) -> std::process::Output {
+    producer_with(harness, campaign, inventory, &[]).await
+}
+
+async fn producer_with(
+    harness: &Harness,
+    campaign: &Path,
+    inventory: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     tokio::process::Command::new(binary("flotilla-producer").await)
         .args(["run", "--campaign"])
         .arg(campaign)
         .arg("--inventory")
         .arg(inventory)
+        .args(extra)
         .env("AMQP_URL", &harness.args.amqp_url)
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
@@ -138,6 +150,63 @@ async fn a_good_inventory_is_rolled_out_and_reported() {
         Vec::<String>::new(),
         "rules left enabled"
     );
+    harness.teardown().await;
+}
+
+#[tokio::test]
+async fn a_retry_campaign_takes_only_the_devices_that_failed() {
+    let harness = Harness::new("retry").await;
+    let fleet = Fleet::start(FleetSpec {
+        dms_cpes: 12,
+        faults: FaultSpec {
+            failure_ratio: 0.25,
+            ..FaultSpec::NONE
+        },
+        ..FleetSpec::default()
+    })
+    .await
+    .unwrap();
+    let inventory = harness.write_inventory("devices.csv", fleet.devices());
+    let first = harness.dir().join("first.toml");
+    std::fs::write(&first, CAMPAIGN).unwrap();
+    let retry = harness.dir().join("retry.toml");
+    std::fs::write(&retry, CAMPAIGN.replace("cli-campaign", "cli-retry")).unwrap();
+    let worker = harness.start_worker("retry-worker", fleet_credentials(&fleet));
+
+    assert!(
+        producer(&harness, &first, &inventory)
+            .await
+            .status
+            .success()
+    );
+    let output = producer_with(
+        &harness,
+        &retry,
+        &inventory,
+        &["--retry-failed-from", "cli-campaign"],
+    )
+    .await;
+    worker.stop().await;
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("3 device(s) failed or timed out in cli-campaign"),
+        "{stderr}"
+    );
+
+    let failed: BTreeSet<String> = fleet
+        .devices()
+        .iter()
+        .filter(|d| fleet.expected_outcome(&d.id) == Some(Outcome::Failed))
+        .map(|d| d.id.clone())
+        .collect();
+    let retried = harness.all_events("cli-retry").await;
+    let published: BTreeSet<String> = retried
+        .devices()
+        .filter(|(_, r)| r.published_at.is_some())
+        .map(|(id, _)| id.clone())
+        .collect();
+    assert_eq!(published, failed);
     harness.teardown().await;
 }
 
