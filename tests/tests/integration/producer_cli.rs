@@ -1,11 +1,9 @@
 //! The `flotilla-producer` command as an operator runs it.
 
-use flotilla_common::Device;
-use flotilla_common::Outcome;
+use flotilla_common::{Device, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, binary, binary_blocking, fleet_credentials};
-use std::collections::BTreeSet;
-use std::path::Path;
+use std::{collections::BTreeSet, path::Path};
 
 const CAMPAIGN: &str = r#"
 id = "cli-campaign"
