@@ -14,9 +14,9 @@ use flotilla_producer::{
     send_command,
 };
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
-use flotilla_worker::{CredentialStore, Credentials, WorkerConfig};
+use flotilla_worker::{CredentialStore, Credentials, Listen, WorkerConfig};
 use indicatif::{ProgressBar, ProgressStyle};
-use std::{collections::BTreeMap, path::Path, process::ExitCode, time::Duration};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::ExitCode, time::Duration};
 use tokio_util::sync::CancellationToken;
 
 /// Device kinds the simulator serves today.
@@ -64,6 +64,10 @@ struct Args {
     /// operator would (resume it sooner with the command it prints).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     resume_after: Duration,
+    /// Serve the first worker's /metrics, /healthz and /readyz here, to
+    /// watch its counters move during the rollout.
+    #[arg(long)]
+    metrics_addr: Option<SocketAddr>,
 }
 
 #[tokio::main]
@@ -200,6 +204,9 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         .map(|i| {
             let mut config = WorkerConfig::new(broker_args.clone());
             config.name = Some(format!("demo-worker-{}", i + 1));
+            if let (0, Some(addr)) = (i, args.metrics_addr) {
+                config.metrics_addr = Listen::On(addr);
+            }
             let stop = stop.clone();
             tokio::spawn(flotilla_worker::run(
                 config,
