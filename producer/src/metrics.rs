@@ -55,6 +55,13 @@ impl ProducerMetrics {
             ),
             &["campaign"],
         )?;
+        let min_finished = IntGaugeVec::new(
+            Opts::new(
+                "flotilla_campaign_failure_budget_min_finished",
+                "Finished devices needed before the failure budget applies.",
+            ),
+            &["campaign"],
+        )?;
         let paused = IntGaugeVec::new(
             Opts::new(
                 "flotilla_campaign_paused",
@@ -65,6 +72,7 @@ impl ProducerMetrics {
         registry.register(Box::new(published.clone()))?;
         registry.register(Box::new(devices.clone()))?;
         registry.register(Box::new(budget.clone()))?;
+        registry.register(Box::new(min_finished.clone()))?;
         registry.register(Box::new(paused.clone()))?;
 
         let id = campaign.id.as_str();
@@ -82,6 +90,9 @@ impl ProducerMetrics {
             .or(rollout.wave_budget.as_ref())
         {
             budget.with_label_values(&[id]).set(limit.ratio);
+            min_finished
+                .with_label_values(&[id])
+                .set(i64::try_from(limit.min_finished).unwrap_or(i64::MAX));
         }
         Ok(ProducerMetrics {
             campaign: campaign.id.clone(),
