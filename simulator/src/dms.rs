@@ -272,16 +272,6 @@ impl Dms {
         })
     }
 
-    /// The firmware file the CPE runs.
-    pub fn firmware_of(&self, cpe_id: &str) -> Option<String> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner.cpes.get_mut(cpe_id).map(|cpe| {
-            settle(cpe, now);
-            cpe.firmware.clone()
-        })
-    }
-
     /// The most CPEs this DMS ever had upgrading at once.
     pub fn max_concurrent_upgrades(&self) -> usize {
         self.lock().max_concurrent_upgrades
@@ -290,13 +280,6 @@ impl Dms {
     /// Requests this DMS has answered (injected errors excluded).
     pub fn requests(&self) -> u64 {
         self.lock().requests
-    }
-
-    pub fn connection_requests_of(&self, cpe_id: &str) -> u32 {
-        self.lock()
-            .cpes
-            .get(cpe_id)
-            .map_or(0, |cpe| cpe.connection_requests)
     }
 }
 

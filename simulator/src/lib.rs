@@ -14,9 +14,9 @@
 //! devices, its faults and what Flotilla should report for each.
 //!
 //! A new device kind is a module with a `simulate` function and one line in
-//! `start_kind` below; the match there is exhaustive, and a test starts a
-//! fleet of every kind, so a kind without a simulated device fails to
-//! build or fails that test.
+//! `simulated_kinds!` below; the match it makes is exhaustive, and a test
+//! starts a fleet of every kind, so a kind without a simulated device fails
+//! to build or fails that test.
 //!
 //! Fault knobs: [`FaultSpec`] ratios pick devices at random, each kind
 //! cycling through its faults ([`GatewayFault`] for NetProfilers — on their
@@ -25,15 +25,10 @@
 //! of a kind exact faults, for tests.
 
 mod build;
-pub mod dms;
 mod expectation;
 pub mod faults;
-pub mod flowgateway;
 mod host;
-pub mod netprofiler;
-pub mod npm;
 mod riverbed_auth;
-pub mod sps;
 pub mod tls;
 
 pub use expectation::Expectation;
@@ -59,16 +54,28 @@ use tokio_util::sync::CancellationToken;
 /// The credentials reference every simulated device is listed with.
 pub const CREDENTIALS_REFERENCE: &str = "sim";
 
-/// Starts `kind`'s devices: one line per kind. Exhaustive, so a kind added
-/// to `flotilla_common::kind` does not build until it is simulated.
-async fn start_kind(kind: DeviceKind, fleet: &mut Builder<'_>) -> std::io::Result<()> {
-    match kind {
-        DeviceKind::Dms => dms::simulate(fleet).await,
-        DeviceKind::Netprofiler => netprofiler::simulate(fleet).await,
-        DeviceKind::Flowgateway => flowgateway::simulate(fleet).await,
-        DeviceKind::Npm => npm::simulate(fleet).await,
-        DeviceKind::Sps => sps::simulate(fleet).await,
-    }
+/// Declares each kind's module and its line of `start_kind`.
+macro_rules! simulated_kinds {
+    ($($kind:ident => $module:ident;)+) => {
+        $(pub mod $module;)+
+
+        /// Starts `kind`'s devices. Exhaustive, so a kind added to
+        /// `flotilla_common::kind` does not build until it is simulated.
+        async fn start_kind(kind: DeviceKind, fleet: &mut Builder<'_>) -> std::io::Result<()> {
+            match kind {
+                $(DeviceKind::$kind => $module::simulate(fleet).await,)+
+            }
+        }
+    };
+}
+
+// One line per kind: `Kind => module`, whose `simulate` starts its devices.
+simulated_kinds! {
+    Dms => dms;
+    Netprofiler => netprofiler;
+    Flowgateway => flowgateway;
+    Npm => npm;
+    Sps => sps;
 }
 
 /// A simulated device, as the fleet knows it: each kind's handle (a

@@ -6,25 +6,32 @@
 //! vendor share lives in that vendor's module (`riverbed`), what any
 //! driver may use in `crate::support`.
 
-pub(crate) mod dms;
-pub(crate) mod flowgateway;
-pub(crate) mod netprofiler;
-pub(crate) mod npm;
 pub(crate) mod riverbed;
-pub(crate) mod sps;
 
 use crate::registry::AnyDriver;
 use flotilla_common::DeviceKind;
 
-/// The driver of every device kind: one line each. The match is
-/// exhaustive, so a kind added to the list in `flotilla_common::kind`
-/// does not compile until it has a driver here.
-pub(crate) fn driver_for(kind: DeviceKind) -> Box<dyn AnyDriver> {
-    match kind {
-        DeviceKind::Dms => Box::new(dms::Dms),
-        DeviceKind::Netprofiler => Box::new(netprofiler::Netprofiler::default()),
-        DeviceKind::Flowgateway => Box::new(flowgateway::Flowgateway::default()),
-        DeviceKind::Npm => Box::new(npm::Npm::default()),
-        DeviceKind::Sps => Box::new(sps::Sps::default()),
-    }
+/// Declares each driver's module and its line of [`driver_for`].
+macro_rules! drivers {
+    ($($kind:ident => $module:ident: $driver:expr;)+) => {
+        $(pub(crate) mod $module;)+
+
+        /// The driver of every device kind. The match is exhaustive, so a
+        /// kind added to `flotilla_common::kind` does not build until it
+        /// has a line here.
+        pub(crate) fn driver_for(kind: DeviceKind) -> Box<dyn AnyDriver> {
+            match kind {
+                $(DeviceKind::$kind => Box::new($driver),)+
+            }
+        }
+    };
+}
+
+// One line per kind: `Kind => module: the driver`.
+drivers! {
+    Dms => dms: dms::Dms;
+    Netprofiler => netprofiler: netprofiler::Netprofiler::default();
+    Flowgateway => flowgateway: flowgateway::Flowgateway::default();
+    Npm => npm: npm::Npm::default();
+    Sps => sps: sps::Sps::default();
 }
