@@ -15,4 +15,5 @@ mod riverbed_netprofiler;
 mod riverbed_npm;
 mod riverbed_tls;
 mod sps;
+mod toaster_scratch;
 mod traces;

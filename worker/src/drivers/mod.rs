@@ -34,4 +34,5 @@ drivers! {
     Flowgateway => flowgateway: flowgateway::Flowgateway::default();
     Npm => npm: npm::Npm::default();
     Sps => sps: sps::Sps::default();
+    Toaster => toaster: toaster::Toaster;
 }
