@@ -92,8 +92,6 @@ device_kinds! {
     Npm = "npm", settings: NpmSettings, columns: Columns::NONE;
     /// A One Identity Safeguard for Privileged Sessions appliance.
     Sps = "sps", settings: SpsSettings, columns: Columns::NONE;
-    /// A toaster (a throwaway kind, to check the recipe).
-    Toaster = "toaster", settings: NoSettings, columns: Columns::NONE;
 }
 
 impl DeviceKind {

@@ -76,7 +76,6 @@ simulated_kinds! {
     Flowgateway => flowgateway;
     Npm => npm;
     Sps => sps;
-    Toaster => toaster;
 }
 
 /// A simulated device, as the fleet knows it: each kind's handle (a

@@ -15,5 +15,4 @@ mod riverbed_netprofiler;
 mod riverbed_npm;
 mod riverbed_tls;
 mod sps;
-mod toaster_scratch;
 mod traces;

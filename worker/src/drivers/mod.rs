@@ -34,5 +34,4 @@ drivers! {
     Flowgateway => flowgateway: flowgateway::Flowgateway::default();
     Npm => npm: npm::Npm::default();
     Sps => sps: sps::Sps::default();
-    Toaster => toaster: toaster::Toaster;
 }
