@@ -2,7 +2,7 @@
 # One image per binary, from one build: `docker build --target worker .`
 # (or producer, sim). docker-compose.yml builds all three.
 
-FROM rust:1-bookworm AS build
+FROM rust:1.95-bookworm AS build
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and compiled dependencies between builds;

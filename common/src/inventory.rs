@@ -8,7 +8,7 @@
 //! ```
 //!
 //! - `id`: unique in the file; names the device in events and reports;
-//! - `kind`: `dms`, `netprofiler`, `flowgateway`, `npm` or `sps`;
+//! - `kind`: one of [`DeviceKind::ALL`] (`dms`, `netprofiler`, ...);
 //! - `address`: the device's API base URL (for `dms`, the DMS), `http` or
 //!   `https`, possibly with a path prefix;
 //! - `credentials`: a reference the workers resolve (letters, digits,
@@ -19,10 +19,13 @@
 //!   Flow Gateways (space-separated) to back up before the update, when the
 //!   campaign asks for backups.
 //!
+//! Which kinds take `cpe_id` and `gateways` is the kind list's word
+//! ([`DeviceKind::columns`]), not this file's.
+//!
 //! Rows are read one at a time, so an inventory of any size is read in
 //! constant memory. Every problem is reported with its line and column.
 
-use crate::{Device, DeviceKind};
+use crate::{Device, DeviceKind, kind::Column};
 use std::{fmt, io};
 use url::Url;
 
@@ -217,14 +220,6 @@ fn parse_row(
         );
     }
     let cpe_id = Some(columns.get(record, "cpe_id")).filter(|s| !s.is_empty());
-    match (kind, cpe_id) {
-        (Some(DeviceKind::Dms), None) => problem("cpe_id", "is required for a dms device".into()),
-        (Some(kind), Some(_)) if kind != DeviceKind::Dms => problem(
-            "cpe_id",
-            format!("only dms devices have one, this is a {kind}"),
-        ),
-        _ => {}
-    }
     let group = Some(columns.get(record, "group")).filter(|s| !s.is_empty());
     let mut gateways = Vec::new();
     for text in columns.get(record, "gateways").split_whitespace() {
@@ -233,13 +228,34 @@ fn parse_row(
             Err(message) => problem("gateways", message),
         }
     }
-    if !gateways.is_empty()
-        && let Some(kind) = kind.filter(|k| *k != DeviceKind::Netprofiler)
-    {
-        problem(
-            "gateways",
-            format!("only netprofiler devices have Flow Gateways, this is a {kind}"),
-        );
+    if let Some(kind) = kind {
+        let uses = kind.columns();
+        for (field, column, filled, what) in [
+            ("cpe_id", uses.cpe_id, cpe_id.is_some(), "one"),
+            (
+                "gateways",
+                uses.gateways,
+                !gateways.is_empty(),
+                "Flow Gateways",
+            ),
+        ] {
+            match (column, filled) {
+                (Column::Required, false) => {
+                    problem(field, format!("is required for a {kind} device"))
+                }
+                (Column::Absent, true) => {
+                    let owners = DeviceKind::names_using(|c| match field {
+                        "cpe_id" => c.cpe_id,
+                        _ => c.gateways,
+                    });
+                    problem(
+                        field,
+                        format!("only {owners} devices have {what}, this is a {kind}"),
+                    )
+                }
+                _ => {}
+            }
+        }
     }
     match (kind, address) {
         (Some(kind), Some(address)) if errors.is_empty() => Ok(Device {

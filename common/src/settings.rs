@@ -12,20 +12,7 @@ use serde::{Deserialize, Serialize, de::DeserializeOwned};
 
 /// Checks a kind's settings table, naming what is wrong.
 pub fn validate(kind: DeviceKind, table: &serde_json::Value) -> Result<(), String> {
-    match kind {
-        DeviceKind::Flowgateway => {
-            let settings: FlowgatewaySettings = read(table)?;
-            settings.destination.check("destination")
-        }
-        DeviceKind::Netprofiler => {
-            let settings: NetprofilerSettings = read(table)?;
-            settings.backup.check("backup")
-        }
-        DeviceKind::Npm => read::<NpmSettings>(table).map(drop),
-        DeviceKind::Sps => read::<SpsSettings>(table)?.check(),
-        // Kinds without settings take none.
-        DeviceKind::Dms => expect_empty(kind, table),
-    }
+    kind.validate_settings(table)
 }
 
 /// Reads a kind's settings from a job's table (`null` gives the defaults).
@@ -36,11 +23,31 @@ pub fn read<T: DeserializeOwned + Default>(table: &serde_json::Value) -> Result<
     serde_json::from_value(table.clone()).map_err(|e| e.to_string())
 }
 
-fn expect_empty(kind: DeviceKind, table: &serde_json::Value) -> Result<(), String> {
-    match table.as_object() {
-        Some(map) if map.is_empty() => Ok(()),
-        None if table.is_null() => Ok(()),
-        _ => Err(format!("[drivers.{kind}] takes no settings")),
+/// A kind's `[drivers.<kind>]` settings, as [`crate::kind`]'s list names
+/// them for each kind.
+pub trait KindSettings: DeserializeOwned + Default {
+    /// What the types alone cannot say is wrong.
+    fn check(&self) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Reads and checks a table.
+    fn validate(_kind: DeviceKind, table: &serde_json::Value) -> Result<(), String> {
+        read::<Self>(table)?.check()
+    }
+}
+
+/// The settings of a kind that takes none: an empty table or none at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct NoSettings {}
+
+impl KindSettings for NoSettings {
+    fn validate(kind: DeviceKind, table: &serde_json::Value) -> Result<(), String> {
+        match table.as_object() {
+            Some(map) if map.is_empty() => Ok(()),
+            None if table.is_null() => Ok(()),
+            _ => Err(format!("[drivers.{kind}] takes no settings")),
+        }
     }
 }
 
@@ -63,6 +70,12 @@ pub struct FlowgatewaySettings {
     /// Restore only: whether to leave the cloak key, SNMP and NTP settings in
     /// the vault compressed (the API's `no_cert`).
     pub no_cert: bool,
+}
+
+impl KindSettings for FlowgatewaySettings {
+    fn check(&self) -> Result<(), String> {
+        self.destination.check("destination")
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,6 +103,12 @@ pub struct NetprofilerSettings {
     pub backup: BackupDestination,
 }
 
+impl KindSettings for NetprofilerSettings {
+    fn check(&self) -> Result<(), String> {
+        self.backup.check("backup")
+    }
+}
+
 /// `[drivers.npm]`: NPM system update 2.0.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -98,6 +117,8 @@ pub struct NpmSettings {
     /// (left in place when the update failed critically, for inspection).
     pub delete_image: bool,
 }
+
+impl KindSettings for NpmSettings {}
 
 /// `[drivers.sps]`: One Identity SPS firmware upgrades.
 ///
@@ -114,7 +135,7 @@ pub struct SpsSettings {
     pub commit_message: Option<String>,
 }
 
-impl SpsSettings {
+impl KindSettings for SpsSettings {
     fn check(&self) -> Result<(), String> {
         match &self.commit_message {
             Some(message) if message.trim().is_empty() => {

@@ -8,8 +8,10 @@
 //! `code` while HTTP says 200, and `.*` is part of the paths.
 
 use crate::{
+    Expectation, Simulated,
+    build::{Builder, Seed},
     faults::Fate,
-    host::{Behaviour, basic_auth_matches},
+    host::{Behaviour, Host, basic_auth_matches},
 };
 use axum::{
     Json, Router,
@@ -18,14 +20,106 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use flotilla_common::{DeviceKind, ErrorClass};
 use serde::Deserialize;
 use serde_json::{Value, json};
 use std::{
     collections::HashMap,
+    net::SocketAddr,
     ops::RangeInclusive,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
     time::{Duration, Instant},
 };
+
+const DMS_ERROR: &str =
+    r#"{"code":500,"message":"Internal error","details":"simulated transient failure"}"#;
+
+/// Starts the fleet's CPEs, `cpes_per_dms` behind each DMS host (plain
+/// HTTP, as the DMS's northbound API usually is on its own network).
+pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
+    let spec = fleet.spec;
+    let per_host = spec.cpes_per_dms.max(1);
+    let fates = fleet.fates(DeviceKind::Dms);
+    for (host_index, chunk) in fates.chunks(per_host).enumerate() {
+        let first = host_index * per_host;
+        let cpes: Vec<(String, Fate)> = chunk
+            .iter()
+            .enumerate()
+            .map(|(i, fate)| (format!("00D09E-{:06}", first + i + 1), *fate))
+            .collect();
+        let behaviour = fleet.behaviour(Seed::new(DeviceKind::Dms, "host", host_index), DMS_ERROR);
+        let dms = Dms::new(
+            cpes.clone(),
+            &spec.username,
+            &spec.password,
+            spec.upgrade_time.clone(),
+            behaviour.clone(),
+        );
+        let host = Host::start(
+            SocketAddr::new(spec.ip, 0),
+            dms.routes(),
+            behaviour,
+            None,
+            fleet.stop.clone(),
+        )
+        .await?;
+        let address = Builder::url(host.addr(), false);
+        let _ = dms.state.host.set(host);
+        for (cpe_id, fate) in cpes {
+            let mut device = crate::build::device(
+                format!("cpe-{}", &cpe_id[7..]),
+                DeviceKind::Dms,
+                address.clone(),
+            );
+            device.cpe_id = Some(cpe_id.clone());
+            let cpe = Cpe {
+                dms: dms.clone(),
+                cpe_id,
+            };
+            fleet.add(device, expectation(fate), Arc::new(cpe));
+        }
+    }
+    Ok(())
+}
+
+/// What Flotilla should report for a CPE of this fate.
+fn expectation(fate: Fate) -> Expectation {
+    match fate {
+        Fate::Upgrade => Expectation::succeeded(),
+        Fate::Fail => Expectation::failed(ErrorClass::Device, "FaultCode 9010"),
+        Fate::Silent => Expectation::timed_out(),
+    }
+}
+
+/// One CPE of the fleet: its DMS and its id there.
+pub struct Cpe {
+    dms: Dms,
+    cpe_id: String,
+}
+
+impl Cpe {
+    /// The DMS the CPE is behind.
+    pub fn dms(&self) -> &Dms {
+        &self.dms
+    }
+
+    /// The CPE's id at its DMS.
+    pub fn id(&self) -> &str {
+        &self.cpe_id
+    }
+}
+
+impl Simulated for Cpe {
+    fn upgrades(&self) -> u32 {
+        self.dms.upgrades_of(&self.cpe_id)
+    }
+
+    fn enabled_rules(&self) -> Vec<String> {
+        let rule = format!("UPGRADE_{}", self.cpe_id);
+        let enabled = self.dms.lock().rules.get(&rule).is_some_and(|r| r.enabled);
+        if enabled { vec![rule] } else { Vec::new() }
+    }
+}
 
 /// The fault text of a failed download, as a real ACS reports it.
 pub const DOWNLOAD_FAILURE: &str =
@@ -39,6 +133,8 @@ pub struct Dms {
 
 struct DmsState {
     inner: Mutex<Inner>,
+    /// Set once the DMS is listening: it can be taken down.
+    host: OnceLock<Host>,
     user: String,
     password: String,
     /// How long a CPE takes from connection request to result.
@@ -48,7 +144,7 @@ struct DmsState {
 
 #[derive(Default)]
 struct Inner {
-    cpes: HashMap<String, Cpe>,
+    cpes: HashMap<String, CpeState>,
     /// By rule id (`UPGRADE_<cpeid>`).
     rules: HashMap<String, Rule>,
     /// When each upgrade under way ends, to count them.
@@ -57,7 +153,7 @@ struct Inner {
     requests: u64,
 }
 
-struct Cpe {
+struct CpeState {
     fate: Fate,
     firmware: String,
     upgrade: Option<Upgrade>,
@@ -92,7 +188,7 @@ impl Dms {
         let cpes = cpes
             .into_iter()
             .map(|(id, fate)| {
-                let cpe = Cpe {
+                let cpe = CpeState {
                     fate,
                     firmware: "factory".to_owned(),
                     upgrade: None,
@@ -109,6 +205,7 @@ impl Dms {
                     cpes,
                     ..Inner::default()
                 }),
+                host: OnceLock::new(),
                 user: user.to_owned(),
                 password: password.to_owned(),
                 upgrade_time,
@@ -135,6 +232,22 @@ impl Dms {
             .expect("the DMS lock is never poisoned: nothing panics while holding it")
     }
 
+    /// Takes the DMS down (connections refused), as a restarting ACS
+    /// would; its CPEs keep their state.
+    pub fn take_down(&self) {
+        if let Some(host) = self.state.host.get() {
+            host.take_down();
+        }
+    }
+
+    /// Brings the DMS back on its address.
+    pub async fn bring_up(&self) -> std::io::Result<()> {
+        match self.state.host.get() {
+            Some(host) => host.bring_up().await,
+            None => Ok(()),
+        }
+    }
+
     /// Rules that are still enabled (a finished campaign leaves none).
     pub fn enabled_rules(&self) -> Vec<String> {
         let inner = self.lock();
@@ -159,16 +272,6 @@ impl Dms {
         })
     }
 
-    /// The firmware file the CPE runs.
-    pub fn firmware_of(&self, cpe_id: &str) -> Option<String> {
-        let mut inner = self.lock();
-        let now = Instant::now();
-        inner.cpes.get_mut(cpe_id).map(|cpe| {
-            settle(cpe, now);
-            cpe.firmware.clone()
-        })
-    }
-
     /// The most CPEs this DMS ever had upgrading at once.
     pub fn max_concurrent_upgrades(&self) -> usize {
         self.lock().max_concurrent_upgrades
@@ -178,17 +281,10 @@ impl Dms {
     pub fn requests(&self) -> u64 {
         self.lock().requests
     }
-
-    pub fn connection_requests_of(&self, cpe_id: &str) -> u32 {
-        self.lock()
-            .cpes
-            .get(cpe_id)
-            .map_or(0, |cpe| cpe.connection_requests)
-    }
 }
 
 /// Completes an upgrade whose time has come, as the CPE's fate says.
-fn settle(cpe: &mut Cpe, now: Instant) {
+fn settle(cpe: &mut CpeState, now: Instant) {
     let Some(upgrade) = &cpe.upgrade else { return };
     if now < upgrade.done_at || cpe.fate == Fate::Silent {
         return;

@@ -90,9 +90,9 @@ pub struct Dice {
 }
 
 impl Dice {
-    pub fn new(seed: u64, transient_ratio: f64) -> Self {
+    pub fn new(seed: [u8; 32], transient_ratio: f64) -> Self {
         Dice {
-            rng: StdRng::seed_from_u64(seed),
+            rng: StdRng::from_seed(seed),
             transient_ratio,
         }
     }

@@ -8,6 +8,8 @@
 //! one object, and `timeStamp` is an integer.
 
 use crate::{
+    Expectation, RIVERBED_ERROR, Simulated,
+    build::{Builder, Seed},
     epoch_seconds,
     faults::Dice,
     riverbed_auth::{self, Auth},
@@ -19,6 +21,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use flotilla_common::DeviceKind;
 use serde_json::{Map, Value, json};
 use std::{
     net::IpAddr,
@@ -56,6 +59,71 @@ pub enum GatewayFault {
     Stuck,
     /// Its API refuses the fleet's credentials.
     RefusedCredentials,
+}
+
+/// Starts the fleet's standalone Flow Gateways (backup or restore jobs).
+pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
+    let kind = DeviceKind::Flowgateway;
+    let faults = fleet.faults(
+        kind,
+        &[GatewayFault::RunError, GatewayFault::RefusedCredentials],
+        None,
+    )?;
+    let spec = fleet.spec;
+    for (i, fault) in faults.into_iter().enumerate() {
+        let refused = fault == Some(GatewayFault::RefusedCredentials);
+        let gateway = gateway(fleet, spec.ip, fault, refused, Seed::new(kind, "device", i));
+        let behaviour = fleet.behaviour(Seed::new(kind, "host", i), RIVERBED_ERROR);
+        let host = fleet
+            .serve(spec.ip, gateway.routes(), behaviour, spec.https)
+            .await?;
+        let device = crate::build::device(
+            format!("fg-{:04}", i + 1),
+            kind,
+            Builder::url(host.addr(), spec.https),
+        );
+        fleet.add(device, expectation(fault), Arc::new(gateway));
+    }
+    Ok(())
+}
+
+/// What Flotilla should report for a standalone gateway with `fault`.
+fn expectation(fault: Option<GatewayFault>) -> Expectation {
+    match fault {
+        Some(GatewayFault::RunError) => Expectation::device(RUN_ERROR),
+        Some(GatewayFault::RefusedCredentials) => Expectation::refused(),
+        Some(GatewayFault::Stuck) => Expectation::timed_out(),
+        // Update faults do not touch backups and restores.
+        _ => Expectation::succeeded(),
+    }
+}
+
+/// A gateway of the fleet at `ip`; `refuses`: its API refuses the fleet's
+/// credentials.
+pub(crate) fn gateway(
+    fleet: &Builder<'_>,
+    ip: IpAddr,
+    fault: Option<GatewayFault>,
+    refuses: bool,
+    seed: Seed,
+) -> FlowGateway {
+    let spec = fleet.spec;
+    FlowGateway::new(GatewaySpec {
+        ip,
+        fault,
+        auth: fleet.auth(refuses, true),
+        run_time: spec.operation_time.clone(),
+        update_time: spec.upgrade_time.clone(),
+        dice: fleet.dice(seed),
+        backup_password: &spec.backup_password,
+    })
+}
+
+impl Simulated for FlowGateway {
+    /// The backups and restores it started.
+    fn upgrades(&self) -> u32 {
+        self.backups_started() + self.restores_started()
+    }
 }
 
 /// One gateway; cheap to clone.
@@ -111,18 +179,18 @@ struct RunRecord {
     message: String,
 }
 
-pub(crate) struct GatewaySpec<'a> {
-    pub(crate) ip: IpAddr,
-    pub(crate) fault: Option<GatewayFault>,
-    pub(crate) auth: Auth,
-    pub(crate) run_time: RangeInclusive<Duration>,
-    pub(crate) update_time: RangeInclusive<Duration>,
-    pub(crate) dice: Arc<Mutex<Dice>>,
-    pub(crate) backup_password: &'a str,
+struct GatewaySpec<'a> {
+    ip: IpAddr,
+    fault: Option<GatewayFault>,
+    auth: Auth,
+    run_time: RangeInclusive<Duration>,
+    update_time: RangeInclusive<Duration>,
+    dice: Arc<Mutex<Dice>>,
+    backup_password: &'a str,
 }
 
 impl FlowGateway {
-    pub(crate) fn new(spec: GatewaySpec<'_>) -> Self {
+    fn new(spec: GatewaySpec<'_>) -> Self {
         FlowGateway {
             state: Arc::new(Shared {
                 ip: spec.ip,

@@ -197,7 +197,7 @@ mod tests {
     async fn a_host_that_is_down_refuses_connections_then_answers_again() {
         let behaviour = Behaviour {
             latency: Duration::ZERO..=Duration::ZERO,
-            dice: Arc::new(Mutex::new(Dice::new(1, 0.0))),
+            dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
         };
         let stop = CancellationToken::new();
@@ -232,7 +232,7 @@ mod tests {
         flotilla_common::ensure_crypto_provider();
         let behaviour = Behaviour {
             latency: Duration::ZERO..=Duration::ZERO,
-            dice: Arc::new(Mutex::new(Dice::new(1, 0.0))),
+            dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
         };
         let stop = CancellationToken::new();

@@ -3,7 +3,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use flotilla_common::inventory::InventoryWriter;
+use flotilla_common::{DeviceKind, inventory::InventoryWriter};
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use std::{net::IpAddr, path::PathBuf, time::Duration};
 
@@ -65,7 +65,6 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     let spec = FleetSpec {
-        dms_cpes: args.dms_cpes,
         cpes_per_dms: args.cpes_per_dms,
         faults: FaultSpec {
             failure_ratio: args.fault_ratio,
@@ -78,7 +77,8 @@ async fn main() -> anyhow::Result<()> {
         seed: args.seed,
         ip: args.listen,
         ..FleetSpec::default()
-    };
+    }
+    .with(DeviceKind::Dms, args.dms_cpes);
     let fleet = Fleet::start(spec)
         .await
         .context("starting the simulated fleet")?;

@@ -9,7 +9,9 @@
 //! own backup API on its own address, whose IP is the key here.
 
 use crate::{
-    flowgateway::FlowGateway,
+    Expectation, RIVERBED_ERROR, Simulated,
+    build::{Builder, Seed},
+    flowgateway::{self, FlowGateway, GatewayFault},
     riverbed_auth::{self, Auth},
 };
 use axum::{
@@ -19,8 +21,105 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
+use flotilla_common::{DeviceKind, Ending, Outcome};
 use serde_json::{Map, Value, json};
-use std::sync::Arc;
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+};
+
+/// Starts the fleet's NetProfilers, each with its own Flow Gateways on
+/// addresses of their own (127.10.x.y and up), each on its own host.
+pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
+    let kind = DeviceKind::Netprofiler;
+    let spec = fleet.spec;
+    let mut failing = vec![
+        GatewayFault::FailGraceful,
+        GatewayFault::FailCritical,
+        GatewayFault::InitFails,
+        GatewayFault::StartFails,
+        GatewayFault::RefusedCredentials,
+    ];
+    if spec.backups_first {
+        failing.push(GatewayFault::RunError);
+    }
+    let faults = fleet.faults(kind, &failing, Some(GatewayFault::Stuck))?;
+    let mut next_gateway_ip = 0u32;
+    for (i, fault) in faults.into_iter().enumerate() {
+        let mut gateways = Vec::new();
+        let mut urls = Vec::new();
+        for g in 0..spec.gateways_per_netprofiler {
+            next_gateway_ip += 1;
+            let ip = IpAddr::V4(Ipv4Addr::new(
+                127,
+                10 + (next_gateway_ip / 62_500) as u8,
+                ((next_gateway_ip / 250) % 250) as u8,
+                (next_gateway_ip % 250 + 1) as u8,
+            ));
+            // The fault sits on the first gateway; a refused login is the
+            // NetProfiler's own.
+            let gateway_fault = fault.filter(|f| g == 0 && *f != GatewayFault::RefusedCredentials);
+            let seed = Seed::new(kind, "gateway", next_gateway_ip as usize);
+            let gateway = flowgateway::gateway(fleet, ip, gateway_fault, false, seed);
+            let behaviour = fleet.behaviour(
+                Seed::new(kind, "gateway host", next_gateway_ip as usize),
+                RIVERBED_ERROR,
+            );
+            let host = fleet
+                .serve(ip, gateway.routes(), behaviour, spec.https)
+                .await?;
+            urls.push(Builder::url(host.addr(), spec.https));
+            gateways.push(gateway);
+        }
+        let first_ip = gateways
+            .first()
+            .map(|g| g.ip().to_string())
+            .unwrap_or_default();
+        let auth = fleet.auth(fault == Some(GatewayFault::RefusedCredentials), true);
+        let np = Netprofiler::new(
+            auth,
+            &spec.release_version,
+            gateways,
+            fault,
+            spec.backups_first,
+        );
+        let behaviour = fleet.behaviour(Seed::new(kind, "host", i), RIVERBED_ERROR);
+        let host = fleet
+            .serve(spec.ip, np.routes(), behaviour, spec.https)
+            .await?;
+        let mut device = crate::build::device(
+            format!("np-{:04}", i + 1),
+            kind,
+            Builder::url(host.addr(), spec.https),
+        );
+        device.gateways = urls;
+        let expectation = expectation(fault, &first_ip, spec.backups_first);
+        fleet.add(device, expectation, Arc::new(np));
+    }
+    Ok(())
+}
+
+/// What Flotilla should report for a NetProfiler whose first gateway (or,
+/// for a refused login, itself) has `fault`.
+fn expectation(fault: Option<GatewayFault>, first_ip: &str, backups_first: bool) -> Expectation {
+    match fault {
+        None => Expectation::succeeded(),
+        Some(GatewayFault::FailGraceful) => Expectation::device("failed_graceful"),
+        Some(GatewayFault::FailCritical) => {
+            Expectation::device("failed_critical").needing_attention()
+        }
+        Some(GatewayFault::InitFails) => Expectation::device("initialization failed"),
+        // Reported by its state, as its start answer may be lost to a
+        // retry: "<ip> initialized: Operation Failed".
+        Some(GatewayFault::StartFails) => Expectation::device(&format!("{first_ip} initialized")),
+        Some(GatewayFault::RunError) if backups_first => {
+            Expectation::device(flowgateway::RUN_ERROR)
+        }
+        Some(GatewayFault::RunError) => Expectation::succeeded(),
+        Some(GatewayFault::Stuck) => Expectation::timed_out(),
+        Some(GatewayFault::RefusedCredentials) => Expectation::refused(),
+    }
+}
 
 /// One NetProfiler; cheap to clone.
 #[derive(Clone)]
@@ -33,15 +132,27 @@ struct Shared {
     /// The ISO staged on the NetProfiler: the fleet's release version.
     staged: String,
     gateways: Vec<FlowGateway>,
+    /// The fault of its first gateway (or its own refused login).
+    fault: Option<GatewayFault>,
+    /// Campaigns back the gateways up first.
+    backups_first: bool,
 }
 
 impl Netprofiler {
-    pub(crate) fn new(auth: Auth, staged: &str, gateways: Vec<FlowGateway>) -> Self {
+    fn new(
+        auth: Auth,
+        staged: &str,
+        gateways: Vec<FlowGateway>,
+        fault: Option<GatewayFault>,
+        backups_first: bool,
+    ) -> Self {
         Netprofiler {
             state: Arc::new(Shared {
                 auth,
                 staged: staged.to_owned(),
                 gateways,
+                fault,
+                backups_first,
             }),
         }
     }
@@ -61,6 +172,94 @@ impl Netprofiler {
 
     pub fn gateways(&self) -> &[FlowGateway] {
         &self.state.gateways
+    }
+}
+
+impl Simulated for Netprofiler {
+    /// The most updates any of its gateways started.
+    fn upgrades(&self) -> u32 {
+        self.gateways()
+            .iter()
+            .map(FlowGateway::updates_started)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Compares the reported per-gateway outcomes (the ending's
+    /// `detail.gateways`) with what each gateway really did. A healthy
+    /// gateway may be reported `unfinished` when a sibling's failure ended
+    /// the job first, and `not_started` when a sibling's init failed.
+    fn check_detail(&self, ending: &Ending) -> Result<(), String> {
+        let fault = self.state.fault;
+        let gateways = self.gateways();
+        for gateway in gateways {
+            if gateway.updates_started() > 1 {
+                return Err(format!(
+                    "gateway {} updated {} times",
+                    gateway.ip(),
+                    gateway.updates_started()
+                ));
+            }
+        }
+        let backup_failed = fault == Some(GatewayFault::RunError) && self.state.backups_first;
+        if backup_failed || fault == Some(GatewayFault::RefusedCredentials) {
+            return match gateways.iter().find(|g| g.updates_started() > 0) {
+                Some(g) => Err(format!(
+                    "gateway {} was updated although the job failed before",
+                    g.ip()
+                )),
+                None => Ok(()),
+            };
+        }
+        if ending.outcome == Outcome::TimedOut {
+            return Ok(());
+        }
+        let reported = ending
+            .detail
+            .as_ref()
+            .and_then(|d| d.get("gateways"))
+            .and_then(Value::as_array)
+            .ok_or("no per-gateway detail reported")?;
+        if reported.len() != gateways.len() {
+            return Err(format!(
+                "{} gateways reported, {} connected",
+                reported.len(),
+                gateways.len()
+            ));
+        }
+        let sibling_failed = matches!(
+            fault,
+            Some(
+                GatewayFault::FailGraceful | GatewayFault::FailCritical | GatewayFault::StartFails
+            )
+        );
+        for gateway in gateways {
+            let ip = gateway.ip().to_string();
+            let entry = reported
+                .iter()
+                .find(|e| e["ip"] == ip.as_str())
+                .ok_or_else(|| format!("gateway {ip} missing from the report"))?;
+            let outcome = entry["outcome"].as_str().unwrap_or("");
+            let own_fault = gateway.fault().filter(|f| *f != GatewayFault::RunError);
+            let allowed: &[&str] = match (own_fault, fault) {
+                (Some(_), _) => &["failed"],
+                (None, Some(GatewayFault::InitFails)) => &["not_started"],
+                (None, _) if sibling_failed => &["succeeded", "unfinished"],
+                (None, _) => &["succeeded"],
+            };
+            if !allowed.contains(&outcome) {
+                return Err(format!(
+                    "gateway {ip}: reported {outcome:?}, expected one of {allowed:?}"
+                ));
+            }
+            if outcome == "succeeded" && gateway.version() != self.state.staged {
+                return Err(format!(
+                    "gateway {ip} reported updated but runs {}",
+                    gateway.version()
+                ));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -10,6 +10,8 @@
 //! token, and comes back `IDLE` on the new version (or `FAILED_*`).
 
 use crate::{
+    Expectation, RIVERBED_ERROR, Simulated,
+    build::{Builder, Seed},
     epoch_seconds,
     faults::Dice,
     host::Host,
@@ -22,6 +24,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use flotilla_common::DeviceKind;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::{
@@ -60,13 +63,77 @@ pub enum NpmFault {
     RefusedCredentials,
 }
 
+/// Starts the fleet's NPM appliances, each on its own host.
+pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
+    let kind = DeviceKind::Npm;
+    let faults = fleet.faults(
+        kind,
+        &[
+            NpmFault::InvalidImage,
+            NpmFault::UploadError,
+            NpmFault::ChecksumMismatch,
+            NpmFault::FailGraceful,
+            NpmFault::FailCritical,
+            NpmFault::RefusedCredentials,
+        ],
+        Some(NpmFault::Stuck),
+    )?;
+    let spec = fleet.spec;
+    for (i, fault) in faults.into_iter().enumerate() {
+        let auth = fleet.auth(fault == Some(NpmFault::RefusedCredentials), false);
+        let appliance = Npm::new(
+            fault,
+            auth,
+            &spec.release_version,
+            &spec.release_sha256,
+            NpmTiming {
+                step_time: spec.operation_time.clone(),
+                update_time: spec.upgrade_time.clone(),
+                reboot_time: spec.reboot_time.clone(),
+            },
+            fleet.dice(Seed::new(kind, "device", i)),
+            fleet.stop.clone(),
+        );
+        let behaviour = fleet.behaviour(Seed::new(kind, "host", i), RIVERBED_ERROR);
+        let host = fleet
+            .serve(spec.ip, appliance.routes(), behaviour, spec.https)
+            .await?;
+        let address = Builder::url(host.addr(), spec.https);
+        appliance.attach(host);
+        let device = crate::build::device(format!("npm-{:04}", i + 1), kind, address);
+        fleet.add(device, expectation(fault), Arc::new(appliance));
+    }
+    Ok(())
+}
+
+/// What Flotilla should report for an appliance with `fault`.
+fn expectation(fault: Option<NpmFault>) -> Expectation {
+    match fault {
+        None => Expectation::succeeded(),
+        Some(NpmFault::InvalidImage) => Expectation::device(INVALID_IMAGE),
+        Some(NpmFault::UploadError) => Expectation::device(UPLOAD_ERROR),
+        Some(NpmFault::ChecksumMismatch) => Expectation::device("checksum"),
+        Some(NpmFault::FailGraceful) => Expectation::device(GRACEFUL_FAILURE),
+        Some(NpmFault::FailCritical) => Expectation::device(CRITICAL_FAILURE).needing_attention(),
+        Some(NpmFault::Stuck) => Expectation::timed_out(),
+        Some(NpmFault::RefusedCredentials) => Expectation::refused(),
+    }
+}
+
+impl Simulated for Npm {
+    /// Updates started.
+    fn upgrades(&self) -> u32 {
+        self.updates_started()
+    }
+}
+
 /// What the appliance does, in time.
 #[derive(Debug, Clone)]
-pub(crate) struct NpmTiming {
+struct NpmTiming {
     /// Uploading (or fetching), then validating, each; and initializing.
-    pub(crate) step_time: RangeInclusive<Duration>,
-    pub(crate) update_time: RangeInclusive<Duration>,
-    pub(crate) reboot_time: RangeInclusive<Duration>,
+    step_time: RangeInclusive<Duration>,
+    update_time: RangeInclusive<Duration>,
+    reboot_time: RangeInclusive<Duration>,
 }
 
 /// One appliance; cheap to clone.
@@ -111,7 +178,7 @@ struct Image {
 }
 
 impl Npm {
-    pub(crate) fn new(
+    fn new(
         fault: Option<NpmFault>,
         auth: Auth,
         release_version: &str,
@@ -149,7 +216,7 @@ impl Npm {
         }
     }
 
-    pub(crate) fn routes(&self) -> Router {
+    fn routes(&self) -> Router {
         Router::new()
             .route("/api/npm.system_update/2.0/images", get(images))
             .route("/api/npm.system_update/2.0/images/fetch", post(fetch))
@@ -172,7 +239,7 @@ impl Npm {
             .with_state(self.clone())
     }
 
-    pub(crate) fn attach(&self, host: Host) {
+    fn attach(&self, host: Host) {
         let _ = self.state.host.set(host);
     }
 

@@ -13,7 +13,7 @@
 //! Values are read when needed, so a rotated Secret takes effect without a
 //! restart. A [`Secret`] never prints its value.
 
-use crate::drivers::StepError;
+use crate::driver::StepError;
 use std::{collections::HashMap, fmt, path::PathBuf, sync::Arc};
 
 pub const ENV_CREDENTIALS_DIR: &str = "FLOTILLA_CREDENTIALS_DIR";
@@ -70,9 +70,9 @@ impl Credentials {
 
     /// The field, or a config error naming the reference and field (never a
     /// value).
-    pub fn require(&self, field: &str) -> Result<&Secret, StepError> {
+    pub(crate) fn require(&self, field: &str) -> Result<&Secret, StepError> {
         self.get(field).ok_or_else(|| {
-            StepError::config(format!(
+            StepError::worker_lacks(format!(
                 "credentials {:?} have no {field:?} on this worker",
                 self.reference
             ))
@@ -185,11 +185,21 @@ mod tests {
         assert_eq!(credentials.require("password").unwrap().expose(), "hunter2");
         let missing = credentials.require("username").unwrap_err();
         assert!(
-            missing.message.contains("\"dms-east\""),
-            "{}",
-            missing.message
+            matches!(
+                missing,
+                StepError::Retry {
+                    class: flotilla_common::ErrorClass::Config,
+                    ..
+                }
+            ),
+            "{missing:?}"
         );
-        assert!(!missing.message.contains("hunter2"));
+        assert!(
+            missing.message().contains("\"dms-east\""),
+            "{}",
+            missing.message()
+        );
+        assert!(!missing.message().contains("hunter2"));
     }
 
     #[test]

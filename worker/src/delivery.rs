@@ -10,9 +10,10 @@
 use crate::{
     credentials::CredentialStore,
     device_http::HttpClients,
-    drivers::{AnyDriver, Registry},
+    driver::Rejection,
     metrics::WorkerMetrics,
-    step::{self, Executed, StepEnv},
+    registry::{Prepared, Registry},
+    step::{Executed, StepEnv},
 };
 use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
@@ -65,19 +66,9 @@ pub(crate) async fn handle(
     shared: &Shared,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
-    let job = match decode(&delivery.data, &shared.registry) {
+    let job = match decode(&delivery.data) {
         Ok(job) => job,
         Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
-    };
-    let Some(driver) = shared.registry.get(job.device.kind) else {
-        let rejection = Rejection {
-            reason: "unknown_kind",
-            detail: format!(
-                "this worker has no driver for device kind {}",
-                job.device.kind
-            ),
-        };
-        return dead_letter(delivery, publisher, shared, rejection).await;
     };
 
     if let Some(due_ms) = headers::get_int(incoming, headers::DUE_AT_MS) {
@@ -120,20 +111,31 @@ pub(crate) async fn handle(
         return ack(&delivery).await;
     }
 
+    // The step is decoded once, here; what cannot be is dead-lettered.
+    let (campaign, device, kind, attempt) = (
+        job.campaign.clone(),
+        job.device.id.clone(),
+        job.device.kind,
+        job.attempt,
+    );
+    let prepared = match shared.registry.get(kind).prepare(job) {
+        Ok(prepared) => prepared,
+        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+    };
     // One span per step, in the device's trace; the fields also label the
     // step's log lines.
     let span = info_span!(
         "step",
-        otel.name = %format!("{} {}", job.device.kind, driver.step_name(&job.step).unwrap_or("unknown")),
-        campaign = %job.campaign,
-        device = %job.device.id,
-        kind = %job.device.kind,
-        attempt = job.attempt,
+        otel.name = %format!("{kind} {}", prepared.step_name()),
+        campaign = %campaign,
+        device = %device,
+        kind = %kind,
+        attempt = attempt,
     );
     telemetry::continue_trace(&span, incoming);
     let incoming = incoming.cloned();
     async move {
-        let executed = match run_step(job, driver, mode == Mode::Cancelled, shared).await {
+        let executed = match run_step(prepared, mode == Mode::Cancelled, shared).await {
             Ok(executed) => executed,
             Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
         };
@@ -145,19 +147,16 @@ pub(crate) async fn handle(
 }
 
 async fn run_step(
-    job: Job,
-    driver: &dyn AnyDriver,
+    prepared: Box<dyn Prepared<'_> + '_>,
     cancelled: bool,
     shared: &Shared,
 ) -> Result<Executed, Rejection> {
     let gauge = shared.metrics.in_flight();
     gauge.inc();
-    let executed = step::execute(job, driver, cancelled, &shared.env()).await;
+    let env = shared.env();
+    let executed = prepared.execute(cancelled, &env).await;
     gauge.dec();
-    executed.map_err(|unknown| Rejection {
-        reason: "unknown_step",
-        detail: unknown.to_string(),
-    })
+    executed
 }
 
 /// Sends the follow-up and the events, then waits for every confirm.
@@ -207,16 +206,8 @@ async fn publish(
     Ok(())
 }
 
-/// Why a message cannot be processed.
-#[derive(Debug)]
-pub(crate) struct Rejection {
-    /// One of `metrics::DEAD_LETTER_REASONS`.
-    pub reason: &'static str,
-    pub detail: String,
-}
-
 /// Reads a job, checking its version before trusting anything else in it.
-fn decode(data: &[u8], registry: &Registry) -> Result<Job, Rejection> {
+fn decode(data: &[u8]) -> Result<Job, Rejection> {
     let undecodable = |detail: String| Rejection {
         reason: "undecodable",
         detail,
@@ -238,14 +229,12 @@ fn decode(data: &[u8], registry: &Registry) -> Result<Job, Rejection> {
     if let Some(kind) = value
         .pointer("/device/kind")
         .and_then(serde_json::Value::as_str)
+        && kind.parse::<DeviceKind>().is_err()
     {
-        let known = kind.parse::<DeviceKind>().ok();
-        if known.is_none_or(|k| registry.get(k).is_none()) {
-            return Err(Rejection {
-                reason: "unknown_kind",
-                detail: format!("no driver for device kind {kind:?}"),
-            });
-        }
+        return Err(Rejection {
+            reason: "unknown_kind",
+            detail: format!("no driver for device kind {kind:?}"),
+        });
     }
     serde_json::from_value(value).map_err(|e| undecodable(format!("not a job envelope: {e}")))
 }
@@ -307,8 +296,7 @@ mod tests {
 
     #[test]
     fn rejections_name_what_is_wrong() {
-        let registry = Registry::standard();
-        let reason = |data: &[u8]| decode(data, &registry).unwrap_err().reason;
+        let reason = |data: &[u8]| decode(data).unwrap_err().reason;
         assert_eq!(reason(b"\x00\x01garbage"), "undecodable");
         assert_eq!(reason(br#"{"campaign":"c"}"#), "undecodable");
         assert_eq!(reason(br#"{"v":99,"campaign":"c"}"#), "unsupported_version");
@@ -316,7 +304,7 @@ mod tests {
             reason(br#"{"v":1,"device":{"kind":"toaster"}}"#),
             "unknown_kind"
         );
-        let missing = decode(br#"{"v":1,"device":{"kind":"dms"}}"#, &registry).unwrap_err();
+        let missing = decode(br#"{"v":1,"device":{"kind":"dms"}}"#).unwrap_err();
         assert_eq!(missing.reason, "undecodable");
         assert!(
             missing.detail.contains("missing field"),

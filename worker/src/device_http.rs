@@ -10,11 +10,7 @@
 //! group without certificate checks), so connections are pooled per profile
 //! and a job's TLS settings never leak into another's.
 
-use crate::{
-    credentials::{Credentials, Secret},
-    drivers::StepError,
-    metrics::WorkerMetrics,
-};
+use crate::{credentials::Secret, driver::StepError, metrics::WorkerMetrics};
 use flotilla_common::{Device, DeviceKind, TlsProfile, job::join_api_path};
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
@@ -62,7 +58,7 @@ impl HttpClients {
         // Built outside the lock: reading the CA takes a moment, and two
         // tasks building the same profile at once only waste a little work.
         let client = build_client(self.timeout, profile).map_err(|e| {
-            StepError::config(format!(
+            StepError::worker_lacks(format!(
                 "cannot build an HTTPS client with the campaign's TLS settings: {}",
                 describe(&e)
             ))
@@ -92,7 +88,7 @@ fn build_client(
 }
 
 #[derive(Clone, Copy)]
-pub struct DeviceClient<'a> {
+pub(crate) struct DeviceClient<'a> {
     http: &'a reqwest::Client,
     base: &'a Url,
     kind: DeviceKind,
@@ -119,7 +115,7 @@ impl<'a> DeviceClient<'a> {
 
     /// The same client, aimed at another host the job must reach (with the
     /// same TLS settings), named `label` in messages.
-    pub fn at(&self, base: &'a Url, label: &'a str) -> DeviceClient<'a> {
+    pub(crate) fn at(&self, base: &'a Url, label: &'a str) -> DeviceClient<'a> {
         DeviceClient {
             base,
             label: Some(label),
@@ -128,27 +124,27 @@ impl<'a> DeviceClient<'a> {
     }
 
     /// The base URL requests go to.
-    pub fn base(&self) -> &'a Url {
+    pub(crate) fn base(&self) -> &'a Url {
         self.base
     }
 
-    pub fn get(&self, path: &str) -> Call<'a> {
+    pub(crate) fn get(&self, path: &str) -> Call<'a> {
         self.request(Method::GET, path)
     }
 
-    pub fn post(&self, path: &str) -> Call<'a> {
+    pub(crate) fn post(&self, path: &str) -> Call<'a> {
         self.request(Method::POST, path)
     }
 
-    pub fn put(&self, path: &str) -> Call<'a> {
+    pub(crate) fn put(&self, path: &str) -> Call<'a> {
         self.request(Method::PUT, path)
     }
 
-    pub fn delete(&self, path: &str) -> Call<'a> {
+    pub(crate) fn delete(&self, path: &str) -> Call<'a> {
         self.request(Method::DELETE, path)
     }
 
-    pub fn request(&self, method: Method, path: &str) -> Call<'a> {
+    pub(crate) fn request(&self, method: Method, path: &str) -> Call<'a> {
         let url = join_api_path(self.base, path);
         // Query strings can carry identifiers; messages name the path only.
         let path = path.split('?').next().unwrap_or(path);
@@ -172,7 +168,7 @@ impl<'a> DeviceClient<'a> {
 }
 
 /// One request being built.
-pub struct Call<'a> {
+pub(crate) struct Call<'a> {
     client: DeviceClient<'a>,
     what: String,
     /// Names the call by method and path template: never its query, body
@@ -182,51 +178,42 @@ pub struct Call<'a> {
 }
 
 impl Call<'_> {
-    pub fn basic_auth(mut self, credentials: &Credentials) -> Result<Self, StepError> {
-        let user = credentials.require("username")?;
-        let password = credentials.require("password")?;
-        self.builder = self
-            .builder
-            .basic_auth(user.expose(), Some(password.expose()));
-        Ok(self)
-    }
-
-    pub fn basic(mut self, user: &Secret, password: &Secret) -> Self {
+    pub(crate) fn basic(mut self, user: &Secret, password: &Secret) -> Self {
         self.builder = self
             .builder
             .basic_auth(user.expose(), Some(password.expose()));
         self
     }
 
-    pub fn bearer(mut self, token: &Secret) -> Self {
+    pub(crate) fn bearer(mut self, token: &Secret) -> Self {
         self.builder = self.builder.bearer_auth(token.expose());
         self
     }
 
-    pub fn json<T: Serialize + ?Sized>(mut self, body: &T) -> Self {
+    pub(crate) fn json<T: Serialize + ?Sized>(mut self, body: &T) -> Self {
         self.builder = self.builder.json(body);
         self
     }
 
-    pub fn header(mut self, name: &str, value: &str) -> Self {
+    pub(crate) fn header(mut self, name: &str, value: &str) -> Self {
         self.builder = self.builder.header(name, value);
         self
     }
 
-    pub fn body(mut self, body: impl Into<reqwest::Body>) -> Self {
+    pub(crate) fn body(mut self, body: impl Into<reqwest::Body>) -> Self {
         self.builder = self.builder.body(body);
         self
     }
 
     /// A `multipart/form-data` body (its content type and boundary set).
-    pub fn multipart(mut self, form: reqwest::multipart::Form) -> Self {
+    pub(crate) fn multipart(mut self, form: reqwest::multipart::Form) -> Self {
         self.builder = self.builder.multipart(form);
         self
     }
 
     /// Sends the request. Transport failures and 5xx answers are transient
     /// errors; every other answer is returned.
-    pub async fn send(self) -> Result<Reply, StepError> {
+    pub(crate) async fn send(self) -> Result<Reply, StepError> {
         let span = self.span.clone();
         self.send_in_span().instrument(span).await
     }
@@ -276,19 +263,19 @@ impl Call<'_> {
 
 /// A device's answer other than a 5xx.
 #[derive(Debug)]
-pub struct Reply {
+pub(crate) struct Reply {
     /// The call, as `METHOD /path`, for messages.
-    pub what: String,
-    pub status: StatusCode,
+    pub(crate) what: String,
+    pub(crate) status: StatusCode,
     /// For the few answers that matter beyond the body (a session cookie);
     /// never quoted in messages, as they can carry secrets.
-    pub headers: reqwest::header::HeaderMap,
-    pub body: Vec<u8>,
+    pub(crate) headers: reqwest::header::HeaderMap,
+    pub(crate) body: Vec<u8>,
 }
 
 impl Reply {
     /// The body as `T`, or an error that names the call and quotes the body.
-    pub fn json<T: DeserializeOwned>(&self) -> Result<T, StepError> {
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, StepError> {
         serde_json::from_slice(&self.body).map_err(|error| {
             StepError::garbage(format!(
                 "{} answered HTTP {} with a body we cannot read ({error}): {}",
@@ -301,7 +288,16 @@ impl Reply {
 
     /// Fails unless the status is 2xx: 401 and 403 as an auth failure, any
     /// other status as the device's refusal, quoting its answer.
-    pub fn success(self) -> Result<Self, StepError> {
+    pub(crate) fn success(self) -> Result<Self, StepError> {
+        self.success_in_words(|_| None)
+    }
+
+    /// [`Reply::success`], naming a refusal in the device's own words when
+    /// `words` finds them in the body (an API's error object).
+    pub(crate) fn success_in_words(
+        self,
+        words: impl Fn(&[u8]) -> Option<String>,
+    ) -> Result<Self, StepError> {
         match self.status {
             s if s.is_success() => Ok(self),
             StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => Err(StepError::auth(format!(
@@ -309,17 +305,25 @@ impl Reply {
                 self.what,
                 self.status.as_u16()
             ))),
-            s => Err(StepError::device(format!(
-                "{} answered HTTP {}: {}",
-                self.what,
-                s.as_u16(),
-                self.quote()
-            ))),
+            s => Err(StepError::refused(match words(&self.body) {
+                Some(words) => format!("{} answered HTTP {} {words}", self.what, s.as_u16()),
+                None => format!(
+                    "{} answered HTTP {}: {}",
+                    self.what,
+                    s.as_u16(),
+                    self.quote()
+                ),
+            })),
         }
     }
 
+    /// An answer we cannot read: `problem`, naming the call and quoting it.
+    pub(crate) fn unreadable(&self, problem: &str) -> StepError {
+        StepError::garbage(format!("{}: {problem}: {}", self.what, self.quote()))
+    }
+
     /// The start of the body, as text, for error messages.
-    pub fn quote(&self) -> String {
+    pub(crate) fn quote(&self) -> String {
         let text = String::from_utf8_lossy(&self.body);
         let text = text.trim();
         if text.is_empty() {

@@ -12,24 +12,31 @@
 //! - `delivery`: one delivery, from decoding to the ack;
 //! - `step`: the pipeline's rules around every driver (deadline, timeout,
 //!   retries, cleanup);
-//! - [`drivers`]: one module per device API;
-//! - [`device_http`], [`credentials`], [`metrics`]: what drivers use.
+//! - `driver`: the driver contract and the error vocabulary every step
+//!   speaks;
+//! - `device_http`, [`credentials`], `support`: what drivers build on;
+//! - `drivers`: one module per device API, and the table of drivers by
+//!   kind; `registry`: that table as the delivery loop sees it;
+//! - [`metrics`]: the worker's Prometheus metrics.
 
 pub mod config;
 mod consumer;
 pub mod credentials;
 mod delivery;
-pub mod device_http;
-pub mod drivers;
+mod device_http;
+mod driver;
+mod drivers;
 pub mod metrics;
+mod registry;
 mod step;
+mod support;
 
 pub use config::{Listen, WorkerConfig};
 pub use credentials::{CredentialStore, Credentials};
-pub use drivers::Registry;
 
 use delivery::Shared;
 use flotilla_common::{Broker, BrokerError, TopologyError, ops};
+use registry::Registry;
 use std::{future::Future, sync::Arc};
 use tokio_util::sync::CancellationToken;
 use tracing::info;

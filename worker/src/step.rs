@@ -6,21 +6,30 @@
 //! - a job of a cancelled campaign likewise runs its cleanup and ends
 //!   `cancelled`;
 //! - a step runs under the campaign's step timeout;
-//! - a retryable error retries the same step with exponential backoff and
-//!   jitter, up to the campaign's attempt limit;
-//! - once an outcome is decided it is stored in the job, the driver's
-//!   cleanup for the current step runs, and the job ends with that outcome
-//!   whatever the cleanup meets.
+//! - [`StepError::Retry`] retries the same step with exponential backoff
+//!   and jitter, up to the campaign's attempt limit, then fails the job
+//!   with its class;
+//! - [`StepError::Fail`] and a success decide the outcome: it is stored in
+//!   the job, the driver's cleanup for the current step runs, and the job
+//!   ends with that outcome whatever the cleanup meets;
+//! - [`StepError::Reject`] sends the message to the dead letters.
+//!
+//! The pipeline is generic over the driver: a delivery's step is decoded
+//! once, into the driver's own `Step`, and encoded once, into the job it
+//! publishes next.
 
 use crate::{
     credentials::CredentialStore,
     device_http::{DeviceClient, HttpClients},
-    drivers::{Action, AnyDriver, StepContext, StepError, UnknownStep},
+    driver::{Action, Driver, Rejection, StepContext, StepError},
     metrics::WorkerMetrics,
 };
 use chrono::Utc;
-use flotilla_common::{Ending, Event, EventBody, FinishedEvent, Job, RetryPolicy, StepEvent};
+use flotilla_common::{
+    DeviceKind, Ending, ErrorClass, Event, EventBody, FinishedEvent, Job, RetryPolicy, StepEvent,
+};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 use std::time::{Duration, Instant};
 
 /// How long cleanup may run past a job's deadline before the job ends
@@ -51,17 +60,36 @@ pub(crate) struct FollowUp {
     pub delay: Option<Duration>,
 }
 
-pub(crate) async fn execute(
+/// Reads a job's `step` as the driver's own (`null` is its first step).
+pub(crate) fn decode_step<D: Driver>(
+    driver: &D,
+    step: &serde_json::Value,
+) -> Result<D::Step, Rejection> {
+    if step.is_null() {
+        return Ok(driver.first_step());
+    }
+    D::Step::deserialize(step).map_err(|e| Rejection {
+        reason: "unknown_step",
+        detail: format!("the {} driver has no step {step}: {e}", D::KIND),
+    })
+}
+
+fn encode_step<S: Serialize>(step: &S) -> serde_json::Value {
+    // Steps are plain enums of strings and numbers; serializing them to a
+    // JSON value cannot fail.
+    serde_json::to_value(step).expect("driver steps serialize to JSON")
+}
+
+/// Runs `step`, the job's current step, and decides what follows.
+pub(crate) async fn execute<D: Driver>(
+    driver: &D,
     mut job: Job,
-    driver: &dyn AnyDriver,
+    step: D::Step,
     cancelled: bool,
     env: &StepEnv<'_>,
-) -> Result<Executed, UnknownStep> {
+) -> Result<Executed, Rejection> {
     let now = Utc::now();
-    if job.step.is_null() {
-        job.step = driver.first_step();
-    }
-    let step_name = driver.step_name(&job.step)?;
+    let step_name = D::step_name(&step);
     let deadline = *job
         .deadline
         .get_or_insert_with(|| now + job.policy.deadline);
@@ -73,7 +101,13 @@ pub(crate) async fn execute(
     if job.ending.is_none() && cancelled {
         let record =
             StepRecord::new(&job, step_name, env.worker).note("campaign cancelled; cleaning up");
-        return begin_ending(job, driver, Ending::cancelled(), record);
+        return Ok(begin_ending(
+            job,
+            driver,
+            &step,
+            Ending::cancelled(),
+            record,
+        ));
     }
     if job.ending.is_none() && now >= deadline {
         let ending = Ending::timed_out(format!(
@@ -82,7 +116,7 @@ pub(crate) async fn execute(
         ));
         let record =
             StepRecord::new(&job, step_name, env.worker).note("deadline passed; cleaning up");
-        return begin_ending(job, driver, ending, record);
+        return Ok(begin_ending(job, driver, &step, ending, record));
     }
     if job.ending.is_some() && now >= deadline + CLEANUP_GRACE {
         let record = StepRecord::new(&job, step_name, env.worker)
@@ -92,6 +126,7 @@ pub(crate) async fn execute(
 
     let credentials = env.credentials.resolve(&job.device.credentials);
     let started = Instant::now();
+    let cleanup = driver.cleanup(&step);
     let result = match env.http.get(&job.tls) {
         Err(error) => Err(error),
         Ok(http) => {
@@ -100,8 +135,7 @@ pub(crate) async fn execute(
                 http: DeviceClient::new(&http, &job.device, env.metrics),
                 credentials: &credentials,
             };
-            let run = driver.run(&job.step, &cx)?;
-            match tokio::time::timeout(job.policy.step_timeout, run).await {
+            match tokio::time::timeout(job.policy.step_timeout, driver.run(step, &cx)).await {
                 Ok(result) => result,
                 Err(_) => Err(StepError::transient(format!(
                     "step {step_name} did not finish within {}",
@@ -113,25 +147,36 @@ pub(crate) async fn execute(
     let took = started.elapsed();
     let mut record = StepRecord::new(&job, step_name, env.worker);
     record.duration = took;
+    let kind = job.device.kind;
 
     match result {
         Ok(next) => {
-            env.metrics.step(job.device.kind, step_name, "ok", took);
+            env.metrics.step(kind, step_name, "ok", took);
             record.note = next.note;
-            match next.action {
-                Action::Run(step) => advance(job, driver, step, None, record),
-                Action::Poll(step, delay) => {
-                    let delay = delay.unwrap_or(job.policy.poll_interval);
-                    advance(job, driver, step, Some(delay), record)
+            Ok(match next.action {
+                Action::Run(next) => advance::<D>(job, &next, None, record),
+                Action::Poll(next) => {
+                    let delay = job.policy.poll_interval;
+                    advance::<D>(job, &next, Some(delay), record)
                 }
-                Action::End(ending) => begin_ending(job, driver, ending, record),
-                Action::Done => Ok(finish(job, record, None)),
-            }
+                Action::Succeed(detail) => {
+                    let mut ending = Ending::succeeded();
+                    ending.detail = detail;
+                    end_with::<D>(job, cleanup, ending, record)
+                }
+                Action::Done => finish(job, record, None),
+            })
         }
-        Err(error) if error.retryable && job.attempt + 1 < job.policy.retry.max_attempts => {
-            env.metrics.step(job.device.kind, step_name, "retry", took);
+        Err(StepError::Reject(rejection)) => {
+            env.metrics.step(kind, step_name, "error", took);
+            Err(rejection)
+        }
+        Err(StepError::Retry { message, .. })
+            if job.attempt + 1 < job.policy.retry.max_attempts =>
+        {
+            env.metrics.step(kind, step_name, "retry", took);
             let delay = backoff(&job.policy.retry, job.attempt);
-            record.error = Some(error.message);
+            record.error = Some(message);
             record.next = Some(step_name.to_owned());
             record.delay = Some(delay);
             job.attempt += 1;
@@ -139,52 +184,70 @@ pub(crate) async fn execute(
             Ok(continue_with(job, Some(delay), record))
         }
         Err(error) => {
-            env.metrics.step(job.device.kind, step_name, "error", took);
+            env.metrics.step(kind, step_name, "error", took);
             let attempts = job.attempt + 1;
-            let message = if error.retryable {
-                format!("{} (gave up after {attempts} attempts)", error.message)
-            } else {
-                error.message.clone()
+            let ending = match error {
+                StepError::Retry { class, message } => Ending::failed(
+                    class,
+                    format!("{message} (gave up after {attempts} attempts)"),
+                ),
+                StepError::Fail(failure) => {
+                    record.note = failure.note.clone();
+                    failure.ending()
+                }
+                StepError::Reject(_) => unreachable!("rejections are handled above"),
             };
-            record.error = Some(message.clone());
+            record.error = ending.error.clone();
             if job.ending.is_some() {
-                let problem = format!("cleanup step {step_name} failed: {message}");
+                let problem = format!(
+                    "cleanup step {step_name} failed: {}",
+                    ending.error.as_deref().unwrap_or_default()
+                );
                 Ok(finish(job, record, Some(&problem)))
             } else {
-                begin_ending(job, driver, Ending::failed(error.class, message), record)
+                Ok(end_with::<D>(job, cleanup, ending, record))
             }
         }
     }
 }
 
 /// Moves the job to its next step, now or after `delay`.
-fn advance(
+fn advance<D: Driver>(
     mut job: Job,
-    driver: &dyn AnyDriver,
-    step: serde_json::Value,
+    step: &D::Step,
     delay: Option<Duration>,
     mut record: StepRecord,
-) -> Result<Executed, UnknownStep> {
-    record.next = Some(driver.step_name(&step)?.to_owned());
+) -> Executed {
+    record.next = Some(D::step_name(step).to_owned());
     record.delay = delay;
-    job.step = step;
+    job.step = encode_step(step);
     job.attempt = 0;
     job.seq += 1;
-    Ok(continue_with(job, delay, record))
+    continue_with(job, delay, record)
 }
 
-/// Records the outcome (the first one decided wins) and moves to the current
-/// step's cleanup, or finishes if there is nothing to clean up.
-fn begin_ending(
-    mut job: Job,
-    driver: &dyn AnyDriver,
+/// Records the outcome (the first one decided wins) and moves to the
+/// current step's cleanup, or finishes if there is nothing to clean up.
+fn begin_ending<D: Driver>(
+    job: Job,
+    driver: &D,
+    step: &D::Step,
     ending: Ending,
     record: StepRecord,
-) -> Result<Executed, UnknownStep> {
+) -> Executed {
+    end_with::<D>(job, driver.cleanup(step), ending, record)
+}
+
+fn end_with<D: Driver>(
+    mut job: Job,
+    cleanup: Option<D::Step>,
+    ending: Ending,
+    record: StepRecord,
+) -> Executed {
     job.ending.get_or_insert(ending);
-    match driver.cleanup(&job.step)? {
-        Some(cleanup) => advance(job, driver, cleanup, None, record),
-        None => Ok(finish(job, record, None)),
+    match cleanup {
+        Some(cleanup) => advance::<D>(job, &cleanup, None, record),
+        None => finish(job, record, None),
     }
 }
 
@@ -201,7 +264,7 @@ fn continue_with(job: Job, delay: Option<Duration>, record: StepRecord) -> Execu
 fn finish(job: Job, record: StepRecord, problem: Option<&str>) -> Executed {
     let mut ending = job.ending.clone().unwrap_or_else(|| {
         Ending::failed(
-            flotilla_common::ErrorClass::Protocol,
+            ErrorClass::Protocol,
             format!("driver finished at step {} without an outcome", record.step),
         )
     });
@@ -245,7 +308,7 @@ pub(crate) fn backoff(policy: &RetryPolicy, failed_attempts: u32) -> Duration {
 /// The step event being assembled.
 struct StepRecord {
     device: String,
-    kind: flotilla_common::DeviceKind,
+    kind: DeviceKind,
     seq: u32,
     step: String,
     attempt: u32,

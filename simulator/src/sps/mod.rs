@@ -18,7 +18,12 @@
 
 mod multipart;
 
-use crate::{faults::Dice, host::Host, host::basic_auth_matches};
+use crate::{
+    Expectation, Simulated,
+    build::{Builder, Seed},
+    faults::Dice,
+    host::{Host, basic_auth_matches},
+};
 use axum::{
     Json, Router,
     extract::{DefaultBodyLimit, Path, State},
@@ -26,6 +31,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::get,
 };
+use flotilla_common::DeviceKind;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use std::{
@@ -98,14 +104,83 @@ impl SpsFault {
     }
 }
 
+const SPS_ERROR: &str = r#"{"error":{"details":{},"message":"simulated transient failure","type":"InternalServerError"}}"#;
+
+/// Starts the fleet's SPS appliances, each on its own host.
+pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
+    let kind = DeviceKind::Sps;
+    let faults = fleet.faults(
+        kind,
+        &[
+            SpsFault::FetchFailed,
+            SpsFault::ChecksumMismatch,
+            SpsFault::FetchCanceled,
+            SpsFault::EmptySlot,
+            SpsFault::FirmwareTestFailed,
+            SpsFault::UpgradeMessageMissing,
+            SpsFault::IncompleteRequestBody,
+            SpsFault::RefusedCredentials,
+        ],
+        Some(SpsFault::Stuck),
+    )?;
+    let spec = fleet.spec;
+    for (i, fault) in faults.into_iter().enumerate() {
+        let appliance = Sps::new(
+            fault,
+            (&spec.username, &spec.password),
+            (&spec.release_version, &spec.release_sha256),
+            SpsTiming {
+                fetch_step: spec.operation_time.clone(),
+                reboot_time: spec.reboot_time.clone(),
+                session_idle: spec.sps_session_idle,
+            },
+            fleet.dice(Seed::new(kind, "device", i)),
+            fleet.stop.clone(),
+        );
+        let behaviour = fleet.behaviour(Seed::new(kind, "host", i), SPS_ERROR);
+        let host = fleet
+            .serve(spec.ip, appliance.routes(), behaviour, spec.https)
+            .await?;
+        let address = Builder::url(host.addr(), spec.https);
+        appliance.attach(host);
+        let device = crate::build::device(format!("sps-{:04}", i + 1), kind, address);
+        fleet.add(device, expectation(fault), Arc::new(appliance));
+    }
+    Ok(())
+}
+
+/// What Flotilla should report for an appliance with `fault`.
+fn expectation(fault: Option<SpsFault>) -> Expectation {
+    match fault {
+        None => Expectation::succeeded(),
+        Some(SpsFault::FetchFailed) => Expectation::device("Max retries exceeded"),
+        Some(SpsFault::ChecksumMismatch) => Expectation::device(CHECKSUM_MISMATCH),
+        Some(SpsFault::FetchCanceled) => Expectation::device("canceled"),
+        Some(SpsFault::EmptySlot) => Expectation::device("ResourceNotFound"),
+        Some(SpsFault::FirmwareTestFailed) => Expectation::device("HA check failed"),
+        // Campaigns against the fleet give no commit message.
+        Some(SpsFault::UpgradeMessageMissing) => Expectation::device("UpgradeMessageMissing"),
+        Some(SpsFault::IncompleteRequestBody) => Expectation::device("IncompleteRequestBodyError"),
+        Some(SpsFault::RefusedCredentials) => Expectation::refused(),
+        Some(SpsFault::Stuck) => Expectation::timed_out(),
+    }
+}
+
+impl Simulated for Sps {
+    /// Upgrades accepted.
+    fn upgrades(&self) -> u32 {
+        Sps::upgrades(self)
+    }
+}
+
 /// What the appliance does, in time.
 #[derive(Debug, Clone)]
-pub(crate) struct SpsTiming {
+struct SpsTiming {
     /// A fetch is queued this long, then downloads this long.
-    pub(crate) fetch_step: RangeInclusive<Duration>,
-    pub(crate) reboot_time: RangeInclusive<Duration>,
+    fetch_step: RangeInclusive<Duration>,
+    reboot_time: RangeInclusive<Duration>,
     /// A session without a call for this long ends.
-    pub(crate) session_idle: Duration,
+    session_idle: Duration,
 }
 
 /// One appliance; cheap to clone.
@@ -162,7 +237,7 @@ enum FetchState {
 }
 
 impl Sps {
-    pub(crate) fn new(
+    fn new(
         fault: Option<SpsFault>,
         (user, password): (&str, &str),
         (release_version, release_sha256): (&str, &str),
@@ -206,7 +281,7 @@ impl Sps {
         }
     }
 
-    pub(crate) fn routes(&self) -> Router {
+    fn routes(&self) -> Router {
         Router::new()
             .route("/api/authentication", get(authenticate))
             .route("/api/firmware/slots", get(slots))
@@ -220,7 +295,7 @@ impl Sps {
             .with_state(self.clone())
     }
 
-    pub(crate) fn attach(&self, host: Host) {
+    fn attach(&self, host: Host) {
         let _ = self.state.host.set(host);
     }
 

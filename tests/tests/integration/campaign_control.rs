@@ -2,6 +2,7 @@
 //! its ramp, caps shared between campaigns, pause/resume/cancel, the
 //! maintenance window, and a producer that crashes and resumes.
 
+use flotilla_common::DeviceKind;
 use flotilla_common::{Decision, EventBody, Outcome, PauseCause, control::Command};
 use flotilla_producer::{
     campaign::Budget,
@@ -13,19 +14,20 @@ use flotilla_producer::{
     send_command,
     state::Phase,
 };
+use flotilla_sim::dms;
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::{collections::HashMap, time::Duration};
 
 fn cpes(n: usize, upgrade_ms: (u64, u64), faults: FaultSpec) -> FleetSpec {
     FleetSpec {
-        dms_cpes: n,
         cpes_per_dms: 1000,
         faults,
         request_latency: Duration::ZERO..=Duration::from_millis(2),
         upgrade_time: Duration::from_millis(upgrade_ms.0)..=Duration::from_millis(upgrade_ms.1),
         ..FleetSpec::default()
     }
+    .with(DeviceKind::Dms, n)
 }
 
 fn decisions(state: &flotilla_producer::CampaignState) -> Vec<Decision> {
@@ -214,7 +216,7 @@ async fn a_cap_shared_by_two_campaigns_is_never_exceeded() {
     for worker in workers {
         worker.stop().await;
     }
-    let dms = fleet.dms_hosts().next().unwrap();
+    let dms = fleet.get::<dms::Cpe>(&fleet.devices()[0].id).unwrap().dms();
     // Both campaigns upgrade CPEs behind one DMS; together they stay at 4,
     // and the cap was what held them back.
     assert_eq!(dms.max_concurrent_upgrades(), 4);
@@ -256,7 +258,7 @@ async fn pause_parks_every_job_without_calling_devices_and_resume_finishes() {
         )
         .await;
     // Steps under way when the command arrived may finish; then silence.
-    let dms = fleet.dms_hosts().next().unwrap();
+    let dms = fleet.get::<dms::Cpe>(&fleet.devices()[0].id).unwrap().dms();
     let settle_by = tokio::time::Instant::now() + Duration::from_secs(10);
     let mut before = dms.requests();
     loop {

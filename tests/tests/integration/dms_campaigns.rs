@@ -1,7 +1,9 @@
 //! Whole campaigns of TR-069 CPEs through a real broker and real HTTP to the
 //! simulated DMS.
 
+use flotilla_common::DeviceKind;
 use flotilla_common::{ErrorClass, Outcome};
+use flotilla_sim::dms;
 use flotilla_sim::{Fleet, FleetSpec, dms::DOWNLOAD_FAILURE, faults::FaultSpec};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::time::Duration;
@@ -9,20 +11,22 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_cpes_each_end_with_exactly_one_outcome() {
     let harness = Harness::new("thousand").await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 1000,
-        cpes_per_dms: 250,
-        faults: FaultSpec {
-            failure_ratio: 0.05,
-            silent_ratio: 0.0,
-            transient_ratio: 0.03,
-            only_first: None,
-        },
-        request_latency: Duration::ZERO..=Duration::from_millis(3),
-        upgrade_time: Duration::from_millis(200)..=Duration::from_millis(1200),
-        seed: 42,
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            cpes_per_dms: 250,
+            faults: FaultSpec {
+                failure_ratio: 0.05,
+                silent_ratio: 0.0,
+                transient_ratio: 0.03,
+                only_first: None,
+            },
+            request_latency: Duration::ZERO..=Duration::from_millis(3),
+            upgrade_time: Duration::from_millis(200)..=Duration::from_millis(1200),
+            seed: 42,
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 1000),
+    )
     .await
     .unwrap();
     let workers = [
@@ -81,17 +85,19 @@ async fn a_thousand_cpes_each_end_with_exactly_one_outcome() {
 #[tokio::test]
 async fn cpes_that_never_report_time_out_and_their_rules_are_deactivated() {
     let harness = Harness::new("silent").await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 20,
-        faults: FaultSpec {
-            failure_ratio: 0.0,
-            silent_ratio: 0.5,
-            transient_ratio: 0.0,
-            only_first: None,
-        },
-        upgrade_time: Duration::from_millis(100)..=Duration::from_millis(300),
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            faults: FaultSpec {
+                failure_ratio: 0.0,
+                silent_ratio: 0.5,
+                transient_ratio: 0.0,
+                only_first: None,
+            },
+            upgrade_time: Duration::from_millis(100)..=Duration::from_millis(300),
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 20),
+    )
     .await
     .unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
@@ -127,11 +133,13 @@ async fn cpes_that_never_report_time_out_and_their_rules_are_deactivated() {
 #[tokio::test]
 async fn a_job_delivered_twice_never_upgrades_a_cpe_twice() {
     let harness = Harness::new("twice").await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 30,
-        upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 30),
+    )
     .await
     .unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
@@ -159,8 +167,8 @@ async fn a_job_delivered_twice_never_upgrades_a_cpe_twice() {
             "{} upgraded twice",
             device.id
         );
-        let (dms, cpe) = fleet.cpe(&device.id).unwrap();
-        assert_eq!(dms.upgrades_of(cpe), 1);
+        let cpe = fleet.get::<dms::Cpe>(&device.id).unwrap();
+        assert_eq!(cpe.dms().upgrades_of(cpe.id()), 1);
     }
     assert!(
         events_after

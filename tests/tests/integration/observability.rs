@@ -4,6 +4,7 @@
 //! the Grafana dashboard and the alert rules query must be one that a
 //! Flotilla process exports.
 
+use flotilla_common::DeviceKind;
 use flotilla_common::Outcome;
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, binary};
@@ -37,19 +38,21 @@ campaign = { ratio = 0.9, min_finished = 5 }
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_campaign_exports_every_metric_the_dashboard_and_alerts_use() {
     let harness = Harness::new("observability").await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 30,
-        cpes_per_dms: 15,
-        faults: FaultSpec {
-            failure_ratio: 0.2,
-            silent_ratio: 0.0,
-            transient_ratio: 0.05,
-            only_first: None,
-        },
-        request_latency: Duration::ZERO..=Duration::from_millis(2),
-        upgrade_time: Duration::from_millis(200)..=Duration::from_millis(600),
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            cpes_per_dms: 15,
+            faults: FaultSpec {
+                failure_ratio: 0.2,
+                silent_ratio: 0.0,
+                transient_ratio: 0.05,
+                only_first: None,
+            },
+            request_latency: Duration::ZERO..=Duration::from_millis(2),
+            upgrade_time: Duration::from_millis(200)..=Duration::from_millis(600),
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 30),
+    )
     .await
     .unwrap();
     let worker_addr = free_loopback_addr();

@@ -1,5 +1,6 @@
 //! The `flotilla-producer` command as an operator runs it.
 
+use flotilla_common::DeviceKind;
 use flotilla_common::{Device, Outcome};
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, binary, binary_blocking, fleet_credentials};
@@ -41,10 +42,12 @@ async fn producer_with(
 }
 
 async fn devices(n: usize) -> (Fleet, Vec<Device>) {
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: n,
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, n),
+    )
     .await
     .unwrap();
     let devices = fleet.devices().to_vec();
@@ -154,14 +157,16 @@ async fn a_good_inventory_is_rolled_out_and_reported() {
 #[tokio::test]
 async fn a_retry_campaign_takes_only_the_devices_that_failed() {
     let harness = Harness::new("retry").await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 12,
-        faults: FaultSpec {
-            failure_ratio: 0.25,
-            ..FaultSpec::NONE
-        },
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            faults: FaultSpec {
+                failure_ratio: 0.25,
+                ..FaultSpec::NONE
+            },
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 12),
+    )
     .await
     .unwrap();
     let inventory = harness.write_inventory("devices.csv", fleet.devices());

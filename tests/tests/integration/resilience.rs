@@ -1,10 +1,12 @@
 //! What a rollout survives: poison messages, workers killed or stopped
 //! mid-campaign, a broker connection that drops, a topology that disagrees.
 
+use flotilla_common::DeviceKind;
 use flotilla_common::{
     EventBody, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, Topology, TopologyError, headers,
 };
 use flotilla_producer::CampaignState;
+use flotilla_sim::dms;
 use flotilla_sim::{Fleet, FleetSpec};
 use flotilla_tests::{Harness, eventually, fleet_credentials, proxy::Proxy};
 use lapin::{
@@ -15,12 +17,12 @@ use std::{collections::BTreeSet, time::Duration};
 
 fn cpe_fleet(cpes: usize, upgrade_ms: (u64, u64), latency_ms: (u64, u64)) -> FleetSpec {
     FleetSpec {
-        dms_cpes: cpes,
         cpes_per_dms: 100,
         request_latency: Duration::from_millis(latency_ms.0)..=Duration::from_millis(latency_ms.1),
         upgrade_time: Duration::from_millis(upgrade_ms.0)..=Duration::from_millis(upgrade_ms.1),
         ..FleetSpec::default()
     }
+    .with(DeviceKind::Dms, cpes)
 }
 
 /// Every device has an outcome, the one its fate called for; repeated
@@ -392,7 +394,11 @@ async fn a_dms_that_restarts_mid_campaign_only_costs_retries() {
 
     // Down until a step has met the refused connection, then up again: the
     // retries carry every CPE through.
-    fleet.stop_dms(0);
+    fleet
+        .get::<dms::Cpe>(&fleet.devices()[0].id)
+        .unwrap()
+        .dms()
+        .take_down();
     let refused = |events: &CampaignState| {
         events
             .retried_errors()
@@ -410,7 +416,13 @@ async fn a_dms_that_restarts_mid_campaign_only_costs_retries() {
     )
     .await
     .unwrap();
-    fleet.start_dms(0).await.unwrap();
+    fleet
+        .get::<dms::Cpe>(&fleet.devices()[0].id)
+        .unwrap()
+        .dms()
+        .bring_up()
+        .await
+        .unwrap();
 
     harness
         .wait_finished(&campaign.id, 100, Duration::from_secs(120))

@@ -2,6 +2,7 @@
 //! simulated gateways, with Basic and OAuth logins.
 
 use flotilla_common::{DeviceKind, ErrorClass, Outcome};
+use flotilla_sim::flowgateway;
 use flotilla_sim::{Fleet, FleetSpec, GatewayFault, flowgateway::RUN_ERROR};
 use flotilla_tests::{Harness, eventually, fleet_credentials};
 use flotilla_worker::{CredentialStore, Credentials};
@@ -11,11 +12,16 @@ use std::time::Duration;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backups_complete_or_fail_with_the_gateways_message() {
     let harness = Harness::new("fg-backup").await;
-    let fleet = Fleet::start(FleetSpec {
-        flowgateways: 5,
-        flowgateway_faults: vec![GatewayFault::RunError, GatewayFault::RefusedCredentials],
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Flowgateway, 5)
+        .with_faults(
+            DeviceKind::Flowgateway,
+            vec![GatewayFault::RunError, GatewayFault::RefusedCredentials],
+        ),
+    )
     .await
     .unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
@@ -37,7 +43,7 @@ async fn backups_complete_or_fail_with_the_gateways_message() {
             .unwrap()
             .check(&finished.ending)
             .unwrap_or_else(|e| panic!("{}: {e}", device.id));
-        let gateway = fleet.flowgateway(&device.id).unwrap();
+        let gateway = fleet.get::<flowgateway::FlowGateway>(&device.id).unwrap();
         match gateway.fault() {
             Some(GatewayFault::RefusedCredentials) => {
                 assert_eq!(gateway.backups_started(), 0);
@@ -65,10 +71,12 @@ async fn backups_complete_or_fail_with_the_gateways_message() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn restores_run_once_with_an_oauth_login_even_when_delivered_twice() {
     let harness = Harness::new("fg-restore").await;
-    let fleet = Fleet::start(FleetSpec {
-        flowgateways: 4,
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Flowgateway, 4),
+    )
     .await
     .unwrap();
     // An access code instead of a password: OAuth bearer tokens.
@@ -92,7 +100,7 @@ async fn restores_run_once_with_an_oauth_login_even_when_delivered_twice() {
     for device in fleet.devices() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-        let gateway = fleet.flowgateway(&device.id).unwrap();
+        let gateway = fleet.get::<flowgateway::FlowGateway>(&device.id).unwrap();
         assert_eq!(
             gateway.restores_started(),
             1,

@@ -3,6 +3,7 @@
 //! documented failure, per-gateway outcomes, and redelivered steps.
 
 use flotilla_common::{DeviceKind, Outcome};
+use flotilla_sim::netprofiler;
 use flotilla_sim::{Fleet, FleetSpec, GatewayFault};
 use flotilla_tests::{Harness, eventually, fleet_credentials};
 use serde_json::json;
@@ -18,22 +19,27 @@ fn backups_to_a_remote_host() -> serde_json::Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netprofilers_update_every_gateway_after_its_backup_and_report_each() {
     let harness = Harness::new("np-states").await;
-    let fleet = Fleet::start(FleetSpec {
-        netprofilers: 9,
-        gateways_per_netprofiler: 3,
-        netprofiler_faults: vec![
-            GatewayFault::FailGraceful,
-            GatewayFault::FailCritical,
-            GatewayFault::InitFails,
-            GatewayFault::StartFails,
-            GatewayFault::RunError,
-            GatewayFault::RefusedCredentials,
-            GatewayFault::Stuck,
-        ],
-        backups_first: true,
-        upgrade_time: Duration::from_millis(500)..=Duration::from_millis(1500),
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            gateways_per_netprofiler: 3,
+            backups_first: true,
+            upgrade_time: Duration::from_millis(500)..=Duration::from_millis(1500),
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Netprofiler, 9)
+        .with_faults(
+            DeviceKind::Netprofiler,
+            vec![
+                GatewayFault::FailGraceful,
+                GatewayFault::FailCritical,
+                GatewayFault::InitFails,
+                GatewayFault::StartFails,
+                GatewayFault::RunError,
+                GatewayFault::RefusedCredentials,
+                GatewayFault::Stuck,
+            ],
+        ),
+    )
     .await
     .unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
@@ -55,9 +61,9 @@ async fn netprofilers_update_every_gateway_after_its_backup_and_report_each() {
             .check(&finished.ending)
             .unwrap_or_else(|e| panic!("{}: {e}", device.id));
         fleet
-            .check_gateways(&device.id, &finished.ending)
+            .check_detail(&device.id, &finished.ending)
             .unwrap_or_else(|e| panic!("{}: {e}", device.id));
-        let np = fleet.netprofiler(&device.id).unwrap();
+        let np = fleet.get::<netprofiler::Netprofiler>(&device.id).unwrap();
         // Backups go first, through each gateway's own API: exactly one
         // each, even where the NetProfiler then refused the login.
         for gateway in np.gateways() {
@@ -99,12 +105,14 @@ async fn netprofilers_update_every_gateway_after_its_backup_and_report_each() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn netprofiler_jobs_delivered_twice_back_up_and_update_each_gateway_once() {
     let harness = Harness::new("np-twice").await;
-    let fleet = Fleet::start(FleetSpec {
-        netprofilers: 4,
-        gateways_per_netprofiler: 2,
-        backups_first: true,
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            gateways_per_netprofiler: 2,
+            backups_first: true,
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Netprofiler, 4),
+    )
     .await
     .unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
@@ -129,7 +137,11 @@ async fn netprofiler_jobs_delivered_twice_back_up_and_update_each_gateway_once()
     for device in fleet.devices() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-        for gateway in fleet.netprofiler(&device.id).unwrap().gateways() {
+        for gateway in fleet
+            .get::<netprofiler::Netprofiler>(&device.id)
+            .unwrap()
+            .gateways()
+        {
             assert_eq!(
                 gateway.updates_started(),
                 1,

@@ -3,19 +3,20 @@
 //! expiry, uploads from a local file, and redelivered steps.
 
 use flotilla_common::{DeviceKind, ErrorClass, Outcome};
+use flotilla_sim::npm;
 use flotilla_sim::{Fleet, FleetSpec, NpmFault};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::time::Duration;
 
 fn npm_fleet(appliances: usize, faults: Vec<NpmFault>) -> FleetSpec {
     FleetSpec {
-        npm_appliances: appliances,
-        npm_faults: faults,
         upgrade_time: Duration::from_millis(300)..=Duration::from_millis(800),
         // Long enough that several polls land while the appliance is down.
         reboot_time: Duration::from_millis(1500)..=Duration::from_millis(2000),
         ..FleetSpec::default()
     }
+    .with(DeviceKind::Npm, appliances)
+    .with_faults(DeviceKind::Npm, faults)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,7 +55,7 @@ async fn npm_updates_go_through_the_reboot_and_each_failure_ends_as_documented()
         expected
             .check(&finished.ending)
             .unwrap_or_else(|e| panic!("{}: {e}", device.id));
-        let appliance = fleet.npm(&device.id).unwrap();
+        let appliance = fleet.get::<npm::Npm>(&device.id).unwrap();
         assert!(appliance.updates_started() <= 1, "{}", device.id);
         match appliance.fault() {
             None => {
@@ -125,7 +126,7 @@ async fn npm_jobs_delivered_twice_never_start_a_second_update() {
     let after = harness.all_events(&campaign.id).await;
     assert_eq!(events.finished(), 6);
     for device in fleet.devices() {
-        let appliance = fleet.npm(&device.id).unwrap();
+        let appliance = fleet.get::<npm::Npm>(&device.id).unwrap();
         assert_eq!(
             appliance.updates_started(),
             1,
@@ -170,7 +171,7 @@ async fn npm_uploads_a_local_image_and_fetches_tokens_anew_when_they_expire() {
     for device in fleet.devices() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-        let appliance = fleet.npm(&device.id).unwrap();
+        let appliance = fleet.get::<npm::Npm>(&device.id).unwrap();
         assert_eq!(appliance.uploads(), 1);
         // A 2.5 s update outlives several one-second tokens.
         assert!(
@@ -202,6 +203,12 @@ async fn npm_uploads_a_local_image_and_fetches_tokens_anew_when_they_expire() {
             .contains("SHA-256"),
         "{finished:?}"
     );
-    assert_eq!(fleet.npm(&fleet.devices()[0].id).unwrap().uploads(), 0);
+    assert_eq!(
+        fleet
+            .get::<npm::Npm>(&fleet.devices()[0].id)
+            .unwrap()
+            .uploads(),
+        0
+    );
     harness.teardown().await;
 }

@@ -4,19 +4,20 @@
 
 use flotilla_common::{DeviceKind, ErrorClass, Outcome, TlsProfile};
 use flotilla_sim::{Fleet, FleetSpec};
+use flotilla_sim::{flowgateway, netprofiler};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::{collections::BTreeMap, time::Duration};
 
 fn https_fleet() -> FleetSpec {
     FleetSpec {
         https: true,
-        netprofilers: 1,
         gateways_per_netprofiler: 2,
-        flowgateways: 2,
-        npm_appliances: 2,
         backups_first: true,
         ..FleetSpec::default()
     }
+    .with(DeviceKind::Netprofiler, 1)
+    .with(DeviceKind::Flowgateway, 2)
+    .with(DeviceKind::Npm, 2)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -49,7 +50,7 @@ async fn devices_are_reached_over_https_checked_against_the_campaigns_ca() {
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
     }
     // The gateways' backups went over HTTPS too, checked the same way.
-    let np = fleet.netprofiler("np-0001").unwrap();
+    let np = fleet.get::<netprofiler::Netprofiler>("np-0001").unwrap();
     assert!(np.gateways().iter().all(|g| g.backups_started() == 1));
     let steps = harness.step_events(&campaign.id).await;
     assert!(!steps.is_empty());
@@ -116,7 +117,7 @@ async fn an_unknown_ca_is_refused_unless_the_devices_group_turned_checks_off() {
             let error = finished.ending.error.as_deref().unwrap();
             assert!(error.contains("certificate"), "{error}");
             assert!(own.iter().all(|s| !s.tls_unverified));
-            let gateway = fleet.flowgateway(&device.id).unwrap();
+            let gateway = fleet.get::<flowgateway::FlowGateway>(&device.id).unwrap();
             assert_eq!(gateway.backups_started(), 0);
         }
     }

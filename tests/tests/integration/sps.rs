@@ -15,14 +15,14 @@ use std::time::Duration;
 
 fn sps_fleet(appliances: usize, faults: Vec<SpsFault>) -> FleetSpec {
     FleetSpec {
-        sps_appliances: appliances,
-        sps_faults: faults,
         // Queued, then downloading, this long each: a few polls each.
         operation_time: Duration::from_millis(300)..=Duration::from_millis(500),
         // Long enough that several polls land while the appliance is down.
         reboot_time: Duration::from_millis(1500)..=Duration::from_millis(2000),
         ..FleetSpec::default()
     }
+    .with(DeviceKind::Sps, appliances)
+    .with_faults(DeviceKind::Sps, faults)
 }
 
 fn notes<'s>(steps: &'s [StepEvent], device: &str, step: &str) -> Vec<&'s str> {
@@ -95,7 +95,7 @@ async fn sps_upgrades_go_through_the_reboot_and_each_failure_ends_as_documented(
             .unwrap()
             .check(&finished.ending)
             .unwrap_or_else(|e| panic!("{id}: {e}"));
-        let appliance = fleet.sps(id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(id).unwrap();
         let error = finished.ending.error.as_deref().unwrap_or("");
         match appliance.fault() {
             None => {
@@ -195,7 +195,7 @@ async fn sps_commit_messages_reach_appliances_that_require_a_commit_log() {
     for device in fleet.devices() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-        let appliance = fleet.sps(&device.id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(&device.id).unwrap();
         assert_eq!(
             appliance.commit_messages(),
             vec![Some("CHG-42: SPS 7.2.1".to_owned())]
@@ -228,7 +228,7 @@ async fn sps_sessions_that_end_mid_job_are_opened_again() {
     for device in fleet.devices() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-        let appliance = fleet.sps(&device.id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(&device.id).unwrap();
         let polls = notes(&steps, &device.id, "await_fetch").len();
         assert!(polls >= 2, "{}: {polls} fetch polls", device.id);
         // A session for the first step, one per fetch poll (each after
@@ -280,7 +280,7 @@ async fn sps_restart_is_waited_for_not_retried() {
             waits.last().unwrap().contains("the appliance runs 7.2.1"),
             "{waits:?}"
         );
-        let appliance = fleet.sps(&device.id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(&device.id).unwrap();
         assert_eq!(appliance.version(), "7.2.1");
         assert!(
             appliance.logins() >= 2,
@@ -305,8 +305,14 @@ async fn sps_steps_delivered_twice_never_fetch_or_upgrade_twice() {
     // Two copies of an upgrade step at once, on appliances whose slot
     // already holds the release: one upgrade each.
     let upgrade = harness.campaign("sps-twice-upgrade");
-    let slot = fleet.sps(&staged[0].id).unwrap().stage_release();
-    fleet.sps(&staged[1].id).unwrap().stage_release();
+    let slot = fleet
+        .get::<sps::Sps>(&staged[0].id)
+        .unwrap()
+        .stage_release();
+    fleet
+        .get::<sps::Sps>(&staged[1].id)
+        .unwrap()
+        .stage_release();
     let step = serde_json::json!({ "upgrade": { "slot": slot } });
     publish_at_step(&harness, &upgrade, staged, step.clone()).await;
     publish_at_step(&harness, &upgrade, staged, step.clone()).await;
@@ -352,15 +358,18 @@ async fn sps_steps_delivered_twice_never_fetch_or_upgrade_twice() {
         }
     }
     for device in fleet.devices() {
-        let appliance = fleet.sps(&device.id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(&device.id).unwrap();
         assert_eq!(appliance.upgrades(), 1, "{} upgraded twice", device.id);
         assert_eq!(appliance.version(), "7.2.1");
     }
     for device in staged {
-        assert_eq!(fleet.sps(&device.id).unwrap().fetches_started(), 0);
+        assert_eq!(
+            fleet.get::<sps::Sps>(&device.id).unwrap().fetches_started(),
+            0
+        );
     }
     for device in fetched {
-        let started = fleet.sps(&device.id).unwrap().fetches_started();
+        let started = fleet.get::<sps::Sps>(&device.id).unwrap().fetches_started();
         assert_eq!(started, 1, "{} fetched {started} times", device.id);
     }
     harness.teardown().await;
@@ -393,7 +402,11 @@ async fn sps_cleanup_cancels_a_running_fetch_on_cancel_and_on_the_deadline() {
         )
         .await;
     eventually(Duration::from_secs(10), "the fetch running", || async {
-        fleet.sps(&cancel_device[0].id).unwrap().running_fetches() == 1
+        fleet
+            .get::<sps::Sps>(&cancel_device[0].id)
+            .unwrap()
+            .running_fetches()
+            == 1
     })
     .await;
     send_command(
@@ -420,7 +433,7 @@ async fn sps_cleanup_cancels_a_running_fetch_on_cancel_and_on_the_deadline() {
         let finished = events.outcome_of(&device.id).unwrap();
         assert_eq!(finished.ending.outcome, outcome, "{finished:?}");
         assert_eq!(finished.last_step, "cancel_fetch");
-        let appliance = fleet.sps(&device.id).unwrap();
+        let appliance = fleet.get::<sps::Sps>(&device.id).unwrap();
         assert_eq!(appliance.fetches_started(), 1);
         assert_eq!(appliance.fetches_cancelled(), 1, "{}", device.id);
         assert_eq!(appliance.running_fetches(), 0, "{}", device.id);
@@ -448,7 +461,7 @@ async fn sps_uploads_a_local_image_and_checksums_are_enforced() {
     let id = &fleet.devices()[0].id;
     let finished = events.outcome_of(id).unwrap();
     assert_eq!(finished.ending.outcome, Outcome::Succeeded, "{finished:?}");
-    let appliance = fleet.sps(id).unwrap();
+    let appliance = fleet.get::<sps::Sps>(id).unwrap();
     assert_eq!(appliance.uploads(), 1);
     assert_eq!(appliance.fetches_started(), 0);
     assert_eq!(appliance.version(), "7.2.1");
@@ -484,7 +497,7 @@ async fn sps_uploads_a_local_image_and_checksums_are_enforced() {
             .contains("SHA-256"),
         "{finished:?}"
     );
-    assert_eq!(fleet.sps(first).unwrap().uploads(), 0);
+    assert_eq!(fleet.get::<sps::Sps>(first).unwrap().uploads(), 0);
 
     let second = &fleet.devices()[1].id;
     let finished = wrong_events.outcome_of(second).unwrap();
@@ -492,7 +505,7 @@ async fn sps_uploads_a_local_image_and_checksums_are_enforced() {
     let error = finished.ending.error.as_deref().unwrap();
     assert!(error.contains("Checksum mismatch"), "{error}");
     assert!(error.contains(&"ab".repeat(32)), "{error}");
-    let appliance = fleet.sps(second).unwrap();
+    let appliance = fleet.get::<sps::Sps>(second).unwrap();
     assert_eq!(appliance.upgrades(), 0);
     assert_eq!(appliance.fetch_entries(), 0);
     harness.teardown().await;

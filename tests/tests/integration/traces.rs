@@ -2,6 +2,7 @@
 //! worker's spans, and one device's rollout is one whole trace.
 
 use axum::{Router, body::Bytes, extract::State, routing::post};
+use flotilla_common::DeviceKind;
 use flotilla_sim::{Fleet, FleetSpec};
 use flotilla_tests::{Harness, binary};
 use serde_json::Value;
@@ -97,11 +98,13 @@ fn attributes(list: &Value) -> HashMap<String, String> {
 async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
     let harness = Harness::new("traces").await;
     let (endpoint, received) = otlp_receiver().await;
-    let fleet = Fleet::start(FleetSpec {
-        dms_cpes: 4,
-        upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
-        ..FleetSpec::default()
-    })
+    let fleet = Fleet::start(
+        FleetSpec {
+            upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
+            ..FleetSpec::default()
+        }
+        .with(DeviceKind::Dms, 4),
+    )
     .await
     .unwrap();
     let inventory = harness.write_inventory("devices.csv", fleet.devices());

@@ -20,23 +20,21 @@
 //! first, so a redelivered step after the CPE upgraded goes straight to the
 //! result instead of arming the rule again.
 
-use super::{Driver, Next, StepContext, StepError};
-use flotilla_common::{DeviceKind, Ending, ErrorClass};
+use crate::{
+    device_http::{Call, Reply},
+    driver::{Driver, Failure, Next, StepContext, StepError},
+    support::clock,
+};
+use flotilla_common::DeviceKind;
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use std::time::Duration;
 
-/// Results older than the job's first step by more than this belong to an
-/// earlier upgrade of the same CPE (the margin absorbs clock skew between
-/// the DMS and the workers).
-const CLOCK_SKEW: Duration = Duration::from_secs(30);
-
-pub struct Dms;
+pub(crate) struct Dms;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum DmsStep {
+pub(crate) enum DmsStep {
     CreateRule,
     SendConnectionRequest,
     PollResult,
@@ -79,10 +77,7 @@ impl Driver for Dms {
                     "priority": 1,
                     "author": "api",
                 });
-                let reply = cx
-                    .http
-                    .post("/v1/dyn/FirmwareStorage/.*")
-                    .basic_auth(cx.credentials)?
+                let reply = basic(cx, cx.http.post("/v1/dyn/FirmwareStorage/.*"))?
                     .json(&body)
                     .send()
                     .await?;
@@ -97,10 +92,7 @@ impl Driver for Dms {
                     return Ok(Next::run(DmsStep::PollResult)
                         .note(format!("result already reported ({})", result.summary())));
                 }
-                let reply = cx
-                    .http
-                    .post("/v1/method/SendCNR")
-                    .basic_auth(cx.credentials)?
+                let reply = basic(cx, cx.http.post("/v1/method/SendCNR"))?
                     .json(&json!({ "search_options": { "cpe_id": cpe } }))
                     .send()
                     .await?
@@ -108,7 +100,7 @@ impl Driver for Dms {
                 let answer: CnrReply = reply.json()?;
                 match answer.result.code {
                     200..=299 => Ok(Next::poll(DmsStep::PollResult)),
-                    404 => Err(StepError::device(format!(
+                    404 => Err(StepError::refused(format!(
                         "the DMS does not know CPE {cpe}: {}",
                         answer.result.message
                     ))),
@@ -122,24 +114,23 @@ impl Driver for Dms {
             DmsStep::PollResult => match latest_result(cx, &rule).await? {
                 None => Ok(Next::poll(DmsStep::PollResult).note("no result yet")),
                 Some(result) => match result.result.code {
-                    200 => Ok(Next::end(Ending::succeeded()).note(result.summary())),
+                    200 => Ok(Next::succeeded().note(result.summary())),
                     // 1xx and 202: the DMS reports the upgrade as under way.
                     100..=199 | 202 => Ok(Next::poll(DmsStep::PollResult).note(result.summary())),
-                    _ => Ok(Next::end(Ending::failed(
-                        ErrorClass::Device,
-                        result.result.message.clone(),
-                    ))
-                    .note(result.summary())),
+                    _ => Err(Failure::device(result.result.message.clone())
+                        .note(result.summary())
+                        .into()),
                 },
             },
             DmsStep::DeactivateRule => {
-                let reply = cx
-                    .http
-                    .put(&format!("/v1/dyn/FirmwareStorage/.*?campaignid={rule}"))
-                    .basic_auth(cx.credentials)?
-                    .json(&json!({ "id": rule, "enabled": false, "automatic": false }))
-                    .send()
-                    .await?;
+                let reply = basic(
+                    cx,
+                    cx.http
+                        .put(&format!("/v1/dyn/FirmwareStorage/.*?campaignid={rule}")),
+                )?
+                .json(&json!({ "id": rule, "enabled": false, "automatic": false }))
+                .send()
+                .await?;
                 // No rule (404) is as good as a deactivated one: the job
                 // ended before its rule was created.
                 if reply.status != StatusCode::NOT_FOUND {
@@ -158,13 +149,25 @@ impl Driver for Dms {
     }
 }
 
+/// The job's CPE. A `dms` job without one is a message the producer never
+/// sends (its inventory check requires the column): dead-lettered.
 fn cpe_id<'a>(cx: &'a StepContext<'_>) -> Result<&'a str, StepError> {
     cx.job.device.cpe_id.as_deref().ok_or_else(|| {
-        StepError::device(format!(
-            "device {} has no cpe_id; a dms inventory row must name its CPE",
-            cx.job.device.id
-        ))
+        StepError::reject(
+            "undecodable",
+            format!(
+                "device {} has no cpe_id; a dms inventory row must name its CPE",
+                cx.job.device.id
+            ),
+        )
     })
+}
+
+/// `call` with the reference's `username` and `password` (HTTP Basic).
+fn basic<'a>(cx: &StepContext<'a>, call: Call<'a>) -> Result<Call<'a>, StepError> {
+    let user = cx.credentials.require("username")?;
+    let password = cx.credentials.require("password")?;
+    Ok(call.basic(user, password))
 }
 
 /// The DMS's own status, as `code` in the body: `{"code": 204, ...}`.
@@ -179,7 +182,7 @@ struct StorageReply {
 
 /// Accepts an empty 2xx or a body whose own `code` is 2xx (or 404 for
 /// `deactivate`).
-fn check_storage_reply(reply: crate::device_http::Reply) -> Result<(), StepError> {
+fn check_storage_reply(reply: Reply) -> Result<(), StepError> {
     let reply = reply.success()?;
     if reply.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
@@ -187,7 +190,7 @@ fn check_storage_reply(reply: crate::device_http::Reply) -> Result<(), StepError
     let answer: StorageReply = reply.json()?;
     match answer.code {
         200..=299 | 404 => Ok(()),
-        code => Err(StepError::device(format!(
+        code => Err(StepError::refused(format!(
             "{} reported code {code}: {} {}",
             reply.what, answer.message, answer.details
         ))),
@@ -240,12 +243,13 @@ async fn latest_result(
     cx: &StepContext<'_>,
     rule: &str,
 ) -> Result<Option<UpgradeResult>, StepError> {
-    let reply = cx
-        .http
-        .get(&format!("/v1/dyn/FirmwareResultStorage/.*?id={rule}"))
-        .basic_auth(cx.credentials)?
-        .send()
-        .await?;
+    let reply = basic(
+        cx,
+        cx.http
+            .get(&format!("/v1/dyn/FirmwareResultStorage/.*?id={rule}")),
+    )?
+    .send()
+    .await?;
     if reply.status == StatusCode::NOT_FOUND {
         return Ok(None);
     }
@@ -267,11 +271,7 @@ async fn latest_result(
             reply.quote()
         ))
     })?;
-    let since = cx
-        .job
-        .started_at
-        .map(|t| t.timestamp() - CLOCK_SKEW.as_secs() as i64)
-        .unwrap_or(i64::MIN);
+    let since = clock::since(cx.job);
     Ok(results
         .into_iter()
         .filter(|r| r.ts >= since)

@@ -9,7 +9,7 @@
 //! lists as `{"items": [...]}`; errors as `{"error": {"type": ...,
 //! "message": ..., "details": {...}}}`.
 
-use crate::drivers::riverbed::lenient;
+use crate::support::lenient::{self, count, flag, items, time};
 use serde_json::{Map, Value};
 
 /// The state of a firmware fetch (`status`).
@@ -263,48 +263,6 @@ fn wrapped<'v>(
         Some(Value::Object(body)) => Ok((key, body)),
         _ => Ok((key.or_else(|| lenient::text(object, "id")), object)),
     }
-}
-
-/// `{"items": [...]}` (`items` missing or `null`: none), or a bare list.
-fn items(value: &Value) -> Result<&[Value], String> {
-    match value {
-        Value::Array(items) => Ok(items),
-        Value::Object(object) => match lenient::field(object, "items") {
-            Some(Value::Array(items)) => Ok(items),
-            None | Some(Value::Null) => Ok(&[]),
-            Some(_) => Err("items is not a list".to_owned()),
-        },
-        _ => Err("not a list of items".to_owned()),
-    }
-}
-
-/// A byte count as a number or a numeric string.
-fn count(object: &Map<String, Value>, name: &str) -> Option<u64> {
-    match lenient::field(object, name)? {
-        Value::Number(n) => n.as_u64().or_else(|| n.as_f64().map(|f| f as u64)),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
-
-/// `true`, `"true"` or `1`.
-fn flag(object: &Map<String, Value>, name: &str) -> bool {
-    match lenient::field(object, name) {
-        Some(Value::Bool(b)) => *b,
-        Some(Value::Number(n)) => n.as_i64() == Some(1),
-        Some(Value::String(s)) => matches!(s.trim().to_ascii_lowercase().as_str(), "true" | "1"),
-        _ => false,
-    }
-}
-
-/// An ISO 8601 time (or epoch seconds) as epoch seconds.
-fn time(object: &Map<String, Value>, name: &str) -> Option<i64> {
-    if let Some(Value::String(text)) = lenient::field(object, name)
-        && let Ok(time) = chrono::DateTime::parse_from_rfc3339(text.trim())
-    {
-        return Some(time.timestamp());
-    }
-    lenient::epoch_seconds(object, name)
 }
 
 #[cfg(test)]

@@ -28,7 +28,10 @@
 //!    A finished fetch's entry stays: it records where the image went.
 //!
 //! Authentication: a `session_id` cookie from `GET /api/authentication`
-//! (HTTP Basic), cached per appliance ([`session`]).
+//! (HTTP Basic), cached per appliance (`session`).
+//!
+//! Layout: this file holds the steps; `answers` reads the API's answers,
+//! `session` logs in.
 //!
 //! Two copies of one job can run at once (a redelivery while the first
 //! still runs): both would observe the slot unselected and both upgrade.
@@ -40,17 +43,25 @@
 mod answers;
 mod session;
 
-use super::{Driver, Next, StepContext, StepError, npm::file_sha256, riverbed};
-use crate::device_http::{Call, Reply};
+use crate::{
+    device_http::{Call, Reply},
+    driver::{Driver, Failure, Next, StepContext, StepError},
+    support::{
+        clock,
+        image::LocalImage,
+        login::Logins,
+        restart::{Seen, through_restart},
+    },
+};
 use answers::{ApiError, Fetch, FetchStatus, Slot};
 use flotilla_common::{
-    DeviceKind, Ending, ErrorClass,
+    DeviceKind,
     settings::{self, SpsSettings},
 };
 use reqwest::StatusCode;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
-use session::{Login, Sessions};
+use session::Login;
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
@@ -66,8 +77,8 @@ fn fetch_path(key: &str) -> String {
 }
 
 #[derive(Default)]
-pub struct Sps {
-    sessions: Sessions,
+pub(crate) struct Sps {
+    logins: Logins,
     acting: ActingLocks,
 }
 
@@ -92,7 +103,7 @@ impl ActingLocks {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
-pub enum SpsStep {
+pub(crate) enum SpsStep {
     Stage,
     /// `key`: the fetch on the appliance.
     AwaitFetch {
@@ -131,7 +142,7 @@ impl Driver for Sps {
     async fn run(&self, step: SpsStep, cx: &StepContext<'_>) -> Result<Next<SpsStep>, StepError> {
         let login = Login::new(cx.credentials)?;
         let api = Api {
-            sessions: &self.sessions,
+            logins: &self.logins,
             cx,
             login: &login,
         };
@@ -166,7 +177,7 @@ impl Driver for Sps {
 
 /// One step's view of the appliance.
 struct Api<'s, 'c> {
-    sessions: &'s Sessions,
+    logins: &'s Logins,
     cx: &'s StepContext<'c>,
     login: &'s Login,
 }
@@ -180,7 +191,7 @@ impl<'c> Api<'_, 'c> {
         let slots = self.slots().await?;
         if let Some(slot) = slots.iter().find(|s| s.holds(self.target())) {
             if slot.current {
-                return Ok(Next::end(self.succeeded(slot)).note(format!(
+                return Ok(self.succeeded(slot).note(format!(
                     "the appliance already runs {} (slot {})",
                     self.target(),
                     slot.key
@@ -192,8 +203,8 @@ impl<'c> Api<'_, 'c> {
             .note(format!("slot {} already holds {}", slot.key, self.target())));
         }
         let url = &self.cx.job.target.image_url;
-        if url.scheme() == "file" {
-            return self.upload(url).await;
+        if let Some(image) = LocalImage::of(&self.cx.job.target).await? {
+            return self.upload(&image).await;
         }
         if let Some(fetch) = self.find_fetch().await? {
             return Ok(Next::run(SpsStep::AwaitFetch {
@@ -213,7 +224,7 @@ impl<'c> Api<'_, 'c> {
             self.send(|| Ok(self.cx.http.post(FETCH).json(&body)))
                 .await?,
         )?;
-        let key = answers::read_key(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        let key = answers::read_key(&reply.json()?).map_err(|p| reply.unreadable(&p))?;
         Ok(Next::poll(SpsStep::AwaitFetch { key: key.clone() })
             .note(format!("fetch {key} of {url} started")))
     }
@@ -224,9 +235,9 @@ impl<'c> Api<'_, 'c> {
     /// are history: their slot may have been reused since.
     async fn find_fetch(&self) -> Result<Option<Fetch>, StepError> {
         let reply = success(self.send(|| Ok(self.cx.http.get(FETCH))).await?)?;
-        let fetches = answers::read_fetches(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        let fetches = answers::read_fetches(&reply.json()?).map_err(|p| reply.unreadable(&p))?;
         let target = &self.cx.job.target;
-        let since = riverbed::since(self.cx.job);
+        let since = clock::since(self.cx.job);
         let ours = fetches.into_iter().filter(|fetch| {
             fetch.url.as_deref() == Some(target.image_url.as_str())
                 && fetch
@@ -239,51 +250,26 @@ impl<'c> Api<'_, 'c> {
     }
 
     /// Uploads the campaign's `file:` image into a free slot.
-    async fn upload(&self, url: &url::Url) -> Result<Next<SpsStep>, StepError> {
-        let path = url
-            .to_file_path()
-            .map_err(|()| StepError::config(format!("image URL {url} is not a local file path")))?;
-        let (sha256, size) = file_sha256(&path).await?;
-        if sha256 != self.cx.job.target.sha256 {
-            return Err(StepError {
-                retryable: false,
-                ..StepError::config(format!(
-                    "image file {} has SHA-256 {sha256}, not the campaign's {}",
-                    path.display(),
-                    self.cx.job.target.sha256
-                ))
-            });
-        }
-        let file_name = path.file_name().map_or_else(
-            || "firmware.iso".into(),
-            |n| n.to_string_lossy().into_owned(),
-        );
+    async fn upload(&self, image: &LocalImage) -> Result<Next<SpsStep>, StepError> {
         let reply = self
             .send(|| {
-                let file = std::fs::File::open(&path).map_err(|e| {
-                    StepError::config(format!("cannot open image file {}: {e}", path.display()))
-                })?;
-                let part = reqwest::multipart::Part::stream_with_length(
-                    tokio::fs::File::from_std(file),
-                    size,
-                )
-                .file_name(file_name.clone());
+                let part =
+                    reqwest::multipart::Part::stream_with_length(image.stream()?, image.size())
+                        .file_name(image.file_name());
                 let form = reqwest::multipart::Form::new().part("firmware", part);
                 Ok(self.cx.http.post(UPLOAD).multipart(form))
             })
             .await?;
         let reply = success(reply)?;
-        let slot = answers::read_slot(&reply.json()?).map_err(|p| garbage(&reply, &p))?;
+        let slot = answers::read_slot(&reply.json()?).map_err(|p| reply.unreadable(&p))?;
         if !slot.holds(self.target()) {
-            return Ok(Next::end(Ending::failed(
-                ErrorClass::Device,
-                format!(
-                    "the uploaded image in slot {} holds version {}, not the campaign's {}",
-                    slot.key,
-                    slot.version_text(),
-                    self.target()
-                ),
-            )));
+            return Err(Failure::device(format!(
+                "the uploaded image in slot {} holds version {}, not the campaign's {}",
+                slot.key,
+                slot.version_text(),
+                self.target()
+            ))
+            .into());
         }
         Ok(Next::run(SpsStep::Upgrade {
             slot: slot.key.clone(),
@@ -293,7 +279,7 @@ impl<'c> Api<'_, 'c> {
 
     async fn await_fetch(&self, key: String) -> Result<Next<SpsStep>, StepError> {
         let Some(fetch) = self.fetch(&key).await? else {
-            return Err(StepError::device(format!(
+            return Err(StepError::refused(format!(
                 "fetch {key} is gone from the appliance (its status was removed)"
             )));
         };
@@ -308,38 +294,34 @@ impl<'c> Api<'_, 'c> {
                     "GET {FETCH}/{key}: the fetch finished without a slot_id"
                 ))),
             },
-            FetchStatus::Failed => Ok(Next::end(Ending::failed(
-                ErrorClass::Device,
-                format!(
-                    "fetch {key} of {} failed ({}): {}",
-                    fetch.url.as_deref().unwrap_or("the image"),
-                    fetch.info.as_deref().unwrap_or("no info"),
-                    fetch.error.as_deref().unwrap_or("no error given")
-                ),
-            ))),
-            FetchStatus::Canceled => Ok(Next::end(Ending::failed(
-                ErrorClass::Device,
-                format!("fetch {key} was canceled on the appliance"),
-            ))),
+            FetchStatus::Failed => Err(Failure::device(format!(
+                "fetch {key} of {} failed ({}): {}",
+                fetch.url.as_deref().unwrap_or("the image"),
+                fetch.info.as_deref().unwrap_or("no info"),
+                fetch.error.as_deref().unwrap_or("no error given")
+            ))
+            .into()),
+            FetchStatus::Canceled => {
+                Err(Failure::device(format!("fetch {key} was canceled on the appliance")).into())
+            }
         }
     }
 
     async fn upgrade(&self, slot: String) -> Result<Next<SpsStep>, StepError> {
         let slots = self.slots().await?;
         if let Some(running) = slots.iter().find(|s| s.holds(self.target()) && s.current) {
-            return Ok(Next::end(self.succeeded(running))
+            return Ok(self
+                .succeeded(running)
                 .note(format!("the appliance already runs {}", self.target())));
         }
         if let Some(known) = slots.iter().find(|s| s.key == slot) {
             if known.version.is_some() && !known.holds(self.target()) {
-                return Ok(Next::end(Ending::failed(
-                    ErrorClass::Device,
-                    format!(
-                        "slot {slot} holds version {}, not the campaign's {}: not upgrading",
-                        known.version_text(),
-                        self.target()
-                    ),
-                )));
+                return Err(Failure::device(format!(
+                    "slot {slot} holds version {}, not the campaign's {}: not upgrading",
+                    known.version_text(),
+                    self.target()
+                ))
+                .into());
             }
             if known.after_reboot {
                 // A copy of this step got there first: never upgrade twice.
@@ -349,8 +331,9 @@ impl<'c> Api<'_, 'c> {
         }
         // An empty or unknown slot is left for the appliance to refuse, in
         // its own words (ResourceNotFound).
-        let settings: SpsSettings = settings::read(&self.cx.job.settings)
-            .map_err(|e| StepError::device(format!("the job's [drivers.sps] settings: {e}")))?;
+        let settings: SpsSettings = settings::read(&self.cx.job.settings).map_err(|e| {
+            StepError::misconfigured(format!("the job's [drivers.sps] settings: {e}"))
+        })?;
         let body = json!({
             "slot_id": slot.parse::<u64>().map_or_else(|_| json!(slot), |n| json!(n)),
             "message": settings.commit_message,
@@ -360,9 +343,9 @@ impl<'c> Api<'_, 'c> {
             .await?;
         if !reply.status.is_success()
             && let Some(error) = answers::read_error(&reply.body)
-            && let Some(ending) = refused_upgrade(&slot, &error)
+            && let Some(refusal) = refused_upgrade(&slot, &error)
         {
-            return Ok(Next::end(ending));
+            return Err(refusal.into());
         }
         let reply = success(reply)?;
         let summary = serde_json::from_slice::<Value>(&reply.body)
@@ -376,26 +359,19 @@ impl<'c> Api<'_, 'c> {
     }
 
     async fn await_reboot(&self, slot: String) -> Result<Next<SpsStep>, StepError> {
-        let slots = match self.slots().await {
-            Ok(slots) => slots,
-            // The appliance restarts into the new slot: not answering is
-            // part of the upgrade, and the job's deadline bounds the wait.
-            Err(error) if error.class == ErrorClass::Transient => {
-                return Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(format!(
-                    "waiting for the appliance to come back: {}",
-                    error.message
-                )));
+        // The appliance restarts into the new slot.
+        let slots = match through_restart(self.slots().await)? {
+            Seen::Up(slots) => slots,
+            Seen::Restarting(note) => {
+                return Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(note));
             }
-            Err(error) => return Err(error),
         };
         match slots.iter().find(|s| s.holds(self.target())) {
-            Some(running) if running.current => {
-                Ok(Next::end(self.succeeded(running)).note(format!(
-                    "the appliance runs {} from slot {}",
-                    self.target(),
-                    running.key
-                )))
-            }
+            Some(running) if running.current => Ok(self.succeeded(running).note(format!(
+                "the appliance runs {} from slot {}",
+                self.target(),
+                running.key
+            ))),
             Some(selected) if selected.after_reboot => {
                 Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(format!(
                     "slot {} is selected; waiting for the restart",
@@ -404,15 +380,13 @@ impl<'c> Api<'_, 'c> {
             }
             _ => {
                 let current = slots.iter().find(|s| s.current);
-                Ok(Next::end(Ending::failed(
-                    ErrorClass::Device,
-                    format!(
-                        "after the upgrade the appliance runs {} (slot {}), not {} (slot {slot})",
-                        current.map_or("an unknown version", Slot::version_text),
-                        current.map_or("unknown", |s| s.key.as_str()),
-                        self.target()
-                    ),
-                )))
+                Err(Failure::device(format!(
+                    "after the upgrade the appliance runs {} (slot {}), not {} (slot {slot})",
+                    current.map_or("an unknown version", Slot::version_text),
+                    current.map_or("unknown", |s| s.key.as_str()),
+                    self.target()
+                ))
+                .into())
             }
         }
     }
@@ -439,8 +413,8 @@ impl<'c> Api<'_, 'c> {
         )))
     }
 
-    fn succeeded(&self, slot: &Slot) -> Ending {
-        Ending::succeeded().with_detail(json!({
+    fn succeeded(&self, slot: &Slot) -> Next<SpsStep> {
+        Next::succeeded_with(json!({
             "version": self.target(),
             "slot": slot.key,
         }))
@@ -455,25 +429,25 @@ impl<'c> Api<'_, 'c> {
         let reply = success(reply)?;
         answers::read_fetch(&reply.json()?)
             .map(Some)
-            .map_err(|p| garbage(&reply, &p))
+            .map_err(|p| reply.unreadable(&p))
     }
 
     async fn slots(&self) -> Result<Vec<Slot>, StepError> {
         let reply = success(self.send(|| Ok(self.cx.http.get(SLOTS))).await?)?;
-        answers::read_slots(&reply.json()?).map_err(|p| garbage(&reply, &p))
+        answers::read_slots(&reply.json()?).map_err(|p| reply.unreadable(&p))
     }
 
     async fn send(
         &self,
         build: impl Fn() -> Result<Call<'c>, StepError>,
     ) -> Result<Reply, StepError> {
-        self.sessions.send(&self.cx.http, self.login, build).await
+        self.logins.send(&self.cx.http, self.login, build).await
     }
 }
 
-/// The ending of an upgrade the appliance refused with a documented
+/// The failure of an upgrade the appliance refused with a documented
 /// error; `None` for any other error.
-fn refused_upgrade(slot: &str, error: &ApiError) -> Option<Ending> {
+fn refused_upgrade(slot: &str, error: &ApiError) -> Option<Failure> {
     let text = match error.kind.as_str() {
         "IncompleteRequestBodyError" => {
             let paths = error.missing_paths();
@@ -512,7 +486,7 @@ fn refused_upgrade(slot: &str, error: &ApiError) -> Option<Ending> {
         }
         _ => return None,
     };
-    Some(Ending::failed(ErrorClass::Device, text))
+    Some(Failure::device(text))
 }
 
 const COMMIT_LOG_HINT: &str =
@@ -522,23 +496,10 @@ const COMMIT_LOG_HINT: &str =
 /// status as the appliance's refusal in its own words (its error `type`
 /// and `message` when the body has them).
 fn success(reply: Reply) -> Result<Reply, StepError> {
-    if reply.status.is_success() || matches!(reply.status.as_u16(), 401 | 403) {
-        return reply.success();
-    }
-    match answers::read_error(&reply.body) {
-        Some(error) => Err(StepError::device(format!(
-            "{} answered HTTP {} {}: {}",
-            reply.what,
-            reply.status.as_u16(),
-            error.kind,
-            error.message
-        ))),
-        None => reply.success(),
-    }
-}
-
-fn garbage(reply: &Reply, problem: &str) -> StepError {
-    StepError::garbage(format!("{}: {problem}: {}", reply.what, reply.quote()))
+    reply.success_in_words(|body| {
+        let error = answers::read_error(body)?;
+        Some(format!("{}: {}", error.kind, error.message))
+    })
 }
 
 #[cfg(test)]
@@ -553,7 +514,7 @@ mod tests {
             &read(r#"{"error": {"details": {"missing_paths": ["message"]}, "type": "IncompleteRequestBodyError"}}"#),
         )
         .unwrap();
-        let text = missing.error.unwrap();
+        let text = missing.message;
         assert!(text.contains("misses message"), "{text}");
         assert!(text.contains("commit_message"), "{text}");
 
@@ -562,10 +523,7 @@ mod tests {
             &read(r#"{"error": {"details": {"resource": "3"}, "type": "ResourceNotFound"}}"#),
         )
         .unwrap();
-        assert_eq!(
-            empty.error.as_deref(),
-            Some("firmware slot 3 is empty (ResourceNotFound)")
-        );
+        assert_eq!(empty.message, "firmware slot 3 is empty (ResourceNotFound)");
 
         let test = refused_upgrade(
             "2",
@@ -575,19 +533,17 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            test.error.as_deref(),
-            Some(
-                "the firmware test failed (FirmwareTestFailed, exit code 1): HA check started; HA check failed"
-            )
+            test.message,
+            "the firmware test failed (FirmwareTestFailed, exit code 1): HA check started; HA check failed"
         );
-        assert_eq!(test.error_class, Some(ErrorClass::Device));
+        assert_eq!(test.class, flotilla_common::ErrorClass::Device);
 
         let message = refused_upgrade(
             "2",
             &read(r#"{"error": {"type": "UpgradeMessageMissing"}}"#),
         )
         .unwrap();
-        assert!(message.error.unwrap().contains("UpgradeMessageMissing"));
+        assert!(message.message.contains("UpgradeMessageMissing"));
         assert!(refused_upgrade("2", &read(r#"{"error": {"type": "Other"}}"#)).is_none());
     }
 }

@@ -1,32 +1,24 @@
 //! SPS REST sessions: `GET /api/authentication` with HTTP Basic answers a
 //! `session_id` cookie, which every later call carries.
 //!
-//! Sessions are cached per appliance and credentials reference within a
-//! worker, never written into a job, an event or a log. An appliance ends a
-//! session after some inactivity, and ends all of them when it restarts,
-//! so a call refused with 401 on a cached session logs in again and is sent
-//! once more. A refused login is a terminal `auth` failure; a session
-//! refused right after the appliance opened it is transient (the appliance
-//! is restarting).
+//! Sessions are cached per appliance and credentials reference by
+//! [`Logins`](crate::support::login::Logins), never written into a job,
+//! an event or a log. An appliance ends a session after some inactivity,
+//! and ends all of them when it restarts, so a call refused with 401 on a
+//! cached session logs in again and is sent once more. A refused login is
+//! a terminal `auth` failure; a session refused right after the appliance
+//! opened it is transient (the appliance is restarting).
 
 use crate::{
     credentials::{Credentials, Secret},
     device_http::{Call, DeviceClient, Reply},
-    drivers::StepError,
+    driver::StepError,
+    support::login::{Issued, Scheme},
 };
-use reqwest::{StatusCode, header::SET_COOKIE};
-use std::{
-    collections::HashMap,
-    sync::Mutex,
-    time::{Duration, Instant},
-};
+use reqwest::header::SET_COOKIE;
 
 const AUTHENTICATION: &str = "/api/authentication";
 const COOKIE: &str = "session_id";
-/// Above this many cached sessions, those unused for [`FORGET_AFTER`] are
-/// dropped on insert: appliances ended them long ago.
-const PRUNE_ABOVE: usize = 1024;
-const FORGET_AFTER: Duration = Duration::from_secs(3600);
 
 /// The HTTP Basic login of one credentials reference.
 pub(super) struct Login {
@@ -46,122 +38,47 @@ impl Login {
     }
 }
 
-/// Open sessions by appliance and credentials reference.
-#[derive(Default)]
-pub(super) struct Sessions {
-    cache: Mutex<HashMap<String, Cached>>,
-}
-
-struct Cached {
-    id: Secret,
-    used: Instant,
-}
-
-impl Sessions {
-    /// Sends the call `build` makes within a session, and returns any
-    /// answer but a 401: on a cached session, a 401 logs in again and sends
-    /// once more.
-    pub(super) async fn send<'a>(
-        &self,
-        http: &DeviceClient<'a>,
-        login: &Login,
-        build: impl Fn() -> Result<Call<'a>, StepError>,
-    ) -> Result<Reply, StepError> {
-        let key = format!("{} {}", http.base(), login.reference);
-        let (session, fresh) = match self.cached(&key) {
-            Some(session) => (session, false),
-            None => (self.open(http, login, &key).await?, true),
-        };
-        let reply = with_session(build()?, &session).send().await?;
-        if reply.status != StatusCode::UNAUTHORIZED {
-            self.touch(&key);
-            return Ok(reply);
-        }
-        self.forget(&key);
-        if !fresh {
-            // The session ended: inactivity, or the appliance restarted.
-            let session = self.open(http, login, &key).await?;
-            let reply = with_session(build()?, &session).send().await?;
-            if reply.status != StatusCode::UNAUTHORIZED {
-                self.touch(&key);
-                return Ok(reply);
-            }
-            self.forget(&key);
-        }
-        // The login itself was accepted, so the credentials are good: an
-        // appliance refusing the session it has just opened is going down
-        // or coming up, which passes.
-        Err(StepError::transient(format!(
-            "{} refused a session the appliance had just opened (restarting?)",
-            reply.what
-        )))
+impl Scheme for Login {
+    fn reference(&self) -> &str {
+        &self.reference
     }
 
-    /// Logs in and caches the new session.
-    async fn open(
-        &self,
-        http: &DeviceClient<'_>,
-        login: &Login,
-        key: &str,
-    ) -> Result<Secret, StepError> {
+    fn issues(&self) -> &'static str {
+        "session"
+    }
+
+    async fn log_in(&self, http: &DeviceClient<'_>) -> Result<Issued, StepError> {
         let reply = http
             .get(AUTHENTICATION)
-            .basic(&login.user, &login.password)
+            .basic(&self.user, &self.password)
             .send()
             .await?;
         if matches!(reply.status.as_u16(), 401 | 403) {
             return Err(StepError::auth(format!(
                 "{} refused the credentials {:?} with HTTP {}: check them",
                 reply.what,
-                login.reference,
+                self.reference,
                 reply.status.as_u16()
             )));
         }
         let reply = reply.success()?;
-        let id = session_cookie(&reply).ok_or_else(|| {
+        let secret = session_cookie(&reply).ok_or_else(|| {
             StepError::garbage(format!(
                 "{} answered HTTP {} without a {COOKIE} cookie",
                 reply.what,
                 reply.status.as_u16()
             ))
         })?;
-        let mut cache = self.lock();
-        if cache.len() > PRUNE_ABOVE {
-            cache.retain(|_, cached| cached.used.elapsed() < FORGET_AFTER);
-        }
-        cache.insert(
-            key.to_owned(),
-            Cached {
-                id: id.clone(),
-                used: Instant::now(),
-            },
-        );
-        Ok(id)
+        // A session lasts until the appliance ends it.
+        Ok(Issued {
+            secret,
+            lifetime: None,
+        })
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Cached>> {
-        self.cache
-            .lock()
-            .expect("the session cache lock is never poisoned: nothing panics while holding it")
+    fn carry<'c>(&self, call: Call<'c>, issued: &Secret) -> Call<'c> {
+        call.header("cookie", &format!("{COOKIE}={}", issued.expose()))
     }
-
-    fn cached(&self, key: &str) -> Option<Secret> {
-        self.lock().get(key).map(|cached| cached.id.clone())
-    }
-
-    fn touch(&self, key: &str) {
-        if let Some(cached) = self.lock().get_mut(key) {
-            cached.used = Instant::now();
-        }
-    }
-
-    fn forget(&self, key: &str) {
-        self.lock().remove(key);
-    }
-}
-
-fn with_session<'a>(call: Call<'a>, session: &Secret) -> Call<'a> {
-    call.header("cookie", &format!("{COOKIE}={}", session.expose()))
 }
 
 /// The `session_id` of the answer's `Set-Cookie` headers, without its
@@ -183,7 +100,10 @@ fn session_cookie(reply: &Reply) -> Option<Secret> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use reqwest::header::{HeaderMap, HeaderValue};
+    use reqwest::{
+        StatusCode,
+        header::{HeaderMap, HeaderValue},
+    };
 
     #[test]
     fn the_session_cookie_is_found_among_others_without_its_attributes() {

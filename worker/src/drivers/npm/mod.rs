@@ -1,0 +1,366 @@
+//! Riverbed NPM appliances: system update 2.0 (`npm.system_update`).
+//!
+//! Steps, each reading the appliance before acting:
+//!
+//! 1. `stage`: an appliance already on the target version succeeds at once.
+//!    Otherwise find the target's image among `GET images` (by checksum, or
+//!    by version when no checksum is reported), or get one: `POST
+//!    images/fetch` with the campaign's URL, or, for a `file:` URL, `POST
+//!    images/upload` of the file as `application/octet-stream` (after
+//!    checking its SHA-256);
+//! 2. `await_image`: poll the image until `VALID` (its `checksum`, when
+//!    reported, must be the campaign's SHA-256); `INVALID` and
+//!    `UPLOAD_ERROR` fail with the appliance's description;
+//! 3. `init`: `POST update/init` while the update is `IDLE`, then wait for
+//!    `INITIALIZED`;
+//! 4. `start`: `POST update/start` only from `INITIALIZED`, so a
+//!    redelivered step never starts a second update;
+//! 5. `await_update`: poll `update` through the reboot (refused
+//!    connections, timeouts and 5xx are waits, until the job's deadline)
+//!    until `IDLE` with the target version newest in `update_history`;
+//! 6. on `FAILED_GRACEFUL`, `reset` the update and fail with its
+//!    description; `FAILED_CRITICAL` fails the job and marks it for
+//!    attention;
+//! 7. `delete_image` (the cleanup of every step that knows the image):
+//!    deletes it when `[drivers.npm] delete_image` asks, unless an update
+//!    is under way or failed critically (left for inspection).
+//!
+//! Authentication: a bearer token from `POST /api/mgmt.aaa/1.0/token`,
+//! cached per appliance and fetched anew when it expires or the appliance
+//! (rebooted) refuses it.
+//!
+//! Layout: this file holds the update's steps; `images` the staging of
+//! the image (find, fetch, upload, validate); `answers` the reading of the
+//! appliance's resources.
+
+mod answers;
+mod images;
+
+use super::riverbed::{self, auth::Login};
+use crate::{
+    device_http::{Call, Reply},
+    driver::{Driver, Failure, Next, StepContext, StepError},
+    support::{
+        clock,
+        login::Logins,
+        restart::{Seen, through_restart},
+    },
+};
+use answers::{Update, UpdateState, read_update};
+use flotilla_common::{
+    DeviceKind,
+    settings::{self, NpmSettings},
+};
+use reqwest::StatusCode;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+const IMAGES: &str = "/api/npm.system_update/2.0/images";
+const FETCH: &str = "/api/npm.system_update/2.0/images/fetch";
+const UPLOAD: &str = "/api/npm.system_update/2.0/images/upload";
+const UPDATE: &str = "/api/npm.system_update/2.0/update";
+const INIT: &str = "/api/npm.system_update/2.0/update/init";
+const START: &str = "/api/npm.system_update/2.0/update/start";
+const RESET: &str = "/api/npm.system_update/2.0/update/reset";
+
+fn image_path(id: u64) -> String {
+    format!("{IMAGES}/items/{id}")
+}
+
+#[derive(Default)]
+pub(crate) struct Npm {
+    logins: Logins,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum NpmStep {
+    Stage,
+    AwaitImage {
+        image: u64,
+    },
+    /// `image`: the update image, once known, for the cleanup to delete.
+    Init {
+        image: Option<u64>,
+    },
+    Start {
+        image: Option<u64>,
+    },
+    AwaitUpdate {
+        image: Option<u64>,
+    },
+    Reset {
+        image: Option<u64>,
+        description: String,
+    },
+    DeleteImage {
+        image: u64,
+    },
+}
+
+impl NpmStep {
+    fn image(&self) -> Option<u64> {
+        match self {
+            NpmStep::Stage => None,
+            NpmStep::AwaitImage { image } | NpmStep::DeleteImage { image } => Some(*image),
+            NpmStep::Init { image }
+            | NpmStep::Start { image }
+            | NpmStep::AwaitUpdate { image }
+            | NpmStep::Reset { image, .. } => *image,
+        }
+    }
+}
+
+impl Driver for Npm {
+    type Step = NpmStep;
+    const KIND: DeviceKind = DeviceKind::Npm;
+
+    fn first_step(&self) -> NpmStep {
+        NpmStep::Stage
+    }
+
+    fn step_name(step: &NpmStep) -> &'static str {
+        match step {
+            NpmStep::Stage => "stage",
+            NpmStep::AwaitImage { .. } => "await_image",
+            NpmStep::Init { .. } => "init",
+            NpmStep::Start { .. } => "start",
+            NpmStep::AwaitUpdate { .. } => "await_update",
+            NpmStep::Reset { .. } => "reset",
+            NpmStep::DeleteImage { .. } => "delete_image",
+        }
+    }
+
+    async fn run(&self, step: NpmStep, cx: &StepContext<'_>) -> Result<Next<NpmStep>, StepError> {
+        let login = Login::npm(cx.credentials)?;
+        let api = Api {
+            logins: &self.logins,
+            cx,
+            login: &login,
+        };
+        match step {
+            NpmStep::Stage => api.stage().await,
+            NpmStep::AwaitImage { image } => api.await_image(image).await,
+            NpmStep::Init { image } => api.init(image).await,
+            NpmStep::Start { image } => api.start(image).await,
+            NpmStep::AwaitUpdate { image } => api.await_update(image).await,
+            NpmStep::Reset { description, .. } => api.reset(description).await,
+            NpmStep::DeleteImage { image } => api.delete_image(image).await,
+        }
+    }
+
+    fn cleanup(&self, step: &NpmStep) -> Option<NpmStep> {
+        match step {
+            NpmStep::DeleteImage { .. } => None,
+            step => step.image().map(|image| NpmStep::DeleteImage { image }),
+        }
+    }
+}
+
+/// One step's view of the appliance.
+struct Api<'s, 'c> {
+    logins: &'s Logins,
+    cx: &'s StepContext<'c>,
+    login: &'s Login,
+}
+
+impl<'c> Api<'_, 'c> {
+    fn target(&self) -> &str {
+        &self.cx.job.target.version
+    }
+
+    async fn stage(&self) -> Result<Next<NpmStep>, StepError> {
+        let update = self.update().await?;
+        if update.state == UpdateState::Idle && update.installed.as_deref() == Some(self.target()) {
+            return Ok(
+                Next::succeeded().note(format!("the appliance already runs {}", self.target()))
+            );
+        }
+        let image = self.find_image().await?;
+        match (update.state, image) {
+            (UpdateState::Idle, Some(image)) => Ok(Next::run(NpmStep::AwaitImage { image })
+                .note(format!("image {image} is already on the appliance"))),
+            (UpdateState::Idle, None) => self.get_image().await,
+            // An update is under way or failed (this job's, redelivered, or
+            // an earlier one): follow it rather than stage another image.
+            (_, image) => Ok(Next::run(NpmStep::Init { image })
+                .note(format!("the update is {}", update.state.name()))),
+        }
+    }
+
+    async fn init(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+        let update = self.update().await?;
+        match update.state {
+            UpdateState::Idle => {
+                if let Some(done) = self.idle_ending(&update) {
+                    return done;
+                }
+                self.post(INIT, &[UpdateState::Initializing, UpdateState::Initialized])
+                    .await?;
+                Ok(Next::poll(NpmStep::Init { image }).note("initializing the update"))
+            }
+            UpdateState::Initializing => {
+                Ok(Next::poll(NpmStep::Init { image }).note(update.description))
+            }
+            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image })),
+            UpdateState::Running => Ok(Next::poll(NpmStep::AwaitUpdate { image })),
+            UpdateState::FailedGraceful | UpdateState::FailedCritical => failure(image, update),
+        }
+    }
+
+    async fn start(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+        let update = self.update().await?;
+        match update.state {
+            UpdateState::Initialized => {
+                self.post(START, &[UpdateState::Running]).await?;
+                Ok(Next::poll(NpmStep::AwaitUpdate { image }).note("update started"))
+            }
+            UpdateState::Running => Ok(
+                Next::poll(NpmStep::AwaitUpdate { image }).note("the update is already running")
+            ),
+            UpdateState::Idle | UpdateState::Initializing => Ok(Next::run(NpmStep::Init { image })),
+            UpdateState::FailedGraceful | UpdateState::FailedCritical => failure(image, update),
+        }
+    }
+
+    async fn await_update(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+        // The appliance reboots into the new version.
+        let update = match through_restart(self.update().await)? {
+            Seen::Up(update) => update,
+            Seen::Restarting(note) => {
+                return Ok(Next::poll(NpmStep::AwaitUpdate { image }).note(note));
+            }
+        };
+        match update.state {
+            UpdateState::Running | UpdateState::Initializing => {
+                Ok(Next::poll(NpmStep::AwaitUpdate { image }).note(update.description))
+            }
+            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image })),
+            UpdateState::Idle => match self.idle_ending(&update) {
+                Some(done) => done,
+                None => Err(Failure::device(format!(
+                    "the update ended IDLE on version {}, not {}: {}",
+                    update.installed.as_deref().unwrap_or("unknown"),
+                    self.target(),
+                    update.description
+                ))
+                .into()),
+            },
+            UpdateState::FailedGraceful | UpdateState::FailedCritical => failure(image, update),
+        }
+    }
+
+    /// An `IDLE` appliance's verdict: succeeded on the target version;
+    /// failed if the update went back to `IDLE` during this job without it
+    /// (a reset after a failure: never initialize and start again); `None`
+    /// when nothing of this job has happened yet.
+    fn idle_ending(&self, update: &Update) -> Option<Result<Next<NpmStep>, StepError>> {
+        if update.installed.as_deref() == Some(self.target()) {
+            return Some(Ok(Next::succeeded_with(json!({
+                "version": self.target(),
+                "update_history": update.history,
+            }))
+            .note(format!("the appliance runs {}", self.target()))));
+        }
+        if update
+            .last_state_time
+            .is_some_and(|t| t >= clock::since(self.cx.job))
+        {
+            return Some(Err(Failure::device(format!(
+                "the update went back to IDLE during this job without installing {}: {}",
+                self.target(),
+                update.description
+            ))
+            .into()));
+        }
+        None
+    }
+
+    async fn reset(&self, description: String) -> Result<Next<NpmStep>, StepError> {
+        let update = self.update().await?;
+        let note = if update.state == UpdateState::FailedGraceful {
+            self.post(RESET, &[UpdateState::Idle]).await?;
+            "update reset"
+        } else {
+            "the update was already reset"
+        };
+        Err(
+            Failure::device(format!("the update failed gracefully: {description}"))
+                .note(note)
+                .into(),
+        )
+    }
+
+    async fn delete_image(&self, id: u64) -> Result<Next<NpmStep>, StepError> {
+        let settings: NpmSettings = settings::read(&self.cx.job.settings).map_err(|e| {
+            StepError::misconfigured(format!("the job's [drivers.npm] settings: {e}"))
+        })?;
+        if !settings.delete_image {
+            return Ok(Next::done());
+        }
+        let update = self.update().await?;
+        if !matches!(
+            update.state,
+            UpdateState::Idle | UpdateState::FailedGraceful
+        ) {
+            return Ok(Next::done().note(format!(
+                "image {id} left on the appliance: the update is {}",
+                update.state.name()
+            )));
+        }
+        let reply = self
+            .send(|| Ok(self.cx.http.delete(&image_path(id))))
+            .await?;
+        if reply.status == StatusCode::NOT_FOUND {
+            return Ok(Next::done().note(format!("image {id} was already deleted")));
+        }
+        riverbed::success(reply)?;
+        Ok(Next::done().note(format!("image {id} deleted")))
+    }
+
+    async fn send(
+        &self,
+        build: impl Fn() -> Result<Call<'c>, StepError>,
+    ) -> Result<Reply, StepError> {
+        self.login.send(self.logins, &self.cx.http, build).await
+    }
+
+    /// Posts an update action. Refused while the update already is in one
+    /// of the `reached` states, it is as good as done: another copy of
+    /// this step (a redelivery) got there first.
+    async fn post(&self, path: &str, reached: &[UpdateState]) -> Result<(), StepError> {
+        match riverbed::success(self.send(|| Ok(self.cx.http.post(path))).await?) {
+            Ok(_) => Ok(()),
+            Err(refusal) if refusal.is_refusal() => {
+                if reached.contains(&self.update().await?.state) {
+                    Ok(())
+                } else {
+                    Err(refusal)
+                }
+            }
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn update(&self) -> Result<Update, StepError> {
+        let reply = riverbed::success(self.send(|| Ok(self.cx.http.get(UPDATE))).await?)?;
+        read_update(&reply.json()?).map_err(|problem| reply.unreadable(&problem))
+    }
+}
+
+/// What a failed update leads to: a reset for a graceful failure; for a
+/// critical one, the end, marked for a person's attention.
+fn failure(image: Option<u64>, update: Update) -> Result<Next<NpmStep>, StepError> {
+    match update.state {
+        UpdateState::FailedCritical => Err(Failure::device(format!(
+            "the update failed critically: {}; the appliance needs attention",
+            update.description
+        ))
+        .needing_attention()
+        .into()),
+        _ => Ok(Next::run(NpmStep::Reset {
+            image,
+            description: update.description,
+        })),
+    }
+}
