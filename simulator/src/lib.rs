@@ -189,6 +189,9 @@ pub struct Quirks {
     /// SPS appliances select the slot on an upgrade but never restart by
     /// themselves.
     pub sps_no_self_restart: bool,
+    /// SPS appliances accept an upgrade but select no slot for the
+    /// restart (and so never restart into it).
+    pub sps_upgrade_not_selected: bool,
     /// An upload (NPM, SPS) takes at least this long to be answered.
     pub upload_time: Duration,
 }

@@ -61,6 +61,8 @@ pub enum NpmFault {
     Stuck,
     /// Its token endpoint refuses the fleet's credentials.
     RefusedCredentials,
+    /// The update stays `INITIALIZING` forever (only as an exact fault).
+    InitStuck,
 }
 
 /// Starts the fleet's NPM appliances, each on its own host.
@@ -125,6 +127,7 @@ fn expectation(fault: Option<NpmFault>) -> Expectation {
         Some(NpmFault::FailCritical) => Expectation::device(CRITICAL_FAILURE).needing_attention(),
         Some(NpmFault::Stuck) => Expectation::timed_out(),
         Some(NpmFault::RefusedCredentials) => Expectation::refused(),
+        Some(NpmFault::InitStuck) => Expectation::timed_out(),
     }
 }
 
@@ -189,6 +192,9 @@ struct Inner {
     updates_done: u32,
     images_deleted: u32,
     uploads: u32,
+    fetches: u32,
+    /// Images that ended `INVALID`, whatever the fault.
+    failed_images: std::collections::BTreeSet<u64>,
 }
 
 struct Image {
@@ -226,6 +232,8 @@ impl Npm {
                     updates_done: 0,
                     images_deleted: 0,
                     uploads: 0,
+                    fetches: 0,
+                    failed_images: Default::default(),
                 }),
                 auth,
                 release_version: release_version.to_owned(),
@@ -343,6 +351,36 @@ impl Npm {
         self.lock().images_deleted
     }
 
+    /// The update's state now (`IDLE`, `INITIALIZED`, ...).
+    pub fn update_state(&self) -> String {
+        let mut inner = self.lock();
+        settle(&mut inner);
+        inner.state.to_owned()
+    }
+
+    /// Images fetched from a URL.
+    pub fn fetches(&self) -> u32 {
+        self.lock().fetches
+    }
+
+    /// Leaves an image of the release that failed validation, as an
+    /// earlier job's fetch would have.
+    pub fn leave_failed_image(&self) {
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.failed_images.insert(id);
+        let now = Instant::now();
+        inner.images.insert(
+            id,
+            Image {
+                uploaded_at: now,
+                validated_at: now,
+                checksum: self.state.release_sha256.clone(),
+            },
+        );
+    }
+
     /// Images received by upload.
     pub fn uploads(&self) -> u32 {
         self.lock().uploads
@@ -431,6 +469,8 @@ fn image_json(inner: &Inner, id: u64, version: Option<&str>, now: Instant) -> Va
         ("UPLOADING", "")
     } else if now < image.validated_at {
         ("VALIDATING", "Checking the image signature")
+    } else if inner.failed_images.contains(&id) {
+        ("INVALID", INVALID_IMAGE)
     } else {
         match inner.fault {
             Some(NpmFault::InvalidImage) => ("INVALID", INVALID_IMAGE),
@@ -489,6 +529,7 @@ async fn fetch(State(npm): State<Npm>, headers: HeaderMap, body: axum::body::Byt
     } else {
         npm.state.release_sha256.clone()
     };
+    npm.lock().fetches += 1;
     Json(npm.add_image(checksum)).into_response()
 }
 
@@ -542,6 +583,9 @@ async fn delete_image(State(npm): State<Npm>, headers: HeaderMap, Path(id): Path
 }
 
 fn settle(inner: &mut Inner) {
+    if inner.fault == Some(NpmFault::InitStuck) {
+        return;
+    }
     if inner.state == "INITIALIZING" && inner.initialized_at.is_some_and(|t| Instant::now() >= t) {
         inner.initialized_at = None;
         Npm::transition(inner, "INITIALIZED", "Ready to update");

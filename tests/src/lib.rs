@@ -138,13 +138,20 @@ impl Harness {
 
     /// Starts an in-process worker.
     pub fn start_worker(&self, name: &str, credentials: CredentialStore) -> WorkerHandle {
+        self.start_worker_with(self.worker_config(name), credentials)
+    }
+
+    /// Starts an in-process worker with its own settings.
+    pub fn start_worker_with(
+        &self,
+        config: WorkerConfig,
+        credentials: CredentialStore,
+    ) -> WorkerHandle {
         let stop = CancellationToken::new();
         let trigger = stop.clone();
-        let task = tokio::spawn(flotilla_worker::run(
-            self.worker_config(name),
-            credentials,
-            async move { trigger.cancelled().await },
-        ));
+        let task = tokio::spawn(flotilla_worker::run(config, credentials, async move {
+            trigger.cancelled().await
+        }));
         WorkerHandle { stop, task }
     }
 

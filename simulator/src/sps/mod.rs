@@ -135,7 +135,9 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
                 reboot_time: spec.reboot_time.clone(),
                 session_idle: spec.sps_session_idle,
                 upload_time: spec.quirks.upload_time,
-                restarts_itself: !spec.quirks.sps_no_self_restart,
+                restarts_itself: !spec.quirks.sps_no_self_restart
+                    && !spec.quirks.sps_upgrade_not_selected,
+                selects_slot: !spec.quirks.sps_upgrade_not_selected,
                 clock: fleet.clock(),
             },
             fleet.dice(Seed::new(kind, "device", i)),
@@ -189,6 +191,8 @@ struct SpsTiming {
     upload_time: Duration,
     /// The appliance restarts by itself after an accepted upgrade.
     restarts_itself: bool,
+    /// An accepted upgrade selects its slot for the restart.
+    selects_slot: bool,
     clock: Clock,
 }
 
@@ -864,7 +868,9 @@ async fn upgrade(State(sps): State<Sps>, headers: HeaderMap, body: axum::body::B
         );
     }
     inner.upgrades += 1;
-    inner.after_reboot = slot;
+    if sps.state.timing.selects_slot {
+        inner.after_reboot = slot;
+    }
     inner.commit_messages.push(message);
     drop(inner);
     if sps.state.timing.restarts_itself {
