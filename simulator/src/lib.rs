@@ -7,7 +7,8 @@
 //! Flotilla reports against the fleet's own record of what happened.
 //!
 //! Layout: [`faults`] (fates and dice), `host` (listeners that can reboot,
-//! latency, injected errors), [`tls`] (the fleet's CA, HTTPS listeners),
+//! latency, injected errors, the device's `Date`), `clock` (device clocks,
+//! off by [`Quirks::clock_offset`]), [`tls`] (the fleet's CA, HTTPS listeners),
 //! `riverbed_auth` (Basic, OAuth and NPM tokens), `build` (what a kind
 //! starts its devices with), and one module per device kind ([`dms`],
 //! [`netprofiler`], [`flowgateway`], [`npm`], [`sps`]), each owning its
