@@ -42,6 +42,13 @@ pub struct Job {
     /// recognise the same step reported twice after a redelivery.
     #[serde(default)]
     pub seq: u32,
+    /// When the producer published the job (the worker fleet's clock).
+    /// Nothing of this job can have happened on a device before it:
+    /// drivers tell the device's records of this job from older ones by
+    /// it, read on the device's own clock. `None` in messages from before
+    /// the field existed; the first step's time stands in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at: Option<DateTime<Utc>>,
     /// When the first step ran.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
@@ -56,7 +63,7 @@ pub struct Job {
 }
 
 impl Job {
-    /// A job as the producer publishes it: nothing run yet.
+    /// A job as the producer publishes it: nothing run yet, stamped now.
     pub fn new(
         campaign: impl Into<String>,
         device: Device,
@@ -74,6 +81,7 @@ impl Job {
             step: serde_json::Value::Null,
             attempt: 0,
             seq: 0,
+            published_at: Some(Utc::now()),
             started_at: None,
             deadline: None,
             ending: None,
@@ -252,7 +260,14 @@ mod tests {
         assert_eq!(json["v"], 1);
         assert_eq!(json["policy"]["deadline"], "1h");
         assert_eq!(json["device"]["credentials"], "dms-east");
-        let back: Job = serde_json::from_value(json).unwrap();
+        assert!(json["published_at"].is_string());
+        let back: Job = serde_json::from_value(json.clone()).unwrap();
         assert_eq!(back, job);
+
+        // A message from before the stamp existed still decodes.
+        let mut old = json;
+        old.as_object_mut().unwrap().remove("published_at");
+        let back: Job = serde_json::from_value(old).unwrap();
+        assert_eq!(back.published_at, None);
     }
 }

@@ -110,12 +110,33 @@ impl KindSettings for NetprofilerSettings {
 }
 
 /// `[drivers.npm]`: NPM system update 2.0.
+///
+/// ```toml
+/// [drivers.npm]
+/// delete_image = true
+/// auth = "basic"   # appliances without the mgmt.aaa token login
+/// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NpmSettings {
     /// Delete the update image from the appliance once the job is over
     /// (left in place when the update failed critically, for inspection).
     pub delete_image: bool,
+    /// How the worker logs in to the appliance.
+    pub auth: NpmAuth,
+}
+
+/// How NPM appliances take the reference's `username` and `password`. The
+/// NPM document says nothing of authentication; real NPM appliances issue
+/// tokens through `mgmt.aaa`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NpmAuth {
+    /// `POST /api/mgmt.aaa/1.0/token`, then a bearer token.
+    #[default]
+    Token,
+    /// HTTP Basic on every call.
+    Basic,
 }
 
 impl KindSettings for NpmSettings {}
@@ -125,6 +146,7 @@ impl KindSettings for NpmSettings {}
 /// ```toml
 /// [drivers.sps]
 /// commit_message = "Firmware 7.2.1, change CHG-1234"
+/// restart_wait = "10m"
 /// ```
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -133,16 +155,35 @@ pub struct SpsSettings {
     /// `require_commit_log` refuse an upgrade without one; others record
     /// it when given.
     pub commit_message: Option<String>,
+    /// How long after an accepted upgrade the appliance may take to restart
+    /// into it by itself; past it the device ends "upgrade staged, restart
+    /// pending", for a person to restart ([`SpsSettings::DEFAULT_RESTART_WAIT`]
+    /// when unset).
+    #[serde(with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    pub restart_wait: Option<std::time::Duration>,
+}
+
+impl SpsSettings {
+    pub const DEFAULT_RESTART_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+    /// The wait for the restart after an accepted upgrade.
+    pub fn restart_wait(&self) -> std::time::Duration {
+        self.restart_wait.unwrap_or(Self::DEFAULT_RESTART_WAIT)
+    }
 }
 
 impl KindSettings for SpsSettings {
     fn check(&self) -> Result<(), String> {
         match &self.commit_message {
             Some(message) if message.trim().is_empty() => {
-                Err("commit_message is empty (leave it out to send none)".to_owned())
+                return Err("commit_message is empty (leave it out to send none)".to_owned());
             }
-            _ => Ok(()),
+            _ => {}
         }
+        if self.restart_wait.is_some_and(|wait| wait.is_zero()) {
+            return Err("restart_wait must be longer than 0s".to_owned());
+        }
+        Ok(())
     }
 }
 
@@ -217,6 +258,20 @@ mod tests {
         let error = validate(DeviceKind::Sps, &blank).unwrap_err();
         assert!(error.contains("commit_message is empty"), "{error}");
         validate(DeviceKind::Sps, &json!({"commit_message": "CHG-1"})).unwrap();
+        let sps: SpsSettings = read(&json!({"restart_wait": "90s"})).unwrap();
+        assert_eq!(sps.restart_wait(), std::time::Duration::from_secs(90));
+        assert_eq!(
+            SpsSettings::default().restart_wait(),
+            SpsSettings::DEFAULT_RESTART_WAIT
+        );
+        let error = validate(DeviceKind::Sps, &json!({"restart_wait": "0s"})).unwrap_err();
+        assert!(error.contains("restart_wait"), "{error}");
+
+        let npm: NpmSettings = read(&json!({"auth": "basic"})).unwrap();
+        assert_eq!(npm.auth, NpmAuth::Basic);
+        assert_eq!(NpmSettings::default().auth, NpmAuth::Token);
+        let error = validate(DeviceKind::Npm, &json!({"auth": "kerberos"})).unwrap_err();
+        assert!(error.contains("kerberos"), "{error}");
 
         let misspelt = json!({"delete_imag": true});
         let error = validate(DeviceKind::Npm, &misspelt).unwrap_err();

@@ -4,6 +4,7 @@
 
 use crate::{
     Expectation, FleetSpec, Simulated,
+    clock::Clock,
     faults::{self, Dice, Fate},
     host::{Behaviour, Host},
     riverbed_auth::Auth,
@@ -129,13 +130,21 @@ impl<'f> Builder<'f> {
         )))
     }
 
+    /// The devices' clock.
+    pub(crate) fn clock(&self) -> Clock {
+        Clock {
+            offset: self.spec.quirks.clock_offset,
+        }
+    }
+
     /// How a host answers: the fleet's latency, and transient errors with
-    /// `error_body`, from its own dice.
+    /// `error_body`, from its own dice; `Date` from the devices' clock.
     pub(crate) fn behaviour(&self, seed: Seed, error_body: &'static str) -> Behaviour {
         Behaviour {
             latency: self.spec.request_latency.clone(),
             dice: self.dice(seed),
             error_body,
+            clock: self.clock(),
         }
     }
 
@@ -180,7 +189,14 @@ impl<'f> Builder<'f> {
         } else {
             (spec.password.as_str(), spec.access_code.as_str())
         };
-        Auth::new(&spec.username, password, code, basic, spec.token_lifetime)
+        Auth::new(
+            &spec.username,
+            password,
+            code,
+            basic,
+            spec.token_lifetime,
+            self.clock(),
+        )
     }
 
     /// Adds a device to the fleet, with what Flotilla should report for it.

@@ -8,8 +8,9 @@
 //! `code` while HTTP says 200, and `.*` is part of the paths.
 
 use crate::{
-    Expectation, Simulated,
+    Expectation, Quirks, Simulated,
     build::{Builder, Seed},
+    clock::Clock,
     faults::Fate,
     host::{Behaviour, Host, basic_auth_matches},
 };
@@ -54,6 +55,7 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             &spec.password,
             spec.upgrade_time.clone(),
             behaviour.clone(),
+            &spec.quirks,
         );
         let host = Host::start(
             SocketAddr::new(spec.ip, 0),
@@ -107,6 +109,44 @@ impl Cpe {
     pub fn id(&self) -> &str {
         &self.cpe_id
     }
+
+    /// The firmware file the CPE runs.
+    pub fn firmware(&self) -> String {
+        let mut inner = self.dms.lock();
+        let clock = self.dms.state.behaviour.clock;
+        inner.cpes.get_mut(&self.cpe_id).map_or_else(String::new, |cpe| {
+            settle(cpe, Instant::now(), clock);
+            cpe.firmware.clone()
+        })
+    }
+
+    /// Leaves the CPE's rule as an earlier campaign would have: for
+    /// `file`, disabled, its execution spent.
+    pub fn leave_rule(&self, file: &str) {
+        self.dms.lock().rules.insert(
+            format!("UPGRADE_{}", self.cpe_id),
+            Rule {
+                cpeid: self.cpe_id.clone(),
+                file: file.to_owned(),
+                enabled: false,
+                automatic: false,
+                executions_left: 0,
+            },
+        );
+    }
+
+    /// Moves the CPE's records `seconds` into the past, as if what made
+    /// them happened that much earlier.
+    pub fn age(&self, seconds: i64) {
+        let mut inner = self.dms.lock();
+        if let Some(cpe) = inner.cpes.get_mut(&self.cpe_id) {
+            for result in &mut cpe.results {
+                if let Some(ts) = result["ts"].as_i64() {
+                    result["ts"] = json!(ts - seconds);
+                }
+            }
+        }
+    }
 }
 
 impl Simulated for Cpe {
@@ -140,6 +180,12 @@ struct DmsState {
     /// How long a CPE takes from connection request to result.
     upgrade_time: RangeInclusive<Duration>,
     behaviour: Behaviour,
+    /// No interim result while an upgrade runs.
+    no_interim_result: bool,
+    /// Results answered whatever the query.
+    unfiltered_results: bool,
+    /// Creating a rule that exists answers 409.
+    conflict_on_existing_rule: bool,
 }
 
 #[derive(Default)]
@@ -184,6 +230,7 @@ impl Dms {
         password: &str,
         upgrade_time: RangeInclusive<Duration>,
         behaviour: Behaviour,
+        quirks: &Quirks,
     ) -> Self {
         let cpes = cpes
             .into_iter()
@@ -210,6 +257,9 @@ impl Dms {
                 password: password.to_owned(),
                 upgrade_time,
                 behaviour,
+                no_interim_result: quirks.dms_no_interim_result,
+                unfiltered_results: quirks.dms_unfiltered_results,
+                conflict_on_existing_rule: quirks.dms_conflict_on_existing_rule,
             }),
         }
     }
@@ -266,8 +316,9 @@ impl Dms {
     pub fn upgrades_of(&self, cpe_id: &str) -> u32 {
         let mut inner = self.lock();
         let now = Instant::now();
+        let clock = self.state.behaviour.clock;
         inner.cpes.get_mut(cpe_id).map_or(0, |cpe| {
-            settle(cpe, now);
+            settle(cpe, now, clock);
             cpe.upgrades_done
         })
     }
@@ -284,7 +335,7 @@ impl Dms {
 }
 
 /// Completes an upgrade whose time has come, as the CPE's fate says.
-fn settle(cpe: &mut CpeState, now: Instant) {
+fn settle(cpe: &mut CpeState, now: Instant, clock: Clock) {
     let Some(upgrade) = &cpe.upgrade else { return };
     if now < upgrade.done_at || cpe.fate == Fate::Silent {
         return;
@@ -302,29 +353,24 @@ fn settle(cpe: &mut CpeState, now: Instant) {
     cpe.upgrade = None;
     if let Some(entry) = cpe.results.iter_mut().find(|r| r["id"] == id.as_str()) {
         entry["result"] = json!({ "code": code, "message": message });
-        entry["ts"] = json!(epoch_seconds());
+        entry["ts"] = json!(clock.epoch_seconds());
     } else {
-        cpe.results.push(result_entry(&id, &rule, code, &message));
+        cpe.results
+            .push(result_entry(&id, &rule, code, &message, clock));
     }
 }
 
-fn result_entry(id: &str, rule: &str, code: u16, message: &str) -> Value {
+fn result_entry(id: &str, rule: &str, code: u16, message: &str, clock: Clock) -> Value {
     let cpeid = rule.strip_prefix("UPGRADE_").unwrap_or(rule);
     json!({
         "id": id,
         "status": true,
-        "ts": epoch_seconds(),
+        "ts": clock.epoch_seconds(),
         "cpeid": cpeid,
         "rule_description": "string",
         "campaignid": rule,
         "result": { "code": code, "message": message },
     })
-}
-
-fn epoch_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// The DMS's answers put their status in the body, with HTTP 200.
@@ -405,6 +451,13 @@ async fn create_rule(
         return storage(404, json!(format!("no CPE {}", condition.cpeid)));
     }
     match inner.rules.get_mut(&rule.id) {
+        Some(_) if dms.state.conflict_on_existing_rule => {
+            return (
+                StatusCode::CONFLICT,
+                Json(json!({ "code": 409, "message": "response from FirmwareStorage", "details": "rule exists" })),
+            )
+                .into_response();
+        }
         // Re-posting an armed rule changes nothing: its executions are
         // already counted.
         Some(existing) if existing.enabled => {
@@ -457,6 +510,12 @@ async fn update_rule(
     if let Some(automatic) = update["automatic"].as_bool() {
         rule.automatic = automatic;
     }
+    if let Some(file) = update["file"].as_str() {
+        rule.file = file.to_owned();
+    }
+    if let Some(executions) = update["executions"].as_u64() {
+        rule.executions_left = executions as u32;
+    }
     storage(204, json!(""))
 }
 
@@ -474,16 +533,29 @@ async fn results(
     let mut inner = dms.lock();
     let cpe_id = rule.strip_prefix("UPGRADE_").unwrap_or(rule).to_owned();
     let now = Instant::now();
-    let found: Vec<Value> = match inner.cpes.get_mut(&cpe_id) {
-        Some(cpe) => {
-            settle(cpe, now);
-            cpe.results
-                .iter()
-                .filter(|r| r["campaignid"] == rule.as_str())
-                .cloned()
-                .collect()
+    let clock = dms.state.behaviour.clock;
+    let found: Vec<Value> = if dms.state.unfiltered_results {
+        // Every record of every CPE, whatever the query asked for.
+        inner
+            .cpes
+            .values_mut()
+            .flat_map(|cpe| {
+                settle(cpe, now, clock);
+                cpe.results.clone()
+            })
+            .collect()
+    } else {
+        match inner.cpes.get_mut(&cpe_id) {
+            Some(cpe) => {
+                settle(cpe, now, clock);
+                cpe.results
+                    .iter()
+                    .filter(|r| r["campaignid"] == rule.as_str())
+                    .cloned()
+                    .collect()
+            }
+            None => Vec::new(),
         }
-        None => Vec::new(),
     };
     let body = if found.is_empty() {
         json!({ "code": 404, "message": "response from FirmwareResultStorage", "details": "" })
@@ -524,7 +596,7 @@ async fn send_cnr(State(dms): State<Dms>, headers: HeaderMap, body: axum::body::
             .into_response();
     };
     cpe.connection_requests += 1;
-    settle(cpe, now);
+    settle(cpe, now, dms.state.behaviour.clock);
     let rule_id = format!("UPGRADE_{cpe_id}");
     if cpe.upgrade.is_none()
         && let Some(rule) = inner.rules.get_mut(&rule_id)
@@ -540,13 +612,15 @@ async fn send_cnr(State(dms): State<Dms>, headers: HeaderMap, body: axum::body::
             .max_concurrent_upgrades
             .max(inner.upgrading_until.len());
         let result_id = uuid::Uuid::new_v4().to_string();
-        // The CPE reports the download as under way until it finishes.
-        if cpe.fate != Fate::Silent {
+        // The CPE reports the download as under way until it finishes
+        // (unless this DMS reports only the end).
+        if cpe.fate != Fate::Silent && !dms.state.no_interim_result {
             cpe.results.push(result_entry(
                 &result_id,
                 &rule_id,
                 202,
                 "Download in progress",
+                dms.state.behaviour.clock,
             ));
         }
         cpe.upgrade = Some(Upgrade {

@@ -10,7 +10,7 @@
 use crate::{
     Expectation, RIVERBED_ERROR, Simulated,
     build::{Builder, Seed},
-    epoch_seconds,
+    clock::Clock,
     faults::Dice,
     riverbed_auth::{self, Auth},
 };
@@ -116,6 +116,8 @@ pub(crate) fn gateway(
         update_time: spec.upgrade_time.clone(),
         dice: fleet.dice(seed),
         backup_password: &spec.backup_password,
+        clock: fleet.clock(),
+        async_start: spec.quirks.netprofiler_async_start,
     })
 }
 
@@ -142,6 +144,9 @@ struct Shared {
     dice: Arc<Mutex<Dice>>,
     /// The SSH password of remote backup hosts.
     backup_password: String,
+    clock: Clock,
+    /// `start` answers at once; the update begins a while later.
+    async_start: bool,
 }
 
 struct Inner {
@@ -163,6 +168,8 @@ enum Phase {
     Neutral,
     Initializing(Instant),
     Initialized,
+    /// Started, but (asynchronously) not running yet: shows `initialized`.
+    Starting { runs_at: Instant, until: Instant },
     Running(Instant),
     FailedGraceful,
     FailedCritical,
@@ -187,6 +194,8 @@ struct GatewaySpec<'a> {
     update_time: RangeInclusive<Duration>,
     dice: Arc<Mutex<Dice>>,
     backup_password: &'a str,
+    clock: Clock,
+    async_start: bool,
 }
 
 impl FlowGateway {
@@ -212,6 +221,8 @@ impl FlowGateway {
                 update_time: spec.update_time,
                 dice: spec.dice,
                 backup_password: spec.backup_password.to_owned(),
+                clock: spec.clock,
+                async_start: spec.async_start,
             }),
         }
     }
@@ -270,6 +281,27 @@ impl FlowGateway {
         self.lock().updates_started
     }
 
+    /// Installs `version` as if an earlier update had (a gateway already on
+    /// the target when a retry campaign starts).
+    pub fn preinstall(&self, version: &str) {
+        let mut inner = self.lock();
+        inner.version = version.to_owned();
+        inner.staged = Some(version.to_owned());
+    }
+
+    /// Moves the gateway's backups and restores `seconds` into the past, as
+    /// if they had started that much earlier.
+    pub fn age(&self, seconds: i64) {
+        let mut guard = self.lock();
+        let inner = &mut *guard;
+        for run in [&mut inner.backup, &mut inner.restore, &mut inner.last_successful]
+            .into_iter()
+            .flatten()
+        {
+            run.started -= seconds;
+        }
+    }
+
     /// The version the gateway runs.
     pub fn version(&self) -> String {
         let mut inner = self.lock();
@@ -288,8 +320,10 @@ impl FlowGateway {
         let run_time = self.duration(&self.state.run_time);
         let mut inner = self.lock();
         settle(&mut inner, Instant::now());
+        // A gateway already running the staged version has nothing to
+        // update to.
         let ready = matches!(inner.update, Phase::Neutral | Phase::FailedGraceful)
-            && inner.staged.is_some();
+            && inner.staged.as_ref().is_some_and(|v| *v != inner.version);
         if !ready || inner.fault == Some(GatewayFault::InitFails) {
             return false;
         }
@@ -302,11 +336,24 @@ impl FlowGateway {
         let update_time = self.duration(&self.state.update_time);
         let mut inner = self.lock();
         settle(&mut inner, Instant::now());
+        if matches!(inner.update, Phase::Starting { .. }) {
+            // Asked again while it has not begun: it is starting already.
+            return true;
+        }
         if inner.update != Phase::Initialized || inner.fault == Some(GatewayFault::StartFails) {
             return false;
         }
         inner.updates_started += 1;
-        inner.update = Phase::Running(Instant::now() + update_time);
+        let now = Instant::now();
+        inner.update = if self.state.async_start {
+            let delay = self.duration(&self.state.run_time);
+            Phase::Starting {
+                runs_at: now + delay,
+                until: now + delay + update_time,
+            }
+        } else {
+            Phase::Running(now + update_time)
+        };
         true
     }
 
@@ -319,7 +366,7 @@ impl FlowGateway {
         let (state, descriptions) = match inner.update {
             Phase::Neutral => ("neutral", None),
             Phase::Initializing(_) => ("initializing", None),
-            Phase::Initialized => ("initialized", None),
+            Phase::Initialized | Phase::Starting { .. } => ("initialized", None),
             Phase::Running(_) => ("running", None),
             Phase::FailedGraceful => (
                 "failed_graceful",
@@ -349,6 +396,11 @@ impl FlowGateway {
 fn settle(inner: &mut Inner, now: Instant) {
     match inner.update {
         Phase::Initializing(until) if now >= until => inner.update = Phase::Initialized,
+        Phase::Starting { runs_at, until } if now >= runs_at => {
+            inner.update = Phase::Running(until);
+            settle(inner, now);
+            return;
+        }
         Phase::Running(until) if now >= until => match inner.fault {
             Some(GatewayFault::Stuck) => {}
             Some(GatewayFault::FailGraceful) => inner.update = Phase::FailedGraceful,
@@ -491,7 +543,7 @@ fn start_run(
             text("path")
         }
         .to_owned(),
-        started: epoch_seconds(),
+        started: gateway.state.clock.epoch_seconds(),
         done_at: Instant::now() + run_time,
         status: if refused { "ERROR" } else { "EXECUTING" },
         message: if refused {

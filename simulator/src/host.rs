@@ -6,7 +6,7 @@
 //! address once the reboot is over. A host given a TLS configuration serves
 //! HTTPS.
 
-use crate::faults::Dice;
+use crate::{clock::Clock, faults::Dice};
 use axum::{
     Router,
     extract::{Request, State},
@@ -36,6 +36,8 @@ pub(crate) struct Behaviour {
     pub(crate) dice: Arc<Mutex<Dice>>,
     /// The body of an injected 500.
     pub(crate) error_body: &'static str,
+    /// The device's clock, for every answer's `Date` header.
+    pub(crate) clock: Clock,
 }
 
 fn app(routes: Router, behaviour: Behaviour) -> Router {
@@ -156,15 +158,24 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    if fail {
-        return (
+    let mut response = if fail {
+        (
             StatusCode::INTERNAL_SERVER_ERROR,
             [("content-type", "application/json")],
             behaviour.error_body,
         )
-            .into_response();
+            .into_response()
+    } else {
+        next.run(request).await
+    };
+    // The device's own clock, not the machine's (the server adds the
+    // machine's only where none is set).
+    if let Ok(date) = behaviour.clock.http_date().parse() {
+        response
+            .headers_mut()
+            .insert(axum::http::header::DATE, date);
     }
-    next.run(request).await
+    response
 }
 
 /// Whether the request carries HTTP Basic credentials `user`:`password`.
@@ -199,6 +210,7 @@ mod tests {
             latency: Duration::ZERO..=Duration::ZERO,
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
+            clock: Clock::default(),
         };
         let stop = CancellationToken::new();
         let routes = Router::new().route("/ping", get(|| async { "pong" }));
@@ -234,6 +246,7 @@ mod tests {
             latency: Duration::ZERO..=Duration::ZERO,
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
+            clock: Clock::default(),
         };
         let stop = CancellationToken::new();
         let routes = Router::new().route("/ping", get(|| async { "pong" }));

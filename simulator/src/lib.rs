@@ -7,7 +7,8 @@
 //! Flotilla reports against the fleet's own record of what happened.
 //!
 //! Layout: [`faults`] (fates and dice), `host` (listeners that can reboot,
-//! latency, injected errors), [`tls`] (the fleet's CA, HTTPS listeners),
+//! latency, injected errors, the device's `Date`), `clock` (device clocks,
+//! off by [`Quirks::clock_offset`]), [`tls`] (the fleet's CA, HTTPS listeners),
 //! `riverbed_auth` (Basic, OAuth and NPM tokens), `build` (what a kind
 //! starts its devices with), and one module per device kind ([`dms`],
 //! [`netprofiler`], [`flowgateway`], [`npm`], [`sps`]), each owning its
@@ -25,6 +26,7 @@
 //! of a kind exact faults, for tests.
 
 mod build;
+mod clock;
 mod expectation;
 pub mod faults;
 mod host;
@@ -147,6 +149,52 @@ pub struct FleetSpec {
     pub password: String,
     /// Loopback address the hosts listen on.
     pub ip: IpAddr,
+    /// Readings of the device documents where they leave room, each
+    /// switchable both ways.
+    pub quirks: Quirks,
+}
+
+/// Where the device documents leave room, how the simulated devices read
+/// them. The defaults are the readings the drivers were first written
+/// against; each switch is the other reading, as an independent
+/// implementation of the documents may have it.
+#[derive(Debug, Clone, Default)]
+pub struct Quirks {
+    /// Every device's clock is this many seconds ahead of the machine's
+    /// (negative: behind), in the records it stamps and in its `Date`
+    /// header.
+    pub clock_offset: i64,
+    /// NetProfiler `update/start` answers at once and each gateway begins
+    /// a while later (the document calls it asynchronous), showing
+    /// `initialized` meanwhile.
+    pub netprofiler_async_start: bool,
+    /// The ISO staged on every NetProfiler holds this version, not the
+    /// release.
+    pub netprofiler_staged: Option<String>,
+    /// NetProfiler `GET update` answers carry fields besides the gateways'
+    /// statuses.
+    pub netprofiler_extra_fields: bool,
+    /// DMS results: no interim record while an upgrade runs, one record
+    /// (a new UUID) when it ends.
+    pub dms_no_interim_result: bool,
+    /// The DMS answers every result record it holds, whatever the query.
+    pub dms_unfiltered_results: bool,
+    /// Creating a DMS rule that exists answers 409 (rather than updating
+    /// it in place).
+    pub dms_conflict_on_existing_rule: bool,
+    /// NPM appliances take only HTTP Basic: no `mgmt.aaa` token login.
+    pub npm_basic_only: bool,
+    /// NPM images report no version, and the update's `target_version`
+    /// (what it would install) is this one, not the release.
+    pub npm_staged: Option<String>,
+    /// SPS appliances select the slot on an upgrade but never restart by
+    /// themselves.
+    pub sps_no_self_restart: bool,
+    /// SPS appliances accept an upgrade but select no slot for the
+    /// restart (and so never restart into it).
+    pub sps_upgrade_not_selected: bool,
+    /// An upload (NPM, SPS) takes at least this long to be answered.
+    pub upload_time: Duration,
 }
 
 impl Default for FleetSpec {
@@ -174,6 +222,7 @@ impl Default for FleetSpec {
             username: "flotilla".to_owned(),
             password: "sim-password".to_owned(),
             ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            quirks: Quirks::default(),
         }
     }
 }
@@ -345,12 +394,6 @@ impl Drop for Fleet {
     fn drop(&mut self) {
         self.stop.cancel();
     }
-}
-
-pub(crate) fn epoch_seconds() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 const RIVERBED_ERROR: &str =

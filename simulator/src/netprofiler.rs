@@ -76,12 +76,18 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             .map(|g| g.ip().to_string())
             .unwrap_or_default();
         let auth = fleet.auth(fault == Some(GatewayFault::RefusedCredentials), true);
+        let staged = spec
+            .quirks
+            .netprofiler_staged
+            .as_deref()
+            .unwrap_or(&spec.release_version);
         let np = Netprofiler::new(
             auth,
-            &spec.release_version,
+            (staged, &spec.release_version),
             gateways,
             fault,
             spec.backups_first,
+            spec.quirks.netprofiler_extra_fields,
         );
         let behaviour = fleet.behaviour(Seed::new(kind, "host", i), RIVERBED_ERROR);
         let host = fleet
@@ -93,10 +99,27 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             Builder::url(host.addr(), spec.https),
         );
         device.gateways = urls;
-        let expectation = expectation(fault, &first_ip, spec.backups_first);
+        let expectation = match &spec.quirks.netprofiler_staged {
+            // Whatever else would happen, no gateway is started.
+            Some(other) if *other != spec.release_version && !backup_fails(fault, spec.backups_first) => {
+                match fault {
+                    Some(GatewayFault::RefusedCredentials) => Expectation::refused(),
+                    _ => Expectation::device(&format!(
+                        "would update to another version than {}",
+                        spec.release_version
+                    )),
+                }
+            }
+            _ => expectation(fault, &first_ip, spec.backups_first),
+        };
         fleet.add(device, expectation, Arc::new(np));
     }
     Ok(())
+}
+
+/// Whether the NetProfiler's backups fail before anything is updated.
+fn backup_fails(fault: Option<GatewayFault>, backups_first: bool) -> bool {
+    backups_first && fault == Some(GatewayFault::RunError)
 }
 
 /// What Flotilla should report for a NetProfiler whose first gateway (or,
@@ -129,30 +152,38 @@ pub struct Netprofiler {
 
 struct Shared {
     auth: Auth,
-    /// The ISO staged on the NetProfiler: the fleet's release version.
+    /// The ISO staged on the NetProfiler: the fleet's release version,
+    /// unless a quirk stages another.
     staged: String,
+    /// The fleet's release: what a campaign against the fleet installs.
+    release: String,
     gateways: Vec<FlowGateway>,
     /// The fault of its first gateway (or its own refused login).
     fault: Option<GatewayFault>,
     /// Campaigns back the gateways up first.
     backups_first: bool,
+    /// `GET update` carries fields besides the gateways'.
+    extra_fields: bool,
 }
 
 impl Netprofiler {
     fn new(
         auth: Auth,
-        staged: &str,
+        (staged, release): (&str, &str),
         gateways: Vec<FlowGateway>,
         fault: Option<GatewayFault>,
         backups_first: bool,
+        extra_fields: bool,
     ) -> Self {
         Netprofiler {
             state: Arc::new(Shared {
                 auth,
                 staged: staged.to_owned(),
+                release: release.to_owned(),
                 gateways,
                 fault,
                 backups_first,
+                extra_fields,
             }),
         }
     }
@@ -201,8 +232,9 @@ impl Simulated for Netprofiler {
                 ));
             }
         }
-        let backup_failed = fault == Some(GatewayFault::RunError) && self.state.backups_first;
-        if backup_failed || fault == Some(GatewayFault::RefusedCredentials) {
+        let backup_failed = backup_fails(fault, self.state.backups_first);
+        let wrong_image = self.state.staged != self.state.release;
+        if backup_failed || wrong_image || fault == Some(GatewayFault::RefusedCredentials) {
             return match gateways.iter().find(|g| g.updates_started() > 0) {
                 Some(g) => Err(format!(
                     "gateway {} was updated although the job failed before",
@@ -252,7 +284,7 @@ impl Simulated for Netprofiler {
                     "gateway {ip}: reported {outcome:?}, expected one of {allowed:?}"
                 ));
             }
-            if outcome == "succeeded" && gateway.version() != self.state.staged {
+            if outcome == "succeeded" && gateway.version() != self.state.release {
                 return Err(format!(
                     "gateway {ip} reported updated but runs {}",
                     gateway.version()
@@ -267,12 +299,19 @@ async fn status(State(np): State<Netprofiler>, headers: HeaderMap) -> Response {
     if let Some(refused) = np.state.auth.refusal(&headers) {
         return refused;
     }
-    let statuses: Map<String, Value> = np
+    let mut statuses: Map<String, Value> = np
         .state
         .gateways
         .iter()
         .map(|g| (g.ip().to_string(), g.update_status()))
         .collect();
+    if np.state.extra_fields {
+        statuses.insert("Last Checked".into(), json!(1_700_000_000));
+        statuses.insert(
+            "NetProfiler".into(),
+            json!({ "Version": np.state.staged, "Gateways": np.state.gateways.len() }),
+        );
+    }
     Json(json!([statuses])).into_response()
 }
 

@@ -12,9 +12,9 @@
 use crate::{
     Expectation, RIVERBED_ERROR, Simulated,
     build::{Builder, Seed},
-    epoch_seconds,
     faults::Dice,
     host::Host,
+    clock::Clock,
     riverbed_auth::{self, Auth},
 };
 use axum::{
@@ -61,6 +61,8 @@ pub enum NpmFault {
     Stuck,
     /// Its token endpoint refuses the fleet's credentials.
     RefusedCredentials,
+    /// The update stays `INITIALIZING` forever (only as an exact fault).
+    InitStuck,
 }
 
 /// Starts the fleet's NPM appliances, each on its own host.
@@ -80,12 +82,14 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
     )?;
     let spec = fleet.spec;
     for (i, fault) in faults.into_iter().enumerate() {
-        let auth = fleet.auth(fault == Some(NpmFault::RefusedCredentials), false);
+        // Basic-only appliances take HTTP Basic and have no token login;
+        // the others issue tokens only.
+        let basic_only = spec.quirks.npm_basic_only;
+        let auth = fleet.auth(fault == Some(NpmFault::RefusedCredentials), basic_only);
         let appliance = Npm::new(
             fault,
             auth,
-            &spec.release_version,
-            &spec.release_sha256,
+            (&spec.release_version, &spec.release_sha256),
             NpmTiming {
                 step_time: spec.operation_time.clone(),
                 update_time: spec.upgrade_time.clone(),
@@ -93,6 +97,12 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             },
             fleet.dice(Seed::new(kind, "device", i)),
             fleet.stop.clone(),
+            NpmReadings {
+                clock: fleet.clock(),
+                basic_only,
+                staged: spec.quirks.npm_staged.clone(),
+                upload_time: spec.quirks.upload_time,
+            },
         );
         let behaviour = fleet.behaviour(Seed::new(kind, "host", i), RIVERBED_ERROR);
         let host = fleet
@@ -117,6 +127,7 @@ fn expectation(fault: Option<NpmFault>) -> Expectation {
         Some(NpmFault::FailCritical) => Expectation::device(CRITICAL_FAILURE).needing_attention(),
         Some(NpmFault::Stuck) => Expectation::timed_out(),
         Some(NpmFault::RefusedCredentials) => Expectation::refused(),
+        Some(NpmFault::InitStuck) => Expectation::timed_out(),
     }
 }
 
@@ -125,6 +136,17 @@ impl Simulated for Npm {
     fn upgrades(&self) -> u32 {
         self.updates_started()
     }
+}
+
+/// How the appliance reads the document where it leaves room.
+struct NpmReadings {
+    clock: Clock,
+    /// HTTP Basic only: no `mgmt.aaa` token login.
+    basic_only: bool,
+    /// Images report no version, and the update installs this one.
+    staged: Option<String>,
+    /// An upload takes at least this long to be answered.
+    upload_time: Duration,
 }
 
 /// What the appliance does, in time.
@@ -152,9 +174,11 @@ struct Shared {
     /// Set once the appliance's host is listening: the update reboots it.
     host: OnceLock<Host>,
     stop: CancellationToken,
+    readings: NpmReadings,
 }
 
 struct Inner {
+    clock: Clock,
     fault: Option<NpmFault>,
     images: BTreeMap<u64, Image>,
     next_id: u64,
@@ -168,6 +192,9 @@ struct Inner {
     updates_done: u32,
     images_deleted: u32,
     uploads: u32,
+    fetches: u32,
+    /// Images that ended `INVALID`, whatever the fault.
+    failed_images: std::collections::BTreeSet<u64>,
 }
 
 struct Image {
@@ -181,16 +208,17 @@ impl Npm {
     fn new(
         fault: Option<NpmFault>,
         auth: Auth,
-        release_version: &str,
-        release_sha256: &str,
+        (release_version, release_sha256): (&str, &str),
         timing: NpmTiming,
         dice: Arc<Mutex<Dice>>,
         stop: CancellationToken,
+        readings: NpmReadings,
     ) -> Self {
-        let now = epoch_seconds();
+        let now = readings.clock.epoch_seconds();
         Npm {
             state: Arc::new(Shared {
                 inner: Mutex::new(Inner {
+                    clock: readings.clock,
                     fault,
                     images: BTreeMap::new(),
                     next_id: 1,
@@ -204,6 +232,8 @@ impl Npm {
                     updates_done: 0,
                     images_deleted: 0,
                     uploads: 0,
+                    fetches: 0,
+                    failed_images: Default::default(),
                 }),
                 auth,
                 release_version: release_version.to_owned(),
@@ -212,12 +242,13 @@ impl Npm {
                 dice,
                 host: OnceLock::new(),
                 stop,
+                readings,
             }),
         }
     }
 
     fn routes(&self) -> Router {
-        Router::new()
+        let routes = Router::new()
             .route("/api/npm.system_update/2.0/images", get(images))
             .route("/api/npm.system_update/2.0/images/fetch", post(fetch))
             .route(
@@ -231,12 +262,43 @@ impl Npm {
             .route("/api/npm.system_update/2.0/update", get(update))
             .route("/api/npm.system_update/2.0/update/init", post(init))
             .route("/api/npm.system_update/2.0/update/start", post(start))
-            .route("/api/npm.system_update/2.0/update/reset", post(reset))
-            .route(
+            .route("/api/npm.system_update/2.0/update/reset", post(reset));
+        let routes = if self.state.readings.basic_only {
+            routes
+        } else {
+            routes.route(
                 "/api/mgmt.aaa/1.0/token",
                 post(riverbed_auth::npm_token).with_state(self.state.auth.clone()),
             )
-            .with_state(self.clone())
+        };
+        routes.with_state(self.clone())
+    }
+
+    /// The version an update installs: the release, or the staged one.
+    fn installs(&self) -> &str {
+        self.state
+            .readings
+            .staged
+            .as_deref()
+            .unwrap_or(&self.state.release_version)
+    }
+
+    /// The version images report, if they do.
+    fn image_version(&self) -> Option<&str> {
+        match self.state.readings.staged {
+            Some(_) => None,
+            None => Some(&self.state.release_version),
+        }
+    }
+
+    /// Leaves the update as a reset `ago` would have: `IDLE`, its last
+    /// state change then (on the appliance's clock).
+    pub fn was_reset(&self, ago: Duration) {
+        let mut inner = self.lock();
+        inner.state = "IDLE";
+        inner.description = String::new();
+        inner.initialized_at = None;
+        inner.last_state_time = inner.clock.epoch_seconds() - ago.as_secs() as i64;
     }
 
     fn attach(&self, host: Host) {
@@ -289,6 +351,36 @@ impl Npm {
         self.lock().images_deleted
     }
 
+    /// The update's state now (`IDLE`, `INITIALIZED`, ...).
+    pub fn update_state(&self) -> String {
+        let mut inner = self.lock();
+        settle(&mut inner);
+        inner.state.to_owned()
+    }
+
+    /// Images fetched from a URL.
+    pub fn fetches(&self) -> u32 {
+        self.lock().fetches
+    }
+
+    /// Leaves an image of the release that failed validation, as an
+    /// earlier job's fetch would have.
+    pub fn leave_failed_image(&self) {
+        let mut inner = self.lock();
+        let id = inner.next_id;
+        inner.next_id += 1;
+        inner.failed_images.insert(id);
+        let now = Instant::now();
+        inner.images.insert(
+            id,
+            Image {
+                uploaded_at: now,
+                validated_at: now,
+                checksum: self.state.release_sha256.clone(),
+            },
+        );
+    }
+
     /// Images received by upload.
     pub fn uploads(&self) -> u32 {
         self.lock().uploads
@@ -314,13 +406,13 @@ impl Npm {
                 checksum,
             },
         );
-        image_json(&inner, id, &self.state.release_version, now)
+        image_json(&inner, id, self.image_version(), now)
     }
 
     fn transition(inner: &mut Inner, state: &'static str, description: &str) {
         inner.state = state;
         inner.description = description.to_owned();
-        inner.last_state_time = epoch_seconds();
+        inner.last_state_time = inner.clock.epoch_seconds();
     }
 
     /// The update, from `RUNNING` to its end: a reboot (refused
@@ -357,8 +449,9 @@ impl Npm {
                 Npm::transition(&mut inner, "FAILED_CRITICAL", CRITICAL_FAILURE);
             } else {
                 Npm::transition(&mut inner, "IDLE", "");
-                let version = self.state.release_version.clone();
-                inner.history.push((epoch_seconds(), version));
+                let version = self.installs().to_owned();
+                let now = inner.clock.epoch_seconds();
+                inner.history.push((now, version));
                 inner.updates_done += 1;
             }
         }
@@ -368,7 +461,7 @@ impl Npm {
     }
 }
 
-fn image_json(inner: &Inner, id: u64, version: &str, now: Instant) -> Value {
+fn image_json(inner: &Inner, id: u64, version: Option<&str>, now: Instant) -> Value {
     let Some(image) = inner.images.get(&id) else {
         return Value::Null;
     };
@@ -376,6 +469,8 @@ fn image_json(inner: &Inner, id: u64, version: &str, now: Instant) -> Value {
         ("UPLOADING", "")
     } else if now < image.validated_at {
         ("VALIDATING", "Checking the image signature")
+    } else if inner.failed_images.contains(&id) {
+        ("INVALID", INVALID_IMAGE)
     } else {
         match inner.fault {
             Some(NpmFault::InvalidImage) => ("INVALID", INVALID_IMAGE),
@@ -391,7 +486,9 @@ fn image_json(inner: &Inner, id: u64, version: &str, now: Instant) -> Value {
     });
     if state == "VALID" {
         value["checksum"] = json!(image.checksum);
-        value["version"] = json!(version);
+        if let Some(version) = version {
+            value["version"] = json!(version);
+        }
     }
     value
 }
@@ -413,7 +510,7 @@ async fn images(State(npm): State<Npm>, headers: HeaderMap) -> Response {
     let items: Vec<Value> = inner
         .images
         .keys()
-        .map(|id| image_json(&inner, *id, &npm.state.release_version, now))
+        .map(|id| image_json(&inner, *id, npm.image_version(), now))
         .collect();
     Json(json!({ "items": items })).into_response()
 }
@@ -432,6 +529,7 @@ async fn fetch(State(npm): State<Npm>, headers: HeaderMap, body: axum::body::Byt
     } else {
         npm.state.release_sha256.clone()
     };
+    npm.lock().fetches += 1;
     Json(npm.add_image(checksum)).into_response()
 }
 
@@ -456,6 +554,8 @@ async fn upload(State(npm): State<Npm>, headers: HeaderMap, body: axum::body::By
         format!("{:x}", Sha256::digest(&body))
     };
     npm.lock().uploads += 1;
+    // A large image takes a while to arrive and be taken in.
+    tokio::time::sleep(npm.state.readings.upload_time).await;
     Json(npm.add_image(checksum)).into_response()
 }
 
@@ -464,7 +564,7 @@ async fn image(State(npm): State<Npm>, headers: HeaderMap, Path(id): Path<u64>) 
         return refused;
     }
     let inner = npm.lock();
-    match image_json(&inner, id, &npm.state.release_version, Instant::now()) {
+    match image_json(&inner, id, npm.image_version(), Instant::now()) {
         Value::Null => riverbed_auth::error(StatusCode::NOT_FOUND, "NOT_FOUND", "no such image"),
         image => Json(image).into_response(),
     }
@@ -483,6 +583,9 @@ async fn delete_image(State(npm): State<Npm>, headers: HeaderMap, Path(id): Path
 }
 
 fn settle(inner: &mut Inner) {
+    if inner.fault == Some(NpmFault::InitStuck) {
+        return;
+    }
     if inner.state == "INITIALIZING" && inner.initialized_at.is_some_and(|t| Instant::now() >= t) {
         inner.initialized_at = None;
         Npm::transition(inner, "INITIALIZED", "Ready to update");
@@ -507,7 +610,7 @@ async fn update(State(npm): State<Npm>, headers: HeaderMap) -> Response {
         "update_history": history,
     });
     if inner.state != "IDLE" {
-        body["target_version"] = json!(npm.state.release_version);
+        body["target_version"] = json!(npm.installs());
     }
     Json(body).into_response()
 }
@@ -526,7 +629,7 @@ async fn init(State(npm): State<Npm>, headers: HeaderMap) -> Response {
     let valid = inner
         .images
         .keys()
-        .any(|id| image_json(&inner, *id, &npm.state.release_version, now)["state"] == "VALID");
+        .any(|id| image_json(&inner, *id, npm.image_version(), now)["state"] == "VALID");
     if !valid {
         return bad("no valid update image");
     }

@@ -4,7 +4,7 @@
 //! `POST /api/mgmt.aaa/1.0/token` for NPM. Tokens expire, and an appliance
 //! forgets them all when it reboots.
 
-use crate::host::basic_auth_matches;
+use crate::{clock::Clock, host::basic_auth_matches};
 use axum::{
     Json,
     extract::State,
@@ -31,11 +31,14 @@ struct Inner {
     user: String,
     password: String,
     access_code: String,
-    /// Whether HTTP Basic is accepted (the Common API) or only tokens (NPM).
+    /// Whether HTTP Basic is accepted (the Common API, Basic-only NPM) or
+    /// only tokens (NPM).
     basic: bool,
     token_lifetime: Duration,
     tokens: Mutex<HashMap<String, Instant>>,
     issued: AtomicU32,
+    /// The appliance's clock, for the end of a token.
+    clock: Clock,
 }
 
 impl Auth {
@@ -45,6 +48,7 @@ impl Auth {
         access_code: &str,
         basic: bool,
         token_lifetime: Duration,
+        clock: Clock,
     ) -> Auth {
         Auth {
             inner: Arc::new(Inner {
@@ -55,6 +59,7 @@ impl Auth {
                 token_lifetime,
                 tokens: Mutex::new(HashMap::new()),
                 issued: AtomicU32::new(0),
+                clock,
             }),
         }
     }
@@ -173,7 +178,7 @@ pub(crate) async fn npm_token(State(auth): State<Auth>, body: axum::body::Bytes)
         );
     }
     let (token, lifetime) = auth.issue();
-    let expires_at = crate::epoch_seconds() + lifetime.as_secs() as i64;
+    let expires_at = auth.inner.clock.epoch_seconds() + lifetime.as_secs() as i64;
     Json(json!({
         "access_token": token,
         "token_type": "bearer",

@@ -8,6 +8,7 @@
 
 pub mod proxy;
 
+use chrono::{DateTime, Utc};
 use flotilla_common::{
     Broker, Device, Event, EventBody, JOB_MESSAGE_TYPE, Job, JobPolicy, Message, PublishedEvent,
     Publisher, RetryPolicy, StepEvent, Target, Topology,
@@ -78,6 +79,10 @@ pub struct Harness {
     pub broker: Broker,
     pub topology: Topology,
     dir: PathBuf,
+    /// When each campaign's job of each device was first published: a
+    /// copy published again is the same job (a redelivery), so it keeps
+    /// its stamp.
+    stamps: std::sync::Mutex<std::collections::HashMap<(String, String), DateTime<Utc>>>,
 }
 
 impl Harness {
@@ -115,6 +120,7 @@ impl Harness {
             broker,
             topology,
             dir,
+            stamps: Default::default(),
         }
     }
 
@@ -132,13 +138,20 @@ impl Harness {
 
     /// Starts an in-process worker.
     pub fn start_worker(&self, name: &str, credentials: CredentialStore) -> WorkerHandle {
+        self.start_worker_with(self.worker_config(name), credentials)
+    }
+
+    /// Starts an in-process worker with its own settings.
+    pub fn start_worker_with(
+        &self,
+        config: WorkerConfig,
+        credentials: CredentialStore,
+    ) -> WorkerHandle {
         let stop = CancellationToken::new();
         let trigger = stop.clone();
-        let task = tokio::spawn(flotilla_worker::run(
-            self.worker_config(name),
-            credentials,
-            async move { trigger.cancelled().await },
-        ));
+        let task = tokio::spawn(flotilla_worker::run(config, credentials, async move {
+            trigger.cancelled().await
+        }));
         WorkerHandle { stop, task }
     }
 
@@ -210,19 +223,33 @@ impl Harness {
         }
     }
 
+    /// The job of `device` in `campaign`, as the producer publishes it:
+    /// the same stamp every time, as a redelivered copy carries.
+    pub fn job(&self, campaign: &Campaign, device: &Device) -> Job {
+        let mut job = Job::new(
+            &campaign.id,
+            device.clone(),
+            campaign.target.clone(),
+            campaign.policy.clone(),
+        );
+        let key = (campaign.id.clone(), device.id.clone());
+        let mut stamps = self
+            .stamps
+            .lock()
+            .expect("no test panicked holding the stamps");
+        job.published_at = Some(*stamps.entry(key).or_insert_with(Utc::now));
+        job
+    }
+
     /// Publishes one job per device (with its `published` event) straight
     /// onto the queues, without a controller: for tests of the pipeline
-    /// alone, and for duplicates of jobs as a redelivery leaves them.
+    /// alone, and for duplicates of jobs as a redelivery leaves them (the
+    /// same job, its publication stamp and all).
     pub async fn publish(&self, campaign: &Campaign, devices: &[Device]) {
         let connection = self.broker.connection().await.expect("broker reachable");
         let publisher = Publisher::open(&connection).await.expect("a publisher");
         for device in devices {
-            let mut job = Job::new(
-                &campaign.id,
-                device.clone(),
-                campaign.target.clone(),
-                campaign.policy.clone(),
-            );
+            let mut job = self.job(campaign, device);
             job.settings = campaign.settings_for(device.kind);
             job.tls = campaign.tls.profile_for(device.group.as_deref()).clone();
             let body = serde_json::to_vec(&job).expect("a job serializes");

@@ -205,6 +205,13 @@ impl Call<'_> {
         self
     }
 
+    /// A limit of this request's own instead of the client's per-request
+    /// one (for uploads, which take as long as the image is large).
+    pub(crate) fn timeout(mut self, limit: Duration) -> Self {
+        self.builder = self.builder.timeout(limit);
+        self
+    }
+
     /// A `multipart/form-data` body (its content type and boundary set).
     pub(crate) fn multipart(mut self, form: reqwest::multipart::Form) -> Self {
         self.builder = self.builder.multipart(form);
@@ -236,6 +243,7 @@ impl Call<'_> {
                 )));
             }
         };
+        let received_at = chrono::Utc::now();
         let status = response.status();
         span.record("http.response.status_code", status.as_u16());
         client.metrics.device_request(kind, status_class(status));
@@ -248,6 +256,7 @@ impl Call<'_> {
             status,
             headers,
             body: body.to_vec(),
+            received_at,
         };
         if status.is_server_error() {
             return Err(StepError::transient(format!(
@@ -271,6 +280,8 @@ pub(crate) struct Reply {
     /// never quoted in messages, as they can carry secrets.
     pub(crate) headers: reqwest::header::HeaderMap,
     pub(crate) body: Vec<u8>,
+    /// When the answer arrived, on the worker's clock.
+    pub(crate) received_at: chrono::DateTime<chrono::Utc>,
 }
 
 impl Reply {
@@ -320,6 +331,13 @@ impl Reply {
     /// An answer we cannot read: `problem`, naming the call and quoting it.
     pub(crate) fn unreadable(&self, problem: &str) -> StepError {
         StepError::garbage(format!("{}: {problem}: {}", self.what, self.quote()))
+    }
+
+    /// The device's clock when it answered: its `Date` header (which every
+    /// HTTP server with a clock sends), `None` without one.
+    pub(crate) fn device_date(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+        let date = self.headers.get(reqwest::header::DATE)?.to_str().ok()?;
+        chrono::DateTime::parse_from_rfc2822(date.trim()).ok()
     }
 
     /// The start of the body, as text, for error messages.
@@ -390,7 +408,24 @@ fn describe(error: &reqwest::Error) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::path_template;
+    use super::*;
+
+    #[test]
+    fn the_device_clock_is_read_from_the_date_header() {
+        let mut headers = reqwest::header::HeaderMap::new();
+        headers.insert(
+            reqwest::header::DATE,
+            "Sun, 06 Nov 1994 08:49:37 GMT".parse().unwrap(),
+        );
+        let reply = Reply {
+            what: "GET /".into(),
+            status: StatusCode::OK,
+            headers,
+            body: Vec::new(),
+            received_at: chrono::Utc::now(),
+        };
+        assert_eq!(reply.device_date().unwrap().timestamp(), 784111777);
+    }
 
     #[test]
     fn templates_hide_identifiers_but_keep_versions() {

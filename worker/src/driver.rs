@@ -22,13 +22,30 @@ pub(crate) use error::{Failure, Rejection, StepError};
 use crate::{credentials::Credentials, device_http::DeviceClient};
 use flotilla_common::{DeviceKind, Job};
 use serde::{Serialize, de::DeserializeOwned};
-use std::{fmt, future::Future};
+use std::{fmt, future::Future, time::Duration};
+use tokio::time::Instant;
+
+/// What an upload leaves the rest of its step, within the step's timeout.
+const AFTER_UPLOAD: Duration = Duration::from_secs(5);
 
 /// What a step has to work with.
 pub(crate) struct StepContext<'a> {
     pub(crate) job: &'a Job,
     pub(crate) http: DeviceClient<'a>,
     pub(crate) credentials: &'a Credentials,
+    /// When the campaign's step timeout ends this step.
+    pub(crate) step_deadline: Instant,
+}
+
+impl StepContext<'_> {
+    /// How long an upload may take: the rest of the step's timeout, less a
+    /// moment for what follows it, instead of the per-request limit meant
+    /// for small calls.
+    pub(crate) fn upload_timeout(&self) -> Duration {
+        let left = self.step_deadline.saturating_duration_since(Instant::now());
+        left.saturating_sub(AFTER_UPLOAD.min(left / 4))
+            .max(Duration::from_secs(1))
+    }
 }
 
 pub(crate) trait Driver: Send + Sync + 'static {

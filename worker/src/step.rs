@@ -134,6 +134,7 @@ pub(crate) async fn execute<D: Driver>(
                 job: &job,
                 http: DeviceClient::new(&http, &job.device, env.metrics),
                 credentials: &credentials,
+                step_deadline: tokio::time::Instant::now() + job.policy.step_timeout,
             };
             match tokio::time::timeout(job.policy.step_timeout, driver.run(step, &cx)).await {
                 Ok(result) => result,

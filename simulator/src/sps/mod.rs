@@ -21,6 +21,7 @@ mod multipart;
 use crate::{
     Expectation, Simulated,
     build::{Builder, Seed},
+    clock::Clock,
     faults::Dice,
     host::{Host, basic_auth_matches},
 };
@@ -133,6 +134,11 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
                 fetch_step: spec.operation_time.clone(),
                 reboot_time: spec.reboot_time.clone(),
                 session_idle: spec.sps_session_idle,
+                upload_time: spec.quirks.upload_time,
+                restarts_itself: !spec.quirks.sps_no_self_restart
+                    && !spec.quirks.sps_upgrade_not_selected,
+                selects_slot: !spec.quirks.sps_upgrade_not_selected,
+                clock: fleet.clock(),
             },
             fleet.dice(Seed::new(kind, "device", i)),
             fleet.stop.clone(),
@@ -181,6 +187,13 @@ struct SpsTiming {
     reboot_time: RangeInclusive<Duration>,
     /// A session without a call for this long ends.
     session_idle: Duration,
+    /// An upload takes at least this long to be answered.
+    upload_time: Duration,
+    /// The appliance restarts by itself after an accepted upgrade.
+    restarts_itself: bool,
+    /// An accepted upgrade selects its slot for the restart.
+    selects_slot: bool,
+    clock: Clock,
 }
 
 /// One appliance; cheap to clone.
@@ -680,7 +693,7 @@ async fn start_fetch(
         FetchJob {
             url: url.to_owned(),
             sha256: sha256.to_owned(),
-            requested: crate::epoch_seconds(),
+            requested: sps.state.timing.clock.epoch_seconds(),
             queued_until: now + queue,
             done_at: now + queue + download,
             state: FetchState::Running,
@@ -769,6 +782,8 @@ async fn upload(State(sps): State<Sps>, headers: HeaderMap, body: axum::body::By
     if let Some(refused) = sps.refusal(&headers) {
         return refused;
     }
+    // A large image takes a while to arrive and be taken in.
+    tokio::time::sleep(sps.state.timing.upload_time).await;
     let content_type = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -853,10 +868,14 @@ async fn upgrade(State(sps): State<Sps>, headers: HeaderMap, body: axum::body::B
         );
     }
     inner.upgrades += 1;
-    inner.after_reboot = slot;
+    if sps.state.timing.selects_slot {
+        inner.after_reboot = slot;
+    }
     inner.commit_messages.push(message);
     drop(inner);
-    tokio::spawn(sps.clone().restart());
+    if sps.state.timing.restarts_itself {
+        tokio::spawn(sps.clone().restart());
+    }
     Json(json!({
         "body": { "test_summary": TEST_PASSED_SUMMARY },
         "key": slot.to_string(),

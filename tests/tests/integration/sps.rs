@@ -5,7 +5,7 @@
 //! running fetch on cancel and on the deadline.
 
 use flotilla_common::{
-    Device, DeviceKind, ErrorClass, JOB_MESSAGE_TYPE, Job, Message, Outcome, Publisher, StepEvent,
+    Device, DeviceKind, ErrorClass, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, StepEvent,
     control::Command,
 };
 use flotilla_producer::{Campaign, send_command};
@@ -44,12 +44,7 @@ async fn publish_at_step(
     let connection = harness.broker.connection().await.unwrap();
     let publisher = Publisher::open(&connection).await.unwrap();
     for device in devices {
-        let mut job = Job::new(
-            &campaign.id,
-            device.clone(),
-            campaign.target.clone(),
-            campaign.policy.clone(),
-        );
+        let mut job = harness.job(campaign, device);
         job.settings = campaign.settings_for(device.kind);
         job.step = step.clone();
         publisher

@@ -18,7 +18,16 @@
 //!
 //! Observe before acting: the first two steps look for a result of this job
 //! first, so a redelivered step after the CPE upgraded goes straight to the
-//! result instead of arming the rule again.
+//! result instead of arming the rule again. A result is this job's when it
+//! names this CPE and its rule (`cpeid`, `campaignid`: a DMS may answer
+//! more than the query asks for) and is stamped after the job was
+//! published, on the DMS's own clock ([`crate::support::clock`]): a late
+//! copy of the first step still finds its job's result.
+//!
+//! A rule that already exists (409, in the HTTP status or the body's
+//! `code`) may be an earlier campaign's: it is updated to this campaign's
+//! file and armed, never kept as it is. A body `code` 404 on creation is
+//! the DMS not knowing the CPE: a failure.
 
 use crate::{
     device_http::{Call, Reply},
@@ -81,11 +90,31 @@ impl Driver for Dms {
                     .json(&body)
                     .send()
                     .await?;
-                // An existing rule (409) is the one a redelivered step made.
-                if reply.status != StatusCode::CONFLICT {
-                    check_storage_reply(reply)?;
+                if storage_code(&reply) != 409 {
+                    check_storage_reply(reply, &[])?;
+                    return Ok(Next::run(DmsStep::SendConnectionRequest));
                 }
-                Ok(Next::run(DmsStep::SendConnectionRequest))
+                // The rule exists: a redelivered step's, or an earlier
+                // campaign's for another file. Make it this campaign's.
+                let update = json!({
+                    "id": rule,
+                    "enabled": true,
+                    "automatic": true,
+                    "file": cx.job.target.image_url.as_str(),
+                    "executions": 1,
+                    "priority": 1,
+                });
+                let reply = basic(
+                    cx,
+                    cx.http
+                        .put(&format!("/v1/dyn/FirmwareStorage/.*?campaignid={rule}")),
+                )?
+                .json(&update)
+                .send()
+                .await?;
+                check_storage_reply(reply, &[])?;
+                Ok(Next::run(DmsStep::SendConnectionRequest)
+                    .note("the rule existed; updated to this campaign's file"))
             }
             DmsStep::SendConnectionRequest => {
                 if let Some(result) = latest_result(cx, &rule).await? {
@@ -134,7 +163,7 @@ impl Driver for Dms {
                 // No rule (404) is as good as a deactivated one: the job
                 // ended before its rule was created.
                 if reply.status != StatusCode::NOT_FOUND {
-                    check_storage_reply(reply)?;
+                    check_storage_reply(reply, &[404])?;
                 }
                 Ok(Next::done())
             }
@@ -180,16 +209,27 @@ struct StorageReply {
     details: serde_json::Value,
 }
 
-/// Accepts an empty 2xx or a body whose own `code` is 2xx (or 404 for
-/// `deactivate`).
-fn check_storage_reply(reply: Reply) -> Result<(), StepError> {
+/// The status of a storage answer: the body's own `code` when it has one,
+/// else the HTTP status.
+fn storage_code(reply: &Reply) -> u16 {
+    serde_json::from_slice::<StorageReply>(&reply.body).map_or(reply.status.as_u16(), |b| b.code)
+}
+
+/// Accepts an empty 2xx or a body whose own `code` is 2xx or one of
+/// `also` (404 for `deactivate`: no rule is as good as a disabled one).
+fn check_storage_reply(reply: Reply, also: &[u16]) -> Result<(), StepError> {
     let reply = reply.success()?;
     if reply.body.iter().all(u8::is_ascii_whitespace) {
         return Ok(());
     }
     let answer: StorageReply = reply.json()?;
     match answer.code {
-        200..=299 | 404 => Ok(()),
+        200..=299 => Ok(()),
+        code if also.contains(&code) => Ok(()),
+        404 => Err(StepError::refused(format!(
+            "{} reported code 404: the DMS does not know this CPE: {} {}",
+            reply.what, answer.message, answer.details
+        ))),
         code => Err(StepError::refused(format!(
             "{} reported code {code}: {} {}",
             reply.what, answer.message, answer.details
@@ -222,6 +262,11 @@ struct ResultReply {
 struct UpgradeResult {
     #[serde(default)]
     id: String,
+    /// The CPE and the rule the result is of, when the DMS says.
+    #[serde(default)]
+    cpeid: Option<String>,
+    #[serde(default)]
+    campaignid: Option<String>,
     /// Epoch seconds.
     #[serde(default)]
     ts: i64,
@@ -237,8 +282,9 @@ impl UpgradeResult {
     }
 }
 
-/// This job's upgrade result, if the DMS has one: the newest entry for the
-/// rule that is not older than the job.
+/// This job's upgrade result, if the DMS has one: the newest entry for
+/// this CPE's rule stamped since the job was published (on the DMS's
+/// clock).
 async fn latest_result(
     cx: &StepContext<'_>,
     rule: &str,
@@ -271,9 +317,12 @@ async fn latest_result(
             reply.quote()
         ))
     })?;
-    let since = clock::since(cx.job);
+    let since = clock::published_on_device(cx.job, &reply);
+    let cpe = cx.job.device.cpe_id.as_deref();
     Ok(results
         .into_iter()
+        .filter(|r| r.cpeid.as_deref().is_none_or(|c| Some(c) == cpe))
+        .filter(|r| r.campaignid.as_deref().is_none_or(|c| c == rule))
         .filter(|r| r.ts >= since)
         .max_by_key(|r| r.ts))
 }

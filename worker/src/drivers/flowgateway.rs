@@ -8,8 +8,8 @@
 //! 2. `poll`: reads the status until `COMPLETED` or `ERROR`; `EXECUTING`
 //!    is a wait, its `message` kept in the step's event.
 //!
-//! A run belongs to this job when it started after the job's own work
-//! began ([`crate::support::clock`]). The remote host, user and path come
+//! A run belongs to this job when it started after the job was published,
+//! both read on the gateway's own clock ([`crate::support::clock`]). The remote host, user and path come
 //! from the campaign; the SSH password (`backup_password`) and the backup's
 //! encryption password (`security_password`) from the credentials
 //! reference, never from the message. The calls are
@@ -21,7 +21,7 @@ use super::riverbed::{
 };
 use crate::{
     driver::{Driver, Failure, Next, StepContext, StepError},
-    support::{clock, login::Logins},
+    support::login::Logins,
 };
 use flotilla_common::{
     DeviceKind,
@@ -71,12 +71,11 @@ impl Driver for Flowgateway {
             logins: &self.logins,
             http: cx.http,
             login: &login,
+            job: cx.job,
         };
-        let since = clock::since(cx.job);
-        let run = api.read(operation).await?;
-        let progress = Progress::of(run.as_ref(), since);
+        let observed = api.read(operation).await?;
         let name = operation_name(operation);
-        match (step, progress) {
+        match (step, observed.progress()) {
             (FlowgatewayStep::Start, Progress::NotStarted) => {
                 api.start(&RunRequest {
                     operation,
@@ -88,8 +87,7 @@ impl Driver for Flowgateway {
                 Ok(Next::poll(FlowgatewayStep::Poll)
                     .note(format!("{name} started ({})", settings.destination.host)))
             }
-            (FlowgatewayStep::Start, Progress::Executing(message))
-                if !run.as_ref().is_some_and(|r| r.is_since(since)) =>
+            (FlowgatewayStep::Start, Progress::Executing(message)) if !observed.is_ours() =>
             {
                 // Someone else's run: wait for it to end, then start ours.
                 Ok(Next::poll(FlowgatewayStep::Start).note(format!(

@@ -9,7 +9,6 @@ use crate::{
         auth::Login,
         backup::{BackupApi, Progress, RunRequest, Secrets},
     },
-    support::clock,
 };
 use flotilla_common::settings::{GatewayOperation, NetprofilerSettings};
 use serde_json::json;
@@ -35,7 +34,6 @@ impl Netprofiler {
             ));
         }
         let login = Login::common(cx.credentials, GATEWAY_FIELDS)?;
-        let since = clock::since(cx.job);
         let mut pending = Vec::new();
         let mut done = Vec::new();
         for url in gateways {
@@ -45,9 +43,9 @@ impl Netprofiler {
                 logins: &self.logins,
                 http: cx.http.at(url, &label),
                 login: &login,
+                job: cx.job,
             };
-            let run = api.read(GatewayOperation::Backup).await?;
-            match Progress::of(run.as_ref(), since) {
+            match api.read(GatewayOperation::Backup).await?.progress() {
                 Progress::Completed(run) => done.push(format!("{host}: {}", run.summary())),
                 Progress::Failed(message) => {
                     return Err(Failure::device(format!(

@@ -11,16 +11,23 @@
 //!    before anything is updated;
 //! 2. `upload`: `PUT images/upload` sends the ISO staged on the NetProfiler
 //!    to the gateways, unless they already show it as `Update To Version`;
-//! 3. `init` / `await_init`: `POST update/init`, whose answer is one string
-//!    per gateway (`"10.1.x.x - Operation Failed"`); any failure ends the
-//!    job before `start`. Then wait for every gateway to be `initialized`;
-//! 4. `start`: `POST update/start`, only when no gateway is already
-//!    `running` or updated, so a redelivered step never starts a second
-//!    update;
+//! 3. `init` / `await_init`: once every gateway still to update shows the
+//!    campaign's target as its `Update To Version` (another version ends
+//!    the job failed, naming both, with no gateway started), `POST
+//!    update/init`, whose answer is one string per gateway (`"10.1.x.x -
+//!    Operation Failed"`); any failure ends the job before `start`. Then
+//!    wait for every gateway to be `initialized`;
+//! 4. `start`: `POST update/start` (the target checked again), only when no
+//!    gateway is already `running` or failed, so a redelivered step never
+//!    starts a second update;
 //! 5. `await_update`: poll `GET update` until every gateway is back at
 //!    `neutral` on the target version, or one reaches `failed_graceful` /
 //!    `failed_critical` (the job then ends at once, failed; critical marks
-//!    it for attention).
+//!    it for attention). `start` is asynchronous: a gateway still
+//!    `initialized` counts as never started only a while after it.
+//!
+//! Gateways already on the target (a retry campaign after a partial
+//! failure) count as updated and are left out of every check.
 //!
 //! The terminal event's detail has one entry per gateway: IP, versions,
 //! state, descriptions and outcome (`succeeded`, `failed`, `unfinished` for
@@ -45,10 +52,14 @@ use flotilla_common::{
     DeviceKind,
     settings::{self, NetprofilerSettings},
 };
-use report::{init_failed, verdict};
+use chrono::{DateTime, Utc};
+use report::{init_failed, not_started, verdict};
 use serde::{Deserialize, Serialize};
 use status::{Gateway, State, parse_status, states};
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
 
 const UPDATE: &str = "/api/mgmt.common_update/1.0/update";
 const UPLOAD: &str = "/api/mgmt.common_update/1.0/images/upload";
@@ -74,10 +85,14 @@ pub(crate) enum NetprofilerStep {
     AwaitInit,
     Start,
     /// `refused`: gateways whose start answer was a failure, by IP, with
-    /// the answer.
+    /// the answer; `started`: when the update was started (or first
+    /// awaited), on the worker's clock, to bound the wait for gateways
+    /// that have not begun yet.
     AwaitUpdate {
         #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
         refused: BTreeMap<String, String>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        started: Option<DateTime<Utc>>,
     },
 }
 
@@ -117,7 +132,9 @@ impl Driver for Netprofiler {
             NetprofilerStep::Init => self.init(cx).await,
             NetprofilerStep::AwaitInit => self.await_init(cx).await,
             NetprofilerStep::Start => self.start(cx).await,
-            NetprofilerStep::AwaitUpdate { refused } => self.await_update(refused, cx).await,
+            NetprofilerStep::AwaitUpdate { refused, started } => {
+                self.await_update(refused, started, cx).await
+            }
         }
     }
 
@@ -163,9 +180,8 @@ impl Netprofiler {
                 )));
             }
         }
-        if gateways
-            .values()
-            .any(|g| g.state.is_under_way() || g.update_to.as_deref() == Some(target.as_str()))
+        if pending(&gateways, target)
+            .all(|(_, g)| g.state.is_under_way() || g.update_to.as_deref() == Some(target.as_str()))
         {
             return Ok(Next::run(NetprofilerStep::Init).note("the gateways already have the image"));
         }
@@ -181,17 +197,29 @@ impl Netprofiler {
     async fn init(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
-        if gateways.values().any(|g| g.state == State::Running) {
-            return Ok(Next::run(NetprofilerStep::AwaitUpdate {
-                refused: BTreeMap::new(),
-            })
-            .note("the update is already running"));
+        let target = &cx.job.target.version;
+        if pending(&gateways, target).any(|(_, g)| g.state == State::Running) {
+            return Ok(Next::run(await_update(BTreeMap::new()))
+                .note("the update is already running"));
         }
-        if gateways.values().any(|g| g.state == State::Initializing)
-            || gateways.values().all(|g| g.state == State::Initialized)
+        if pending(&gateways, target).any(|(_, g)| g.state == State::Initializing)
+            || pending(&gateways, target).all(|(_, g)| g.state == State::Initialized)
         {
             return Ok(Next::run(NetprofilerStep::AwaitInit).note("already initializing"));
         }
+        let waiting: Vec<&str> = pending(&gateways, target)
+            .filter(|(_, g)| g.update_to.is_none())
+            .map(|(ip, _)| ip.as_str())
+            .collect();
+        if !waiting.is_empty() {
+            // The image is still on its way from the NetProfiler; the
+            // deadline bounds the wait.
+            return Ok(Next::poll(NetprofilerStep::Init).note(format!(
+                "waiting for the image to reach gateway(s) {}",
+                waiting.join(", ")
+            )));
+        }
+        not_another_version(&gateways, target)?;
         let reply = riverbed::success(
             login
                 .send(&self.logins, &cx.http, || Ok(cx.http.post(INIT)))
@@ -199,10 +227,12 @@ impl Netprofiler {
         )?;
         let answers = parse_answers(&reply)?;
         let refused = self
-            .refusals(cx, &login, &answers, |state| state.is_under_way())
+            .refusals(cx, &login, &answers, |g| {
+                g.state.is_under_way() || g.is_updated(target)
+            })
             .await?;
         if !refused.is_empty() {
-            return Err(init_failed(&gateways, &cx.job.target.version, &refused));
+            return Err(init_failed(&gateways, target, &refused));
         }
         Ok(Next::poll(NetprofilerStep::AwaitInit).note(format!(
             "initialization accepted by {} gateway(s)",
@@ -213,48 +243,43 @@ impl Netprofiler {
     async fn await_init(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let target = &cx.job.target.version;
         if gateways.values().any(|g| g.state.failed()) {
-            return verdict(&gateways, &cx.job.target.version, &BTreeMap::new());
+            return verdict(&gateways, target, &BTreeMap::new());
         }
-        if gateways.values().any(|g| g.state == State::Running) {
-            return Ok(Next::run(NetprofilerStep::AwaitUpdate {
-                refused: BTreeMap::new(),
-            }));
+        if pending(&gateways, target).any(|(_, g)| g.state == State::Running) {
+            return Ok(Next::run(await_update(BTreeMap::new())));
         }
-        if gateways.values().all(|g| g.state == State::Initialized) {
+        if pending(&gateways, target).all(|(_, g)| g.state == State::Initialized) {
             return Ok(Next::run(NetprofilerStep::Start).note("every gateway initialized"));
         }
-        if gateways.values().any(|g| g.state == State::Initializing) {
+        if pending(&gateways, target).any(|(_, g)| g.state == State::Initializing) {
             return Ok(Next::poll(NetprofilerStep::AwaitInit).note(states(&gateways)));
         }
         // Nothing initializing, yet some gateway is not initialized: its
         // init failed (its answer may have been lost to a retry).
-        let stuck: BTreeMap<String, String> = gateways
-            .iter()
+        let stuck: BTreeMap<String, String> = pending(&gateways, target)
             .filter(|(_, g)| g.state != State::Initialized)
             .map(|(ip, g)| (ip.clone(), format!("still {} after init", g.state.name())))
             .collect();
-        Err(init_failed(&gateways, &cx.job.target.version, &stuck))
+        Err(init_failed(&gateways, target, &stuck))
     }
 
     async fn start(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
         let target = &cx.job.target.version;
-        // Observe before acting: an update already running or done must not
-        // be started again.
-        if gateways
-            .values()
-            .any(|g| g.state == State::Running || g.state.failed() || g.is_updated(target))
-        {
-            return Ok(Next::run(NetprofilerStep::AwaitUpdate {
-                refused: BTreeMap::new(),
-            })
-            .note("the update was already started"));
+        // Observe before acting: an update already running or ended must
+        // not be started again.
+        if pending(&gateways, target).any(|(_, g)| g.state == State::Running || g.state.failed()) {
+            return Ok(
+                Next::run(await_update(BTreeMap::new())).note("the update was already started")
+            );
         }
-        if !gateways.values().all(|g| g.state == State::Initialized) {
+        if !pending(&gateways, target).all(|(_, g)| g.state == State::Initialized) {
             return Ok(Next::poll(NetprofilerStep::AwaitInit).note(states(&gateways)));
         }
+        not_another_version(&gateways, target)?;
         let reply = riverbed::success(
             login
                 .send(&self.logins, &cx.http, || Ok(cx.http.post(START)))
@@ -262,8 +287,8 @@ impl Netprofiler {
         )?;
         let answers = parse_answers(&reply)?;
         let refused = self
-            .refusals(cx, &login, &answers, |state| {
-                state == State::Running || state.failed()
+            .refusals(cx, &login, &answers, |g| {
+                g.state == State::Running || g.state.failed() || g.is_updated(target)
             })
             .await?;
         let note = format!(
@@ -271,27 +296,31 @@ impl Netprofiler {
             answers.len() - refused.len(),
             answers.len()
         );
-        Ok(Next::poll(NetprofilerStep::AwaitUpdate { refused }).note(note))
+        Ok(Next::poll(await_update(refused)).note(note))
     }
 
     async fn await_update(
         &self,
         refused: BTreeMap<String, String>,
+        started: Option<DateTime<Utc>>,
         cx: &StepContext<'_>,
     ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
         let target = &cx.job.target.version;
-        // A gateway still `initialized` once none is running never started
-        // (its start answer may have been lost to a retry).
+        // `start` is asynchronous: a gateway may show `initialized` for a
+        // while after it. Still `initialized` START_WAIT after the start
+        // (or after this step first looked), it never started (its start
+        // answer may have been lost to a retry).
+        let started = started.unwrap_or_else(Utc::now);
+        let waited = (Utc::now() - started).to_std().unwrap_or_default();
         let mut refused = refused;
-        if !gateways.values().any(|g| g.state == State::Running) {
-            for (ip, g) in &gateways {
-                if g.state == State::Initialized {
-                    refused
-                        .entry(ip.clone())
-                        .or_insert_with(|| "initialized, but the update never started".to_owned());
-                }
+        if waited >= START_WAIT {
+            for (ip, _) in pending(&gateways, target).filter(|(_, g)| g.state == State::Initialized)
+            {
+                refused
+                    .entry(ip.clone())
+                    .or_insert_with(|| "initialized, but the update never started".to_owned());
             }
         }
         let settled = gateways
@@ -303,7 +332,11 @@ impl Netprofiler {
         if settled || failed {
             return Ok(verdict(&gateways, target, &refused)?.note(states(&gateways)));
         }
-        Ok(Next::poll(NetprofilerStep::AwaitUpdate { refused }).note(states(&gateways)))
+        Ok(Next::poll(NetprofilerStep::AwaitUpdate {
+            refused,
+            started: Some(started),
+        })
+        .note(states(&gateways)))
     }
 
     /// The gateways whose answer was a failure, with the answer; a
@@ -314,7 +347,7 @@ impl Netprofiler {
         cx: &StepContext<'_>,
         login: &Login,
         answers: &[Answer],
-        done: impl Fn(State) -> bool,
+        done: impl Fn(&Gateway) -> bool,
     ) -> Result<BTreeMap<String, String>, StepError> {
         let mut refused: BTreeMap<String, String> = answers
             .iter()
@@ -323,7 +356,7 @@ impl Netprofiler {
             .collect();
         if !refused.is_empty() {
             let gateways = self.status(cx, login).await?;
-            refused.retain(|ip, _| !gateways.get(ip).is_some_and(|g| done(g.state)));
+            refused.retain(|ip, _| !gateways.get(ip).is_some_and(&done));
         }
         Ok(refused)
     }
@@ -349,6 +382,49 @@ impl Netprofiler {
         }
         Ok(gateways)
     }
+}
+
+/// How long a gateway may stay `initialized` after the update was started
+/// before it counts as never started (`start` is asynchronous).
+const START_WAIT: Duration = Duration::from_secs(60);
+
+/// The step that follows a started update, its wait counted from now.
+fn await_update(refused: BTreeMap<String, String>) -> NetprofilerStep {
+    NetprofilerStep::AwaitUpdate {
+        refused,
+        started: Some(Utc::now()),
+    }
+}
+
+/// The gateways this job still updates: those not already running the
+/// target (a retry campaign after a partial failure finds some that are).
+fn pending<'g>(
+    gateways: &'g BTreeMap<String, Gateway>,
+    target: &'g str,
+) -> impl Iterator<Item = (&'g String, &'g Gateway)> {
+    gateways.iter().filter(move |(_, g)| !g.is_updated(target))
+}
+
+/// Never install what the campaign did not ask for: every gateway still to
+/// update must show the target as its `Update To Version` before it is
+/// initialized or started.
+fn not_another_version(gateways: &BTreeMap<String, Gateway>, target: &str) -> Result<(), StepError> {
+    let other: Vec<String> = pending(gateways, target)
+        .filter(|(_, g)| g.update_to.as_deref() != Some(target))
+        .map(|(ip, g)| format!("{ip} ({})", g.update_to.as_deref().unwrap_or("none")))
+        .collect();
+    if other.is_empty() {
+        return Ok(());
+    }
+    Err(not_started(
+        gateways,
+        target,
+        format!(
+            "the NetProfiler's staged image is not the campaign's: gateway(s) {} would update \
+             to another version than {target}; no gateway was started",
+            other.join(", ")
+        ),
+    ))
 }
 
 pub(super) fn host_of(url: &url::Url) -> String {

@@ -90,6 +90,23 @@ pub(super) fn init_failed(
     .into()
 }
 
+/// The failure of a job that started no gateway, for `reason`.
+pub(super) fn not_started(
+    gateways: &BTreeMap<String, Gateway>,
+    target: &str,
+    reason: String,
+) -> StepError {
+    let mut detail = report(gateways, target, &BTreeMap::new());
+    for entry in &mut detail {
+        if entry.outcome != GatewayOutcome::Succeeded {
+            entry.outcome = GatewayOutcome::NotStarted;
+        }
+    }
+    Failure::device(reason)
+        .with_detail(json!({ "gateways": detail }))
+        .into()
+}
+
 /// The job's verdict from the gateways' states: failed if any gateway
 /// failed (for attention if one failed critically), succeeded if all run
 /// the target version.

@@ -86,7 +86,9 @@ pub(super) fn states(gateways: &BTreeMap<String, Gateway>) -> String {
 }
 
 /// Reads `GET update`. Documented as an array of objects keyed by gateway
-/// IP; a bare object keyed by IP is read too.
+/// IP; a bare object keyed by IP is read too. Fields that are not a
+/// gateway's status (not an object with a `State`) are passed over: the
+/// document does not rule them out.
 pub(super) fn parse_status(body: &Value) -> Result<BTreeMap<String, Gateway>, String> {
     let maps: Vec<&Map<String, Value>> = match body {
         Value::Array(items) => items
@@ -99,11 +101,12 @@ pub(super) fn parse_status(body: &Value) -> Result<BTreeMap<String, Gateway>, St
     let mut gateways = BTreeMap::new();
     for map in maps {
         for (ip, status) in map {
-            let status = status
-                .as_object()
-                .ok_or_else(|| format!("gateway {ip:?}: its status is not an object"))?;
-            let state_text =
-                lenient::text(status, "State").ok_or_else(|| format!("gateway {ip}: no State"))?;
+            let Some(status) = status.as_object() else {
+                continue;
+            };
+            let Some(state_text) = lenient::text(status, "State") else {
+                continue;
+            };
             let state = State::parse(&state_text)
                 .ok_or_else(|| format!("gateway {ip}: unknown State {state_text:?}"))?;
             let non_empty = |name: &str| lenient::text(status, name).filter(|t| !t.is_empty());
@@ -159,5 +162,13 @@ mod tests {
         assert!(parse_status(&bare).unwrap()["1.2.3.6"].is_updated("10.23"));
         let unknown = json!([{"1.2.3.7": {"State": "exploded"}}]);
         assert!(parse_status(&unknown).unwrap_err().contains("1.2.3.7"));
+
+        let extra = json!([{
+            "1.2.3.8": {"State": "neutral", "Current Version": "10.23"},
+            "Last Checked": 1700000000,
+            "NetProfiler": {"Version": "10.23"}
+        }]);
+        let gateways = parse_status(&extra).unwrap();
+        assert_eq!(gateways.len(), 1, "{gateways:?}");
     }
 }

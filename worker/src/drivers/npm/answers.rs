@@ -44,6 +44,11 @@ pub(super) struct Update {
     pub(super) state: UpdateState,
     pub(super) description: String,
     pub(super) last_state_time: Option<i64>,
+    /// The version the update installs, when the appliance says.
+    pub(super) target_version: Option<String>,
+    /// The job's publication on the appliance's clock (set by the reader
+    /// of the answer): state changes stamped earlier are not this job's.
+    pub(super) since: i64,
     /// The newest version of `update_history`.
     pub(super) installed: Option<String>,
     pub(super) history: Value,
@@ -76,6 +81,8 @@ pub(super) fn read_update(body: &Value) -> Result<Update, String> {
         state,
         description: lenient::text(object, "state_description").unwrap_or_default(),
         last_state_time: lenient::epoch_seconds(object, "last_state_time"),
+        target_version: lenient::text(object, "target_version").filter(|v| !v.trim().is_empty()),
+        since: i64::MIN,
         installed,
         history,
     })

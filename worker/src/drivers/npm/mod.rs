@@ -13,21 +13,39 @@
 //!    `UPLOAD_ERROR` fail with the appliance's description;
 //! 3. `init`: `POST update/init` while the update is `IDLE`, then wait for
 //!    `INITIALIZED`;
-//! 4. `start`: `POST update/start` only from `INITIALIZED`, so a
-//!    redelivered step never starts a second update;
+//! 4. `start`: `POST update/start` only from `INITIALIZED`, and only when
+//!    the update's `target_version` (when the appliance reports one) is
+//!    the campaign's, so a redelivered step never starts a second update
+//!    and no update installs what the campaign did not ask for;
 //! 5. `await_update`: poll `update` through the reboot (refused
 //!    connections, timeouts and 5xx are waits, until the job's deadline)
 //!    until `IDLE` with the target version newest in `update_history`;
 //! 6. on `FAILED_GRACEFUL`, `reset` the update and fail with its
 //!    description; `FAILED_CRITICAL` fails the job and marks it for
 //!    attention;
-//! 7. `delete_image` (the cleanup of every step that knows the image):
+//! 7. `reset_init` (the cleanup of an update this job initialized, when
+//!    the job fails, is cancelled or passes its deadline before it
+//!    started): `reset` it while it is `INITIALIZING` or `INITIALIZED`;
+//! 8. `delete_image` (the cleanup of every step that knows the image):
 //!    deletes it when `[drivers.npm] delete_image` asks, unless an update
 //!    is under way or failed critically (left for inspection).
 //!
-//! Authentication: a bearer token from `POST /api/mgmt.aaa/1.0/token`,
-//! cached per appliance and fetched anew when it expires or the appliance
-//! (rebooted) refuses it.
+//! An image found on the appliance is followed rather than fetched again:
+//! one of the campaign's (by checksum, or by version), or one still
+//! `UPLOADING` or `VALIDATING` that cannot be told apart yet (a fetch of
+//! this job whose answer was lost); if the latter turns out not to be the
+//! campaign's, `stage` runs again. A failed image is never followed: an
+//! earlier job's does not doom this one.
+//!
+//! "Went back to `IDLE` during this job" is judged by the update's
+//! `last_state_time` against the job's publication on the appliance's own
+//! clock, so an appliance reset seconds before the job, or one whose clock
+//! is off, upgrades normally.
+//!
+//! Authentication (`[drivers.npm] auth`): a bearer token from `POST
+//! /api/mgmt.aaa/1.0/token` (`token`, the default), cached per appliance
+//! and fetched anew when it expires or the appliance (rebooted) refuses
+//! it; or HTTP Basic on every call (`basic`).
 //!
 //! Layout: this file holds the update's steps; `images` the staging of
 //! the image (find, fetch, upload, validate); `answers` the reading of the
@@ -78,13 +96,22 @@ pub(crate) enum NpmStep {
     Stage,
     AwaitImage {
         image: u64,
+        /// Found on the appliance rather than fetched by this job: if it
+        /// turns out not to be the campaign's, stage again.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        adopted: bool,
     },
     /// `image`: the update image, once known, for the cleanup to delete.
+    /// `ours`: this job initialized the update (its cleanup resets it).
     Init {
         image: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ours: bool,
     },
     Start {
         image: Option<u64>,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        ours: bool,
     },
     AwaitUpdate {
         image: Option<u64>,
@@ -92,6 +119,9 @@ pub(crate) enum NpmStep {
     Reset {
         image: Option<u64>,
         description: String,
+    },
+    ResetInit {
+        image: Option<u64>,
     },
     DeleteImage {
         image: u64,
@@ -102,11 +132,12 @@ impl NpmStep {
     fn image(&self) -> Option<u64> {
         match self {
             NpmStep::Stage => None,
-            NpmStep::AwaitImage { image } | NpmStep::DeleteImage { image } => Some(*image),
-            NpmStep::Init { image }
-            | NpmStep::Start { image }
+            NpmStep::AwaitImage { image, .. } | NpmStep::DeleteImage { image } => Some(*image),
+            NpmStep::Init { image, .. }
+            | NpmStep::Start { image, .. }
             | NpmStep::AwaitUpdate { image }
-            | NpmStep::Reset { image, .. } => *image,
+            | NpmStep::Reset { image, .. }
+            | NpmStep::ResetInit { image } => *image,
         }
     }
 }
@@ -127,24 +158,30 @@ impl Driver for Npm {
             NpmStep::Start { .. } => "start",
             NpmStep::AwaitUpdate { .. } => "await_update",
             NpmStep::Reset { .. } => "reset",
+            NpmStep::ResetInit { .. } => "reset_init",
             NpmStep::DeleteImage { .. } => "delete_image",
         }
     }
 
     async fn run(&self, step: NpmStep, cx: &StepContext<'_>) -> Result<Next<NpmStep>, StepError> {
-        let login = Login::npm(cx.credentials)?;
+        let settings: NpmSettings = settings::read(&cx.job.settings).map_err(|e| {
+            StepError::misconfigured(format!("the job's [drivers.npm] settings: {e}"))
+        })?;
+        let login = Login::npm(cx.credentials, settings.auth)?;
         let api = Api {
             logins: &self.logins,
             cx,
             login: &login,
+            settings: &settings,
         };
         match step {
             NpmStep::Stage => api.stage().await,
-            NpmStep::AwaitImage { image } => api.await_image(image).await,
-            NpmStep::Init { image } => api.init(image).await,
-            NpmStep::Start { image } => api.start(image).await,
+            NpmStep::AwaitImage { image, adopted } => api.await_image(image, adopted).await,
+            NpmStep::Init { image, ours } => api.init(image, ours).await,
+            NpmStep::Start { image, ours } => api.start(image, ours).await,
             NpmStep::AwaitUpdate { image } => api.await_update(image).await,
             NpmStep::Reset { description, .. } => api.reset(description).await,
+            NpmStep::ResetInit { image } => api.reset_init(image).await,
             NpmStep::DeleteImage { image } => api.delete_image(image).await,
         }
     }
@@ -152,6 +189,10 @@ impl Driver for Npm {
     fn cleanup(&self, step: &NpmStep) -> Option<NpmStep> {
         match step {
             NpmStep::DeleteImage { .. } => None,
+            NpmStep::Init { image, ours: true } | NpmStep::Start { image, ours: true } => {
+                Some(NpmStep::ResetInit { image: *image })
+            }
+            NpmStep::ResetInit { image } => image.map(|image| NpmStep::DeleteImage { image }),
             step => step.image().map(|image| NpmStep::DeleteImage { image }),
         }
     }
@@ -162,6 +203,7 @@ struct Api<'s, 'c> {
     logins: &'s Logins,
     cx: &'s StepContext<'c>,
     login: &'s Login,
+    settings: &'s NpmSettings,
 }
 
 impl<'c> Api<'_, 'c> {
@@ -178,17 +220,20 @@ impl<'c> Api<'_, 'c> {
         }
         let image = self.find_image().await?;
         match (update.state, image) {
-            (UpdateState::Idle, Some(image)) => Ok(Next::run(NpmStep::AwaitImage { image })
-                .note(format!("image {image} is already on the appliance"))),
+            (UpdateState::Idle, Some(image)) => Ok(Next::run(NpmStep::AwaitImage {
+                image,
+                adopted: true,
+            })
+            .note(format!("image {image} is already on the appliance"))),
             (UpdateState::Idle, None) => self.get_image().await,
             // An update is under way or failed (this job's, redelivered, or
             // an earlier one): follow it rather than stage another image.
-            (_, image) => Ok(Next::run(NpmStep::Init { image })
+            (_, image) => Ok(Next::run(NpmStep::Init { image, ours: false })
                 .note(format!("the update is {}", update.state.name()))),
         }
     }
 
-    async fn init(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+    async fn init(&self, image: Option<u64>, ours: bool) -> Result<Next<NpmStep>, StepError> {
         let update = self.update().await?;
         match update.state {
             UpdateState::Idle => {
@@ -197,28 +242,47 @@ impl<'c> Api<'_, 'c> {
                 }
                 self.post(INIT, &[UpdateState::Initializing, UpdateState::Initialized])
                     .await?;
-                Ok(Next::poll(NpmStep::Init { image }).note("initializing the update"))
+                Ok(Next::poll(NpmStep::Init { image, ours: true }).note("initializing the update"))
             }
             UpdateState::Initializing => {
-                Ok(Next::poll(NpmStep::Init { image }).note(update.description))
+                Ok(Next::poll(NpmStep::Init { image, ours }).note(update.description))
             }
-            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image })),
+            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image, ours })),
             UpdateState::Running => Ok(Next::poll(NpmStep::AwaitUpdate { image })),
             UpdateState::FailedGraceful | UpdateState::FailedCritical => failure(image, update),
         }
     }
 
-    async fn start(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+    async fn start(&self, image: Option<u64>, ours: bool) -> Result<Next<NpmStep>, StepError> {
         let update = self.update().await?;
         match update.state {
             UpdateState::Initialized => {
+                // Never install what the campaign did not ask for.
+                if let Some(found) = &update.target_version
+                    && found != self.target()
+                {
+                    let note = if ours {
+                        "the update this job initialized is reset"
+                    } else {
+                        "the update was initialized before this job; left as it is"
+                    };
+                    return Err(Failure::device(format!(
+                        "the initialized update installs version {found}, not the campaign's {}; \
+                         not started",
+                        self.target()
+                    ))
+                    .note(note)
+                    .into());
+                }
                 self.post(START, &[UpdateState::Running]).await?;
                 Ok(Next::poll(NpmStep::AwaitUpdate { image }).note("update started"))
             }
             UpdateState::Running => Ok(
                 Next::poll(NpmStep::AwaitUpdate { image }).note("the update is already running")
             ),
-            UpdateState::Idle | UpdateState::Initializing => Ok(Next::run(NpmStep::Init { image })),
+            UpdateState::Idle | UpdateState::Initializing => {
+                Ok(Next::run(NpmStep::Init { image, ours }))
+            }
             UpdateState::FailedGraceful | UpdateState::FailedCritical => failure(image, update),
         }
     }
@@ -235,7 +299,7 @@ impl<'c> Api<'_, 'c> {
             UpdateState::Running | UpdateState::Initializing => {
                 Ok(Next::poll(NpmStep::AwaitUpdate { image }).note(update.description))
             }
-            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image })),
+            UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image, ours: false })),
             UpdateState::Idle => match self.idle_ending(&update) {
                 Some(done) => done,
                 None => Err(Failure::device(format!(
@@ -262,10 +326,7 @@ impl<'c> Api<'_, 'c> {
             }))
             .note(format!("the appliance runs {}", self.target()))));
         }
-        if update
-            .last_state_time
-            .is_some_and(|t| t >= clock::since(self.cx.job))
-        {
+        if update.last_state_time.is_some_and(|t| t >= update.since) {
             return Some(Err(Failure::device(format!(
                 "the update went back to IDLE during this job without installing {}: {}",
                 self.target(),
@@ -291,11 +352,28 @@ impl<'c> Api<'_, 'c> {
         )
     }
 
+    /// Resets an update this job initialized but did not start.
+    async fn reset_init(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+        let then = |note: String| match image {
+            Some(image) => Next::run(NpmStep::DeleteImage { image }).note(note),
+            None => Next::done().note(note),
+        };
+        let update = self.update().await?;
+        if !matches!(
+            update.state,
+            UpdateState::Initializing | UpdateState::Initialized
+        ) {
+            return Ok(then(format!(
+                "nothing to reset: the update is {}",
+                update.state.name()
+            )));
+        }
+        self.post(RESET, &[UpdateState::Idle]).await?;
+        Ok(then("the update this job initialized is reset".to_owned()))
+    }
+
     async fn delete_image(&self, id: u64) -> Result<Next<NpmStep>, StepError> {
-        let settings: NpmSettings = settings::read(&self.cx.job.settings).map_err(|e| {
-            StepError::misconfigured(format!("the job's [drivers.npm] settings: {e}"))
-        })?;
-        if !settings.delete_image {
+        if !self.settings.delete_image {
             return Ok(Next::done());
         }
         let update = self.update().await?;
@@ -342,9 +420,13 @@ impl<'c> Api<'_, 'c> {
         }
     }
 
+    /// The `update` resource, with the job's publication on the
+    /// appliance's clock.
     async fn update(&self) -> Result<Update, StepError> {
         let reply = riverbed::success(self.send(|| Ok(self.cx.http.get(UPDATE))).await?)?;
-        read_update(&reply.json()?).map_err(|problem| reply.unreadable(&problem))
+        let mut update = read_update(&reply.json()?).map_err(|problem| reply.unreadable(&problem))?;
+        update.since = clock::published_on_device(self.cx.job, &reply);
+        Ok(update)
     }
 }
 

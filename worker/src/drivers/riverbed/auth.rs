@@ -18,6 +18,7 @@ use crate::{
     driver::StepError,
     support::login::{Issued, Logins, Scheme},
 };
+use flotilla_common::settings::NpmAuth;
 use reqwest::StatusCode;
 use serde::Deserialize;
 use std::time::Duration;
@@ -35,6 +36,9 @@ pub(crate) enum Login {
         user: Secret,
         password: Secret,
         reference: String,
+        /// What to say when the appliance refuses Basic (the setting that
+        /// chose it), if anything.
+        hint: &'static str,
     },
     Token(TokenLogin),
 }
@@ -75,20 +79,30 @@ impl Login {
                 user: field("username")?,
                 password: field("password")?,
                 reference,
+                hint: "",
             },
         })
     }
 
     /// NPM login: the reference's `username` and `password`, exchanged for
-    /// a token.
-    pub(crate) fn npm(credentials: &Credentials) -> Result<Login, StepError> {
-        Ok(Login::Token(TokenLogin {
-            what: TokenEndpoint::NpmUser {
-                user: credentials.require("username")?.clone(),
-                password: credentials.require("password")?.clone(),
+    /// a token, or sent as HTTP Basic (`[drivers.npm] auth`).
+    pub(crate) fn npm(credentials: &Credentials, auth: NpmAuth) -> Result<Login, StepError> {
+        let user = credentials.require("username")?.clone();
+        let password = credentials.require("password")?.clone();
+        let reference = credentials.reference().to_owned();
+        Ok(match auth {
+            NpmAuth::Token => Login::Token(TokenLogin {
+                what: TokenEndpoint::NpmUser { user, password },
+                reference,
+            }),
+            NpmAuth::Basic => Login::Basic {
+                user,
+                password,
+                reference,
+                hint: " (the campaign's [drivers.npm] auth is \"basic\"; appliances that \
+                       only issue mgmt.aaa tokens need auth = \"token\")",
             },
-            reference: credentials.reference().to_owned(),
-        }))
+        })
     }
 
     /// Sends the call `build` makes, authenticated by this login, and
@@ -105,11 +119,12 @@ impl Login {
                 user,
                 password,
                 reference,
+                hint,
             } => {
                 let reply = build()?.basic(user, password).send().await?;
                 if reply.status == StatusCode::UNAUTHORIZED {
                     return Err(StepError::auth(format!(
-                        "{} refused the credentials {reference:?} with HTTP 401: check them",
+                        "{} refused the credentials {reference:?} with HTTP 401: check them{hint}",
                         reply.what
                     )));
                 }
@@ -167,11 +182,25 @@ impl Scheme for TokenLogin {
                     "generate_refresh_token": false,
                 });
                 let reply = http.post(NPM_TOKEN).json(&body).send().await?;
+                if matches!(reply.status.as_u16(), 404 | 405) {
+                    return Err(StepError::misconfigured(format!(
+                        "{} answered HTTP {}: this appliance has no mgmt.aaa token login; \
+                         if it takes HTTP Basic, set [drivers.npm] auth = \"basic\" in the campaign",
+                        reply.what,
+                        reply.status.as_u16()
+                    )));
+                }
+                // The token's end is on the appliance's clock: its lifetime
+                // is measured against the same clock's `Date`, never the
+                // worker's.
+                let now = reply.device_date().map(|date| date.timestamp());
                 let answer = self.token_answer(reply)?;
-                let lifetime = answer.expires_at.map(|at| {
-                    let now = chrono::Utc::now().timestamp();
-                    Duration::from_secs(u64::try_from(at - now).unwrap_or(0))
-                });
+                let lifetime = match (answer.expires_at, now) {
+                    (Some(at), Some(now)) => {
+                        Some(Duration::from_secs(u64::try_from(at - now).unwrap_or(0)))
+                    }
+                    _ => None,
+                };
                 (answer.access_token, lifetime)
             }
         };

@@ -4,27 +4,52 @@
 //! it updates with it first.
 //!
 //! A run's `timeStamp` (epoch seconds, sent as an integer although
-//! documented as a string) says when it started; [`Progress::of`] judges a
-//! run against the start of the job's own work.
+//! documented as a string) says when it started, on the gateway's clock;
+//! [`Progress::of`] judges a run against the job's publication read on
+//! that same clock ([`crate::support::clock`]), so a run a late copy of
+//! this job's first step finds is still this job's.
 
 use super::auth::Login;
 use crate::{
     credentials::{Credentials, Secret},
     device_http::DeviceClient,
     driver::StepError,
-    support::{lenient, login::Logins},
+    support::{clock, lenient, login::Logins},
 };
-use flotilla_common::settings::{BackupDestination, GatewayOperation};
+use flotilla_common::{
+    Job,
+    settings::{BackupDestination, GatewayOperation},
+};
 use serde_json::{Map, Value, json};
 
 const BACKUP: &str = "/api/mgmt.gateway_backup/1.0/backup";
 const RESTORE: &str = "/api/mgmt.gateway_backup/1.0/restore";
 
-/// One gateway's backup API, under one login.
+/// One gateway's backup API, under one login, for one job.
 pub(crate) struct BackupApi<'a> {
     pub(crate) logins: &'a Logins,
     pub(crate) http: DeviceClient<'a>,
     pub(crate) login: &'a Login,
+    pub(crate) job: &'a Job,
+}
+
+/// The gateway's latest run, and when the job was published on the
+/// gateway's clock (epoch seconds): runs started earlier are not this
+/// job's.
+pub(crate) struct Observed {
+    pub(crate) run: Option<Run>,
+    pub(crate) since: i64,
+}
+
+impl Observed {
+    pub(crate) fn progress(&self) -> Progress {
+        Progress::of(self.run.as_ref(), self.since)
+    }
+
+    /// Whether the latest run started with (or after) this job.
+    pub(crate) fn is_ours(&self) -> bool {
+        self.run.as_ref().is_some_and(|r| r.is_since(self.since))
+    }
 }
 
 /// A backup or restore as the gateway reports it (`running` for a backup).
@@ -48,7 +73,7 @@ pub(crate) enum RunStatus {
 }
 
 impl Run {
-    pub(crate) fn is_since(&self, since: i64) -> bool {
+    fn is_since(&self, since: i64) -> bool {
         self.started.is_some_and(|t| t >= since)
     }
 
@@ -135,7 +160,7 @@ fn path(operation: GatewayOperation) -> &'static str {
 
 impl BackupApi<'_> {
     /// The gateway's latest backup (`running` of `GET backup`) or restore.
-    pub(crate) async fn read(&self, operation: GatewayOperation) -> Result<Option<Run>, StepError> {
+    pub(crate) async fn read(&self, operation: GatewayOperation) -> Result<Observed, StepError> {
         let http = &self.http;
         let reply = super::success(
             self.login
@@ -143,13 +168,15 @@ impl BackupApi<'_> {
                 .await?,
         )?;
         let body: Value = reply.json()?;
+        let since = clock::published_on_device(self.job, &reply);
+        let observed = |run| Ok(Observed { run, since });
         let unreadable = || reply.unreadable("not a backup status");
         // A backup status is documented as an array of one object holding
         // `running`; a restore status is the run itself. Accept either
         // shape for both.
         let object = match &body {
             Value::Array(items) => match items.first() {
-                None => return Ok(None),
+                None => return observed(None),
                 Some(Value::Object(object)) => object,
                 Some(_) => return Err(unreadable()),
             },
@@ -158,14 +185,13 @@ impl BackupApi<'_> {
         };
         let run = match lenient::field(object, "running") {
             Some(Value::Object(running)) => running,
-            Some(Value::Null) => return Ok(None),
+            Some(Value::Null) => return observed(None),
             Some(_) => return Err(unreadable()),
             None if lenient::field(object, "status").is_some() => object,
-            None => return Ok(None),
+            None => return observed(None),
         };
-        parse_run(run)
-            .map(Some)
-            .map_err(|problem| reply.unreadable(&problem))
+        let run = parse_run(run).map_err(|problem| reply.unreadable(&problem))?;
+        observed(Some(run))
     }
 
     /// Starts a backup or restore with `POST`.
@@ -201,7 +227,7 @@ impl BackupApi<'_> {
             Ok(_) => Ok(()),
             // Refused because one is executing: another copy of this step (a
             // redelivery) started it a moment ago. Anything else stands.
-            Err(refusal) if refusal.is_refusal() => match self.read(request.operation).await? {
+            Err(refusal) if refusal.is_refusal() => match self.read(request.operation).await?.run {
                 Some(run) if run.status == RunStatus::Executing => Ok(()),
                 _ => Err(refusal),
             },

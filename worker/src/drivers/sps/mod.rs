@@ -18,10 +18,15 @@
 //!    or selected for the restart), `POST /api/firmware/upgrade` with the
 //!    slot and `[drivers.sps] commit_message`; each documented refusal ends
 //!    the job in the appliance's words;
+//!    Right after an accepted upgrade, the slot must show `after_reboot:
+//!    true` (or the restart must have begun);
 //! 4. `await_reboot`: the appliance restarts into the new slot: refused
 //!    connections, timeouts and 5xx are waits (until the job's deadline);
 //!    the job succeeds once `GET /api/firmware/slots`, in a new session,
-//!    shows the target version's slot as `current`;
+//!    shows the target version's slot as `current`. An appliance that has
+//!    not restarted by itself `[drivers.sps] restart_wait` (10 minutes)
+//!    after the upgrade ends the device failed with "upgrade staged,
+//!    restart pending", for a person to restart it (needs attention);
 //! 5. `cancel_fetch` (the cleanup of `await_fetch`, when the job fails, is
 //!    cancelled or passes its deadline): `DELETE` a fetch still queued or
 //!    in progress, then `DELETE` its status entry once it no longer runs.
@@ -54,6 +59,7 @@ use crate::{
     },
 };
 use answers::{ApiError, Fetch, FetchStatus, Slot};
+use chrono::{DateTime, Utc};
 use flotilla_common::{
     DeviceKind,
     settings::{self, SpsSettings},
@@ -113,8 +119,12 @@ pub(crate) enum SpsStep {
     Upgrade {
         slot: String,
     },
+    /// `since`: when the upgrade was accepted (or first awaited), on the
+    /// worker's clock, to bound the wait for the restart.
     AwaitReboot {
         slot: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        since: Option<DateTime<Utc>>,
     },
     CancelFetch {
         key: String,
@@ -140,11 +150,15 @@ impl Driver for Sps {
     }
 
     async fn run(&self, step: SpsStep, cx: &StepContext<'_>) -> Result<Next<SpsStep>, StepError> {
+        let settings: SpsSettings = settings::read(&cx.job.settings).map_err(|e| {
+            StepError::misconfigured(format!("the job's [drivers.sps] settings: {e}"))
+        })?;
         let login = Login::new(cx.credentials)?;
         let api = Api {
             logins: &self.logins,
             cx,
             login: &login,
+            settings: &settings,
         };
         let acting = match step {
             SpsStep::Stage | SpsStep::Upgrade { .. } => {
@@ -160,7 +174,7 @@ impl Driver for Sps {
             SpsStep::Stage => api.stage().await,
             SpsStep::AwaitFetch { key } => api.await_fetch(key).await,
             SpsStep::Upgrade { slot } => api.upgrade(slot).await,
-            SpsStep::AwaitReboot { slot } => api.await_reboot(slot).await,
+            SpsStep::AwaitReboot { slot, since } => api.await_reboot(slot, since).await,
             SpsStep::CancelFetch { key } => api.cancel_fetch(key).await,
         }
     }
@@ -180,6 +194,15 @@ struct Api<'s, 'c> {
     logins: &'s Logins,
     cx: &'s StepContext<'c>,
     login: &'s Login,
+    settings: &'s SpsSettings,
+}
+
+/// The step that awaits the restart into `slot`, its wait counted from now.
+fn await_reboot(slot: String) -> SpsStep {
+    SpsStep::AwaitReboot {
+        slot,
+        since: Some(Utc::now()),
+    }
 }
 
 impl<'c> Api<'_, 'c> {
@@ -237,7 +260,7 @@ impl<'c> Api<'_, 'c> {
         let reply = success(self.send(|| Ok(self.cx.http.get(FETCH))).await?)?;
         let fetches = answers::read_fetches(&reply.json()?).map_err(|p| reply.unreadable(&p))?;
         let target = &self.cx.job.target;
-        let since = clock::since(self.cx.job);
+        let since = clock::published_on_device(self.cx.job, &reply);
         let ours = fetches.into_iter().filter(|fetch| {
             fetch.url.as_deref() == Some(target.image_url.as_str())
                 && fetch
@@ -257,7 +280,12 @@ impl<'c> Api<'_, 'c> {
                     reqwest::multipart::Part::stream_with_length(image.stream()?, image.size())
                         .file_name(image.file_name());
                 let form = reqwest::multipart::Form::new().part("firmware", part);
-                Ok(self.cx.http.post(UPLOAD).multipart(form))
+                Ok(self
+                    .cx
+                    .http
+                    .post(UPLOAD)
+                    .timeout(self.cx.upload_timeout())
+                    .multipart(form))
             })
             .await?;
         let reply = success(reply)?;
@@ -325,18 +353,15 @@ impl<'c> Api<'_, 'c> {
             }
             if known.after_reboot {
                 // A copy of this step got there first: never upgrade twice.
-                return Ok(Next::poll(SpsStep::AwaitReboot { slot })
+                return Ok(Next::poll(await_reboot(slot))
                     .note("the slot is already selected for the restart"));
             }
         }
         // An empty or unknown slot is left for the appliance to refuse, in
         // its own words (ResourceNotFound).
-        let settings: SpsSettings = settings::read(&self.cx.job.settings).map_err(|e| {
-            StepError::misconfigured(format!("the job's [drivers.sps] settings: {e}"))
-        })?;
         let body = json!({
             "slot_id": slot.parse::<u64>().map_or_else(|_| json!(slot), |n| json!(n)),
-            "message": settings.commit_message,
+            "message": self.settings.commit_message,
         });
         let reply = self
             .send(|| Ok(self.cx.http.post(UPGRADE).json(&body)))
@@ -355,16 +380,39 @@ impl<'c> Api<'_, 'c> {
         if let Some(summary) = summary {
             note.push_str(&format!(" (test: {summary})"));
         }
-        Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(note))
+        // Confirm the appliance took it: the slot is selected for the
+        // restart (or the restart has begun, and it no longer answers).
+        if let Seen::Up(slots) = through_restart(self.slots().await)? {
+            let selected = slots.iter().find(|s| s.key == slot);
+            if !selected.is_some_and(|s| s.after_reboot || s.current) {
+                return Err(Failure::device(format!(
+                    "the appliance accepted the upgrade to slot {slot} but does not show the slot \
+                     selected for the restart (after_reboot is not true); not waiting for it"
+                ))
+                .note(note)
+                .into());
+            }
+        }
+        Ok(Next::poll(await_reboot(slot)).note(note))
     }
 
-    async fn await_reboot(&self, slot: String) -> Result<Next<SpsStep>, StepError> {
+    async fn await_reboot(
+        &self,
+        slot: String,
+        since: Option<DateTime<Utc>>,
+    ) -> Result<Next<SpsStep>, StepError> {
+        let since = since.unwrap_or_else(Utc::now);
+        let poll = |note: String| {
+            Ok(Next::poll(SpsStep::AwaitReboot {
+                slot: slot.clone(),
+                since: Some(since),
+            })
+            .note(note))
+        };
         // The appliance restarts into the new slot.
         let slots = match through_restart(self.slots().await)? {
             Seen::Up(slots) => slots,
-            Seen::Restarting(note) => {
-                return Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(note));
-            }
+            Seen::Restarting(note) => return poll(note),
         };
         match slots.iter().find(|s| s.holds(self.target())) {
             Some(running) if running.current => Ok(self.succeeded(running).note(format!(
@@ -373,10 +421,23 @@ impl<'c> Api<'_, 'c> {
                 running.key
             ))),
             Some(selected) if selected.after_reboot => {
-                Ok(Next::poll(SpsStep::AwaitReboot { slot }).note(format!(
-                    "slot {} is selected; waiting for the restart",
-                    selected.key
-                )))
+                let wait = self.settings.restart_wait();
+                if (Utc::now() - since).to_std().unwrap_or_default() < wait {
+                    return poll(format!(
+                        "slot {} is selected; waiting for the restart",
+                        selected.key
+                    ));
+                }
+                Err(Failure::device(format!(
+                    "upgrade staged, restart pending: slot {} holds {} and is selected for the \
+                     next restart, but the appliance did not restart by itself within {}; \
+                     restart it to finish the upgrade",
+                    selected.key,
+                    self.target(),
+                    humantime::format_duration(wait)
+                ))
+                .needing_attention()
+                .into())
             }
             _ => {
                 let current = slots.iter().find(|s| s.current);

@@ -118,6 +118,7 @@ mod tests {
             status: StatusCode::OK,
             headers,
             body: Vec::new(),
+            received_at: chrono::Utc::now(),
         };
         assert_eq!(session_cookie(&reply).unwrap().expose(), "a1f71d03");
         let none = Reply {
