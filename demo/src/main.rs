@@ -155,9 +155,16 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     })
     .await
     .context("starting the simulated fleet")?;
+    // The producer reads files, as it would for an operator.
+    let run_id = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
+    let dir = std::env::temp_dir().join(format!("flotilla-{run_id}"));
+    std::fs::create_dir_all(&dir)?;
+    let inventory = dir.join("devices.csv");
+    let campaign_file = dir.join("campaign.toml");
+    let order = write_inventory(&fleet, &inventory)?;
     let gateways = share(DeviceKind::Netprofiler) * GATEWAYS_PER_NETPROFILER;
     println!(
-        "simulator: {} devices ({}){}, {:.0}% set to fail",
+        "simulator: {} devices ({}){}; {}",
         fleet.devices().len(),
         args.kinds
             .iter()
@@ -169,16 +176,8 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         } else {
             String::new()
         },
-        args.fault_ratio * 100.0
+        faults_summary(&fleet, &order, args.canary)
     );
-
-    // The producer reads files, as it would for an operator.
-    let run_id = format!("demo-{}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
-    let dir = std::env::temp_dir().join(format!("flotilla-{run_id}"));
-    std::fs::create_dir_all(&dir)?;
-    let inventory = dir.join("devices.csv");
-    let campaign_file = dir.join("campaign.toml");
-    write_inventory(&fleet, &inventory)?;
     std::fs::write(&campaign_file, campaign_toml(&run_id, &fleet, args.canary))?;
 
     let broker_args = BrokerArgs {
@@ -458,18 +457,22 @@ fn compare_with_simulator(tracker: &CampaignState, fleet: &Fleet) -> ExitCode {
 
 /// Writes the fleet's devices taking the kinds in turn, so that every wave
 /// of a mixed campaign has some of each kind.
-fn write_inventory(fleet: &Fleet, path: &Path) -> anyhow::Result<()> {
+/// Writes the inventory, the kinds in turn, and returns its devices in the
+/// order written (the order waves take them in).
+fn write_inventory<'a>(fleet: &'a Fleet, path: &Path) -> anyhow::Result<Vec<&'a Device>> {
     let mut by_kind: BTreeMap<DeviceKind, Vec<&Device>> = BTreeMap::new();
     for device in fleet.devices() {
         by_kind.entry(device.kind).or_default().push(device);
     }
     let mut by_kind: Vec<_> = by_kind.into_values().map(Vec::into_iter).collect();
     let mut writer = InventoryWriter::new(std::fs::File::create(path)?)?;
+    let mut order = Vec::with_capacity(fleet.devices().len());
     loop {
         let mut wrote = false;
         for devices in &mut by_kind {
             if let Some(device) = devices.next() {
                 writer.write(device)?;
+                order.push(device);
                 wrote = true;
             }
         }
@@ -478,7 +481,40 @@ fn write_inventory(fleet: &Fleet, path: &Path) -> anyhow::Result<()> {
         }
     }
     writer.finish()?;
-    Ok(())
+    Ok(order)
+}
+
+/// How many devices the simulator will make fail, counted from its own
+/// fates, and where they are: with a canary, the faults sit in it, so the
+/// ratio applies to the canary, not to the fleet.
+fn faults_summary(fleet: &Fleet, order: &[&Device], canary: Option<usize>) -> String {
+    let fails = |device: &&&Device| {
+        fleet
+            .expected_outcome(&device.id)
+            .is_some_and(|outcome| outcome != Outcome::Succeeded)
+    };
+    let failing = order.iter().filter(fails).count();
+    let devices = |n: usize| if n == 1 { "device" } else { "devices" };
+    match canary {
+        Some(size) => {
+            let size = size.min(order.len());
+            let in_canary = order[..size].iter().filter(fails).count();
+            let place = if in_canary == failing {
+                "all in".to_owned()
+            } else {
+                format!("{in_canary} in")
+            };
+            format!(
+                "{failing} {} set to fail, {place} the {size}-device canary",
+                devices(failing)
+            )
+        }
+        None => format!(
+            "{failing} {} ({:.1}%) set to fail",
+            devices(failing),
+            100.0 * failing as f64 / order.len().max(1) as f64
+        ),
+    }
 }
 
 /// Flow Gateways each NetProfiler updates.
