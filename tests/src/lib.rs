@@ -6,6 +6,7 @@
 //! with testcontainers (that needs Docker). Each test gets its own queue
 //! prefix, so tests sharing a broker never see each other's messages.
 
+pub mod otlp;
 pub mod proxy;
 
 use flotilla_common::{

@@ -8,6 +8,7 @@
 mod campaign_control;
 mod dms_campaigns;
 mod observability;
+mod otlp_export;
 mod producer_cli;
 mod resilience;
 mod riverbed_flowgateway;
