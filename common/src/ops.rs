@@ -33,11 +33,11 @@ impl Readiness {
 }
 
 /// The version every Flotilla binary of this build reports.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+const VERSION: &str = env!("CARGO_PKG_VERSION");
 /// The source revision, when the build was given one
 /// (`FLOTILLA_REVISION=$(git rev-parse --short HEAD) cargo build`, or the
 /// Dockerfile's build argument of that name).
-pub const REVISION: &str = match option_env!("FLOTILLA_REVISION") {
+const REVISION: &str = match option_env!("FLOTILLA_REVISION") {
     Some(revision) => revision,
     None => "unknown",
 };
