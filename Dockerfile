@@ -3,6 +3,9 @@
 # (or producer, sim). docker-compose.yml builds all three.
 
 FROM rust:1.95-bookworm AS build
+# The revision every process reports in flotilla_build_info:
+# `docker build --build-arg FLOTILLA_REVISION=$(git rev-parse --short HEAD)`.
+ARG FLOTILLA_REVISION=unknown
 WORKDIR /src
 COPY . .
 # Cache mounts keep the registry and compiled dependencies between builds;

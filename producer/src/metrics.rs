@@ -4,9 +4,14 @@
 //! Everything is derived from the campaign's state as the controller sees
 //! it, so the numbers agree with `flotilla-producer status`.
 
-use crate::{Campaign, CampaignState, state::Phase};
+use crate::{Campaign, CampaignState, rollout::window::Window, state::Phase};
+use chrono::Utc;
 use flotilla_common::{DeviceKind, Outcome};
-use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry,
+    core::{Collector, Desc},
+    proto::MetricFamily,
+};
 use std::collections::BTreeMap;
 
 /// The `state` label values of `flotilla_campaign_devices`.
@@ -74,6 +79,17 @@ impl ProducerMetrics {
         registry.register(Box::new(budget.clone()))?;
         registry.register(Box::new(min_finished.clone()))?;
         registry.register(Box::new(paused.clone()))?;
+        registry.register(Box::new(InWindow {
+            campaign: campaign.id.clone(),
+            window: campaign.rollout.window.clone(),
+            gauge: IntGaugeVec::new(
+                Opts::new(
+                    "flotilla_campaign_in_window",
+                    "1 while the campaign may start devices: inside its maintenance window, or it has none.",
+                ),
+                &["campaign"],
+            )?,
+        }))?;
 
         let id = campaign.id.as_str();
         for kind in DeviceKind::ALL {
@@ -142,5 +158,87 @@ impl ProducerMetrics {
         }
         let paused = matches!(state.phase(), Phase::Paused(_));
         self.paused.with_label_values(&[id]).set(i64::from(paused));
+    }
+}
+
+/// `flotilla_campaign_in_window`, worked out at each scrape: a window opens
+/// and closes with the clock, not with an event the controller observes.
+struct InWindow {
+    campaign: String,
+    window: Option<Window>,
+    gauge: IntGaugeVec,
+}
+
+impl Collector for InWindow {
+    fn desc(&self) -> Vec<&Desc> {
+        self.gauge.desc()
+    }
+
+    fn collect(&self) -> Vec<MetricFamily> {
+        let open = self.window.as_ref().is_none_or(|w| w.is_open(Utc::now()));
+        self.gauge
+            .with_label_values(&[self.campaign.as_str()])
+            .set(i64::from(open));
+        self.gauge.collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAMPAIGN: &str = r#"
+id = "windowed"
+[target]
+version = "7.2.1"
+image_url = "http://files.example.net/cpe/7.2.1.bin"
+sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+"#;
+
+    fn in_window(campaign: &str) -> Vec<(String, f64)> {
+        let registry = Registry::new();
+        let _metrics =
+            ProducerMetrics::new(&registry, &Campaign::parse(campaign).unwrap()).unwrap();
+        let family = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "flotilla_campaign_in_window")
+            .unwrap();
+        family
+            .get_metric()
+            .iter()
+            .map(|m| {
+                (
+                    m.get_label()[0].value().to_owned(),
+                    m.get_gauge().get_value(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_window_gauge_follows_the_clock() {
+        assert_eq!(
+            in_window(CAMPAIGN),
+            [("windowed".to_owned(), 1.0)],
+            "without a window devices may start at any time"
+        );
+        // A window that is not open now: one hour, three days from today.
+        let day = |t: chrono::DateTime<Utc>| t.format("%a").to_string().to_lowercase();
+        let other_day = day(Utc::now() + chrono::Duration::days(3));
+        let closed = format!(
+            "{CAMPAIGN}[window]\ndays = [\"{other_day}\"]\nstart = \"03:00\"\nend = \"04:00\"\ntime_zone = \"UTC\"\n"
+        );
+        assert_eq!(in_window(&closed), [("windowed".to_owned(), 0.0)]);
+        // A window open now: from the last hour to the next, today.
+        let now = Utc::now();
+        let open = format!(
+            "{CAMPAIGN}[window]\ndays = [\"{}\", \"{}\"]\nstart = \"{}\"\nend = \"{}\"\ntime_zone = \"UTC\"\n",
+            day(now),
+            day(now - chrono::Duration::days(1)),
+            (now - chrono::Duration::hours(1)).format("%H:00"),
+            (now + chrono::Duration::hours(2)).format("%H:00"),
+        );
+        assert_eq!(in_window(&open), [("windowed".to_owned(), 1.0)]);
     }
 }

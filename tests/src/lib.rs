@@ -3,9 +3,12 @@
 //! campaigns and read their outcomes.
 //!
 //! Tests use the RabbitMQ named by `AMQP_URL`; without it, they start one
-//! with testcontainers (that needs Docker). Each test gets its own queue
-//! prefix, so tests sharing a broker never see each other's messages.
+//! with testcontainers (that needs Docker), removed after the test process
+//! exits (see `container.rs`). Each test gets its own queue prefix, so tests
+//! sharing a broker never see each other's messages.
 
+mod container;
+pub mod otlp;
 pub mod proxy;
 
 use chrono::{DateTime, Utc};
@@ -42,35 +45,10 @@ pub async fn amqp_url() -> String {
         if let Ok(url) = std::env::var("AMQP_URL") {
             return url;
         }
-        start_container().await
+        container::start_rabbitmq().await
     })
     .await
     .clone()
-}
-
-async fn start_container() -> String {
-    use testcontainers::{
-        GenericImage,
-        core::{IntoContainerPort, WaitFor},
-        runners::AsyncRunner,
-    };
-    let container = GenericImage::new("rabbitmq", "3.13")
-        .with_exposed_port(5672.tcp())
-        .with_wait_for(WaitFor::message_on_stdout("Server startup complete"))
-        .start()
-        .await
-        .expect("AMQP_URL is unset and a RabbitMQ container could not start (is Docker running?)");
-    let host = container
-        .get_host()
-        .await
-        .expect("the container has a host");
-    let port = container
-        .get_host_port_ipv4(5672)
-        .await
-        .expect("the container exposes 5672");
-    // The container lives as long as the test process.
-    std::mem::forget(container);
-    format!("amqp://guest:guest@{host}:{port}/%2f")
 }
 
 /// One test's view of the broker: its own prefix, hence its own queues.

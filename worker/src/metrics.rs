@@ -20,6 +20,16 @@ pub const DEAD_LETTER_REASONS: [&str; 4] = [
     "unknown_step",
 ];
 const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
+/// Bucket bounds, in seconds, of the duration histograms: fine below a
+/// second for quick device calls, then up to an hour, because one step may
+/// run as long as the campaign's `step_timeout` (an image upload, a reboot
+/// wait), which is bounded only by its per-device deadline (an hour by
+/// default). A delayed job behind a backlog can run as late, too. A longer
+/// observation lands in `+Inf` only.
+const DURATION_BUCKETS: [f64; 19] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+    900.0, 1800.0, 3600.0,
+];
 
 #[derive(Clone)]
 pub struct WorkerMetrics {
@@ -51,9 +61,7 @@ impl WorkerMetrics {
                     "flotilla_worker_step_duration_seconds",
                     "Time one step took, device calls included.",
                 )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                ]),
+                .buckets(DURATION_BUCKETS.to_vec()),
                 &["kind", "step"],
             )?,
             device_requests: IntCounterVec::new(
@@ -79,9 +87,7 @@ impl WorkerMetrics {
                     "flotilla_worker_poll_lateness_seconds",
                     "How late a delayed job ran against its due time.",
                 )
-                .buckets(vec![
-                    0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
-                ]),
+                .buckets(DURATION_BUCKETS.to_vec()),
             )?,
             dead_lettered: IntCounterVec::new(
                 Opts::new(
@@ -180,5 +186,37 @@ impl WorkerMetrics {
 
     pub fn parked(&self) {
         self.parked.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_step_of_most_of_an_hour_gets_a_bucket_below_infinity() {
+        let registry = Registry::new();
+        let metrics = WorkerMetrics::new(&registry).unwrap();
+        metrics.step(
+            DeviceKind::Sps,
+            "upload",
+            "ok",
+            Duration::from_secs(50 * 60),
+        );
+        let family = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "flotilla_worker_step_duration_seconds")
+            .unwrap();
+        let histogram = family.get_metric()[0].get_histogram();
+        let cumulative = |le: f64| {
+            histogram
+                .get_bucket()
+                .iter()
+                .find(|b| b.upper_bound() == le)
+                .map(|b| b.cumulative_count())
+        };
+        assert_eq!(cumulative(1800.0), Some(0));
+        assert_eq!(cumulative(3600.0), Some(1));
     }
 }

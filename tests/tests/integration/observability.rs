@@ -106,6 +106,11 @@ async fn a_campaign_exports_every_metric_the_dashboard_and_alerts_use() {
         30.0,
         "every device is in exactly one state"
     );
+    assert_eq!(
+        producer_scrape.sum("flotilla_campaign_in_window", &campaign_label),
+        1.0,
+        "a campaign without a window may start devices at any time"
+    );
     promtool_check_metrics("producer", &producer_scrape.text).await;
 
     for (path, status) in [("/healthz", 200), ("/readyz", 200)] {
@@ -147,6 +152,23 @@ async fn a_campaign_exports_every_metric_the_dashboard_and_alerts_use() {
     assert!(scrape.sum("flotilla_worker_poll_lateness_seconds_count", &[]) > 0.0);
 
     promtool_check_metrics("worker", &scrape.text).await;
+
+    // Both processes say which build they run and how they are doing.
+    for (what, scrape) in [("worker", &scrape), ("producer", &producer_scrape)] {
+        let version = [("version", env!("CARGO_PKG_VERSION"))];
+        assert_eq!(scrape.sum("flotilla_build_info", &version), 1.0, "{what}");
+        for gauge in [
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_max_fds",
+        ] {
+            assert!(scrape.sum(gauge, &[]) > 0.0, "{what}: {gauge}");
+        }
+        assert!(
+            scrape.text.contains("\nprocess_cpu_seconds_total "),
+            "{what}: no CPU seconds"
+        );
+    }
 
     // Every name the dashboard and the rules use is exported.
     let mut exported = scrape.exported_names();
@@ -306,9 +328,10 @@ async fn promtool_check_metrics(what: &str, text: &str) {
     );
 }
 
-/// Every `flotilla_*` metric name queried by a dashboard panel or variable,
-/// or by an alert rule, with where it is used. `rabbitmq_*` names come from
-/// RabbitMQ's own exporter and are not Flotilla's to check.
+/// Every `flotilla_*` and `process_*` metric name queried by a dashboard
+/// panel or variable, or by an alert rule, with where it is used.
+/// `rabbitmq_*` names come from RabbitMQ's own exporter and are not
+/// Flotilla's to check.
 fn used_metric_names() -> BTreeMap<String, Vec<String>> {
     let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy");
     let mut used: BTreeMap<String, Vec<String>> = BTreeMap::new();
@@ -381,7 +404,8 @@ fn rule_expressions(yaml: &str) -> Vec<(usize, String)> {
     found
 }
 
-/// Metric names in a PromQL query: identifiers starting `flotilla_`,
+/// Metric names in a PromQL query: identifiers starting `flotilla_` or
+/// `process_` (the standard process metrics every Flotilla process serves),
 /// outside string literals (label values such as "flotilla-worker" or a
 /// queue name are not metrics). Names with a colon are recording rules'
 /// outputs, which Prometheus makes, not a process.
@@ -404,7 +428,10 @@ fn promql_metric_names(query: &str) -> BTreeSet<String> {
         }
     }
     code.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
-        .filter(|token| token.starts_with("flotilla_") && !token.contains(':'))
+        .filter(|token| {
+            (token.starts_with("flotilla_") || token.starts_with("process_"))
+                && !token.contains(':')
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -412,11 +439,14 @@ fn promql_metric_names(query: &str) -> BTreeSet<String> {
 #[test]
 fn metric_names_are_read_from_queries_not_strings() {
     let names = promql_metric_names(
-        r#"sum by (kind) (rate(flotilla_worker_steps_total{job="flotilla_not_a_metric",q=~"a\"flotilla_x"}[5m])) / on() flotilla_b:c"#,
+        r#"sum by (kind) (rate(flotilla_worker_steps_total{job="flotilla_not_a_metric",q=~"a\"flotilla_x"}[5m])) / on() flotilla_b:c and process_open_fds"#,
     );
     assert_eq!(
         names,
-        BTreeSet::from(["flotilla_worker_steps_total".to_owned()])
+        BTreeSet::from([
+            "flotilla_worker_steps_total".to_owned(),
+            "process_open_fds".to_owned()
+        ])
     );
     let rules = "  - alert: A\n    expr: |\n      up\n\n      > flotilla_a\n    for: 1m\n  - expr: flotilla_b == 0\n";
     assert_eq!(

@@ -1,17 +1,15 @@
-//! Traces and logs: a real OTLP/HTTP receiver gets the producer's and the
-//! worker's spans, and one device's rollout is one whole trace.
+//! Traces and logs: a real OTLP receiver gets the producer's and the
+//! worker's spans (over the default protocol, OTLP/HTTP with protobuf),
+//! and one device's rollout is one whole trace.
 
-use axum::{Router, body::Bytes, extract::State, routing::post};
 use flotilla_common::DeviceKind;
 use flotilla_sim::{Fleet, FleetSpec};
-use flotilla_tests::{Harness, binary};
-use serde_json::Value;
-use std::{
-    collections::HashMap,
-    process::Stdio,
-    sync::{Arc, Mutex},
-    time::Duration,
+use flotilla_tests::{
+    Harness, binary,
+    otlp::{OtlpReceiver, Span},
 };
+use serde_json::Value;
+use std::{process::Stdio, time::Duration};
 
 const CAMPAIGN: &str = r#"
 id = "traced"
@@ -24,80 +22,10 @@ deadline = "1m"
 poll_interval = "200ms"
 "#;
 
-/// A span as OTLP/JSON carries it, with the service that sent it.
-#[derive(Debug, Clone)]
-struct Span {
-    service: String,
-    trace: String,
-    id: String,
-    parent: String,
-    name: String,
-    attributes: HashMap<String, String>,
-}
-
-type Received = Arc<Mutex<Vec<Span>>>;
-
-/// An OTLP/HTTP receiver on a loopback port, keeping every span.
-async fn otlp_receiver() -> (String, Received) {
-    let received: Received = Arc::default();
-    let app = Router::new()
-        .route("/v1/traces", post(receive))
-        .with_state(received.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let endpoint = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (endpoint, received)
-}
-
-async fn receive(State(received): State<Received>, body: Bytes) -> &'static str {
-    let request: Value = serde_json::from_slice(&body).expect("an OTLP/JSON export request");
-    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
-    let mut spans = received.lock().unwrap();
-    for resource in request["resourceSpans"].as_array().unwrap() {
-        let service = attributes(&resource["resource"]["attributes"])
-            .remove("service.name")
-            .unwrap_or_default();
-        for scope in resource["scopeSpans"].as_array().unwrap() {
-            for span in scope["spans"].as_array().unwrap() {
-                spans.push(Span {
-                    service: service.clone(),
-                    trace: text(&span["traceId"]),
-                    id: text(&span["spanId"]),
-                    parent: text(&span["parentSpanId"]),
-                    name: text(&span["name"]),
-                    attributes: attributes(&span["attributes"]),
-                });
-            }
-        }
-    }
-    "{}"
-}
-
-fn attributes(list: &Value) -> HashMap<String, String> {
-    list.as_array()
-        .into_iter()
-        .flatten()
-        .map(|a| {
-            let value = &a["value"];
-            let value = value["stringValue"]
-                .as_str()
-                .map(str::to_owned)
-                .unwrap_or_else(|| {
-                    value
-                        .as_object()
-                        .and_then(|o| o.values().next())
-                        .map(|v| v.to_string().trim_matches('"').to_owned())
-                        .unwrap_or_default()
-                });
-            (a["key"].as_str().unwrap().to_owned(), value)
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
     let harness = Harness::new("traces").await;
-    let (endpoint, received) = otlp_receiver().await;
+    let receiver = OtlpReceiver::start().await;
     let fleet = Fleet::start(
         FleetSpec {
             upgrade_time: Duration::from_millis(300)..=Duration::from_millis(600),
@@ -111,7 +39,7 @@ async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
     let campaign = harness.dir().join("campaign.toml");
     std::fs::write(&campaign, CAMPAIGN).unwrap();
     let otel = [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint.as_str()),
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", receiver.endpoint.as_str()),
         ("OTEL_BSP_SCHEDULE_DELAY", "100"),
     ];
 
@@ -156,7 +84,11 @@ async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
         .iter()
         .filter(|s| &s.device == device)
         .count();
-    let spans = received.lock().unwrap().clone();
+    let spans = receiver.spans();
+    assert!(
+        spans.iter().all(|s| s.protocol == "http/protobuf"),
+        "OTLP/HTTP with protobuf is the default"
+    );
     let of_device = |service: &str| -> Vec<&Span> {
         spans
             .iter()

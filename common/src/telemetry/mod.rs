@@ -2,7 +2,8 @@
 //!
 //! Logs go to standard error, human-readable or as JSON lines (with the
 //! fields of the spans they happen in, so a step's lines carry its campaign
-//! and device). Traces are exported over OTLP/HTTP only when the standard
+//! and device). Traces are exported over OTLP ([`otlp`]: HTTP with
+//! protobuf or JSON, or gRPC) only when the standard
 //! `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set; without
 //! it no exporter, no OpenTelemetry layer, and no cost.
 //!
@@ -11,6 +12,8 @@
 //! headers; every step a worker runs is a child of that context, and the
 //! context travels with the job through every re-enqueue and delay queue.
 
+mod otlp;
+
 use crate::headers;
 use lapin::types::FieldTable;
 use opentelemetry::{
@@ -18,14 +21,11 @@ use opentelemetry::{
     propagation::{Extractor, Injector, TextMapPropagator},
     trace::TracerProvider as _,
 };
-use opentelemetry_sdk::{Resource, propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use opentelemetry_sdk::{propagation::TraceContextPropagator, trace::SdkTracerProvider};
+use otlp::{ExportLog, OtlpConfig};
+use std::{io::IsTerminal, sync::Arc};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
-
-const OTLP_ENDPOINTS: [&str; 2] = [
-    "OTEL_EXPORTER_OTLP_ENDPOINT",
-    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum LogFormat {
@@ -47,24 +47,29 @@ pub struct LogArgs {
 /// buffered, so hold it until the process ends.
 #[must_use = "dropping it stops trace export"]
 pub struct Telemetry {
-    provider: Option<SdkTracerProvider>,
+    export: Option<(SdkTracerProvider, Arc<ExportLog>)>,
 }
 
 impl Telemetry {
     /// Installs the process's logging and, when an OTLP endpoint is set,
-    /// trace export. `default_filter` applies when `RUST_LOG` is unset.
+    /// trace export (`service` names the process unless `OTEL_SERVICE_NAME`
+    /// does). `default_filter` applies when `RUST_LOG` is unset. Call it
+    /// inside the Tokio runtime: gRPC export runs there.
     pub fn init(service: &'static str, format: LogFormat, default_filter: &str) -> Telemetry {
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| default_filter.into());
-        let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+        // Colours only on a terminal: log files and collectors get plain text.
+        let fmt = tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .with_ansi(std::io::stderr().is_terminal());
         let fmt = match format {
             LogFormat::Human => fmt.boxed(),
             LogFormat::Json => fmt.json().boxed(),
         };
-        let (provider, otel_error) = match otlp_provider(service) {
-            Ok(provider) => (provider, None),
+        let (export, otel_error) = match otlp_provider(service) {
+            Ok(export) => (export, None),
             Err(error) => (None, Some(error)),
         };
-        let otel = provider.as_ref().map(|provider| {
+        let otel = export.as_ref().map(|(provider, _)| {
             tracing_opentelemetry::layer()
                 .with_tracer(provider.tracer(service))
                 .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
@@ -76,39 +81,36 @@ impl Telemetry {
         if let Some(error) = otel_error {
             tracing::warn!(%error, "traces will not be exported");
         }
-        Telemetry { provider }
+        Telemetry { export }
     }
 }
 
 impl Drop for Telemetry {
     fn drop(&mut self) {
-        if let Some(provider) = self.provider.take()
-            && let Err(error) = provider.shutdown()
-        {
-            eprintln!("flushing traces: {error}");
+        if let Some((provider, log)) = self.export.take() {
+            if let Err(error) = provider.shutdown() {
+                eprintln!("flushing traces: {error}");
+            }
+            log.finish();
         }
     }
 }
 
-fn otlp_provider(service: &'static str) -> Result<Option<SdkTracerProvider>, String> {
-    if !OTLP_ENDPOINTS
-        .iter()
-        .any(|name| std::env::var_os(name).is_some_and(|v| !v.is_empty()))
-    {
+fn otlp_provider(
+    service: &'static str,
+) -> Result<Option<(SdkTracerProvider, Arc<ExportLog>)>, String> {
+    let Some(config) = OtlpConfig::from_env()? else {
         return Ok(None);
-    }
-    // The exporter's HTTP client uses rustls, which needs its provider.
+    };
+    // The exporters' clients use rustls, which needs its provider.
     crate::ensure_crypto_provider();
-    let exporter = opentelemetry_otlp::SpanExporter::builder()
-        .with_http()
-        .build()
-        .map_err(|e| format!("building the OTLP exporter: {e}"))?;
-    Ok(Some(
-        SdkTracerProvider::builder()
-            .with_batch_exporter(exporter)
-            .with_resource(Resource::builder().with_service_name(service).build())
-            .build(),
-    ))
+    let exporter = config.exporter()?;
+    let log = exporter.log.clone();
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(otlp::resource(service))
+        .build();
+    Ok(Some((provider, log)))
 }
 
 /// Writes the trace context of the current span into AMQP headers. Writes
