@@ -296,6 +296,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_date_header_is_the_devices_clock_or_none_at_all() {
+        flotilla_common::ensure_crypto_provider();
         let stop = CancellationToken::new();
         let client = reqwest::Client::new();
         for (clock, expected) in [
