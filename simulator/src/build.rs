@@ -68,6 +68,8 @@ pub(crate) struct Builder<'f> {
     pub(crate) stop: CancellationToken,
     rng: StdRng,
     ca: &'f FleetCa,
+    /// The devices' clock, one for the whole fleet.
+    clock: Clock,
     pub(crate) devices: Vec<Device>,
     pub(crate) entries: HashMap<String, Entry>,
 }
@@ -84,6 +86,7 @@ impl<'f> Builder<'f> {
             stop,
             rng,
             ca,
+            clock: Clock::new(spec.quirks.clock_offset, !spec.quirks.no_date_header),
             devices: Vec::new(),
             entries: HashMap::new(),
         }
@@ -132,9 +135,7 @@ impl<'f> Builder<'f> {
 
     /// The devices' clock.
     pub(crate) fn clock(&self) -> Clock {
-        Clock {
-            offset: self.spec.quirks.clock_offset,
-        }
+        self.clock.clone()
     }
 
     /// How a host answers: the fleet's latency, and transient errors with

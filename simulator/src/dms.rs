@@ -113,7 +113,7 @@ impl Cpe {
     /// The firmware file the CPE runs.
     pub fn firmware(&self) -> String {
         let mut inner = self.dms.lock();
-        let clock = self.dms.state.behaviour.clock;
+        let clock = &self.dms.state.behaviour.clock;
         inner.cpes.get_mut(&self.cpe_id).map_or_else(String::new, |cpe| {
             settle(cpe, Instant::now(), clock);
             cpe.firmware.clone()
@@ -316,7 +316,7 @@ impl Dms {
     pub fn upgrades_of(&self, cpe_id: &str) -> u32 {
         let mut inner = self.lock();
         let now = Instant::now();
-        let clock = self.state.behaviour.clock;
+        let clock = &self.state.behaviour.clock;
         inner.cpes.get_mut(cpe_id).map_or(0, |cpe| {
             settle(cpe, now, clock);
             cpe.upgrades_done
@@ -335,7 +335,7 @@ impl Dms {
 }
 
 /// Completes an upgrade whose time has come, as the CPE's fate says.
-fn settle(cpe: &mut CpeState, now: Instant, clock: Clock) {
+fn settle(cpe: &mut CpeState, now: Instant, clock: &Clock) {
     let Some(upgrade) = &cpe.upgrade else { return };
     if now < upgrade.done_at || cpe.fate == Fate::Silent {
         return;
@@ -360,7 +360,7 @@ fn settle(cpe: &mut CpeState, now: Instant, clock: Clock) {
     }
 }
 
-fn result_entry(id: &str, rule: &str, code: u16, message: &str, clock: Clock) -> Value {
+fn result_entry(id: &str, rule: &str, code: u16, message: &str, clock: &Clock) -> Value {
     let cpeid = rule.strip_prefix("UPGRADE_").unwrap_or(rule);
     json!({
         "id": id,
@@ -533,7 +533,7 @@ async fn results(
     let mut inner = dms.lock();
     let cpe_id = rule.strip_prefix("UPGRADE_").unwrap_or(rule).to_owned();
     let now = Instant::now();
-    let clock = dms.state.behaviour.clock;
+    let clock = &dms.state.behaviour.clock;
     let found: Vec<Value> = if dms.state.unfiltered_results {
         // Every record of every CPE, whatever the query asked for.
         inner
@@ -596,7 +596,7 @@ async fn send_cnr(State(dms): State<Dms>, headers: HeaderMap, body: axum::body::
             .into_response();
     };
     cpe.connection_requests += 1;
-    settle(cpe, now, dms.state.behaviour.clock);
+    settle(cpe, now, &dms.state.behaviour.clock);
     let rule_id = format!("UPGRADE_{cpe_id}");
     if cpe.upgrade.is_none()
         && let Some(rule) = inner.rules.get_mut(&rule_id)
@@ -620,7 +620,7 @@ async fn send_cnr(State(dms): State<Dms>, headers: HeaderMap, body: axum::body::
                 &rule_id,
                 202,
                 "Download in progress",
-                dms.state.behaviour.clock,
+                &dms.state.behaviour.clock,
             ));
         }
         cpe.upgrade = Some(Upgrade {

@@ -13,9 +13,10 @@ use axum::{
     http::StatusCode,
     middleware::{self, Next},
     response::{IntoResponse, Response},
-    serve::ListenerExt,
+    serve::{Listener, ListenerExt},
 };
 use base64::Engine;
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
 use std::{
     net::SocketAddr,
     ops::RangeInclusive,
@@ -52,23 +53,48 @@ fn spawn_server(
 ) -> std::io::Result<()> {
     if let Some(config) = tls {
         let listener = crate::tls::TlsListener::new(listener, config)?;
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-        });
+        tokio::spawn(serve(listener, app, stop));
         return Ok(());
     }
     // Without it, keep-alive calls wait ~40 ms on a delayed ACK.
     let listener = listener.tap_io(|tcp| {
         let _ = tcp.set_nodelay(true);
     });
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-    });
+    tokio::spawn(serve(listener, app, stop));
     Ok(())
+}
+
+/// Serves `app` on `listener` until `stop`, then lets each connection
+/// finish its request and closes it (an idle keep-alive one at once). The
+/// connections are served by hyper directly, with its own `Date` header
+/// off: the device's clock decides it (`misbehave`), or that there is
+/// none.
+async fn serve<L>(mut listener: L, app: Router, stop: CancellationToken)
+where
+    L: Listener,
+    L::Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    loop {
+        let io = tokio::select! {
+            (io, _) = listener.accept() => io,
+            () = stop.cancelled() => return,
+        };
+        let service = TowerToHyperService::new(app.clone());
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.auto_date_header(false);
+            let connection = builder.serve_connection(TokioIo::new(io), service);
+            tokio::pin!(connection);
+            tokio::select! {
+                _ = connection.as_mut() => {}
+                () = stop.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
 }
 
 /// A host that can reboot: while it is down, connections are refused.
@@ -168,9 +194,8 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
     } else {
         next.run(request).await
     };
-    // The device's own clock, not the machine's (the server adds the
-    // machine's only where none is set).
-    if let Ok(date) = behaviour.clock.http_date().parse() {
+    // The device's own clock, not the machine's (the server adds none).
+    if let Some(Ok(date)) = behaviour.clock.http_date().map(|d| d.parse()) {
         response
             .headers_mut()
             .insert(axum::http::header::DATE, date);
@@ -266,6 +291,51 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         let during = client.get(&url).send().await;
         assert!(during.is_err(), "answered while rebooting: {during:?}");
+        stop.cancel();
+    }
+
+    #[tokio::test]
+    async fn the_date_header_is_the_devices_clock_or_none_at_all() {
+        flotilla_common::ensure_crypto_provider();
+        let stop = CancellationToken::new();
+        let client = reqwest::Client::new();
+        for (clock, expected) in [
+            (Clock::new(-3_600, true), Some(-3_600)),
+            (Clock::new(0, false), None),
+        ] {
+            let behaviour = Behaviour {
+                latency: Duration::ZERO..=Duration::ZERO,
+                dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
+                error_body: "{}",
+                clock,
+            };
+            let routes = Router::new().route("/ping", get(|| async { "pong" }));
+            let host = Host::start(
+                "127.0.0.1:0".parse().unwrap(),
+                routes,
+                behaviour,
+                None,
+                stop.clone(),
+            )
+            .await
+            .unwrap();
+            let answer = client
+                .get(format!("http://{}/ping", host.addr()))
+                .send()
+                .await
+                .unwrap();
+            let date = answer
+                .headers()
+                .get(reqwest::header::DATE)
+                .map(|d| chrono::DateTime::parse_from_rfc2822(d.to_str().unwrap()).unwrap());
+            match expected {
+                None => assert!(date.is_none(), "a Date header was sent: {date:?}"),
+                Some(offset) => {
+                    let skew = date.unwrap().timestamp() - chrono::Utc::now().timestamp();
+                    assert!((skew - offset).abs() <= 2, "Date is {skew} s off");
+                }
+            }
+        }
         stop.cancel();
     }
 }

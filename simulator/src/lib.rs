@@ -8,7 +8,8 @@
 //!
 //! Layout: [`faults`] (fates and dice), `host` (listeners that can reboot,
 //! latency, injected errors, the device's `Date`), `clock` (device clocks,
-//! off by [`Quirks::clock_offset`]), [`tls`] (the fleet's CA, HTTPS listeners),
+//! off by [`Quirks::clock_offset`], stepped by [`Fleet::step_clocks`]),
+//! [`tls`] (the fleet's CA, HTTPS listeners),
 //! `riverbed_auth` (Basic, OAuth and NPM tokens), `build` (what a kind
 //! starts its devices with), and one module per device kind ([`dms`],
 //! [`netprofiler`], [`flowgateway`], [`npm`], [`sps`]), each owning its
@@ -164,6 +165,9 @@ pub struct Quirks {
     /// (negative: behind), in the records it stamps and in its `Date`
     /// header.
     pub clock_offset: i64,
+    /// Devices send no `Date` header (RFC 9110 asks one of every server
+    /// with a clock; not every appliance does).
+    pub no_date_header: bool,
     /// NetProfiler `update/start` answers at once and each gateway begins
     /// a while later (the document calls it asynchronous), showing
     /// `initialized` meanwhile.
@@ -284,6 +288,7 @@ pub struct Fleet {
     entries: HashMap<String, Entry>,
     ca: tls::FleetCa,
     spec: FleetSpec,
+    clock: clock::Clock,
     stop: CancellationToken,
 }
 
@@ -297,6 +302,7 @@ impl Fleet {
         for kind in DeviceKind::ALL {
             start_kind(kind, &mut builder).await?;
         }
+        let clock = builder.clock();
         let Builder {
             devices, entries, ..
         } = builder;
@@ -305,6 +311,7 @@ impl Fleet {
             entries,
             ca,
             spec,
+            clock,
             stop,
         })
     }
@@ -358,6 +365,13 @@ impl Fleet {
             .collect();
         rules.sort();
         rules
+    }
+
+    /// Steps every device's clock `seconds` forward (negative: back) at
+    /// once, as NTP steps an appliance's clock that drifted: records
+    /// stamped from now on, and `Date` headers, follow the new time.
+    pub fn step_clocks(&self, seconds: i64) {
+        self.clock.step(seconds);
     }
 
     /// The fleet's CA certificate (PEM), for campaigns of an HTTPS fleet.

@@ -218,7 +218,7 @@ impl Npm {
         Npm {
             state: Arc::new(Shared {
                 inner: Mutex::new(Inner {
-                    clock: readings.clock,
+                    clock: readings.clock.clone(),
                     fault,
                     images: BTreeMap::new(),
                     next_id: 1,

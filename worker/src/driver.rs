@@ -50,7 +50,8 @@ impl StepContext<'_> {
 
 pub(crate) trait Driver: Send + Sync + 'static {
     /// The driver's steps. Serialized into the job between deliveries, so a
-    /// step carries whatever the next one must know (a fetch key, a slot).
+    /// step carries whatever the next one must know (a fetch key, a slot,
+    /// the job's baseline: `crate::support::baseline`).
     type Step: Serialize + DeserializeOwned + fmt::Debug + Send + Sync;
 
     const KIND: DeviceKind;

@@ -3,7 +3,8 @@
 //! asynchronous NetProfiler start, a staged ISO of another version, DMS
 //! results with UUID ids and no interim record answered whatever the
 //! query, a 409 for an existing rule, NPM appliances that take only Basic,
-//! appliance clocks minutes off, an SPS that does not restart by itself,
+//! appliance clocks minutes off, devices that send no `Date` header,
+//! clocks that NTP steps mid-job, an SPS that does not restart by itself,
 //! uploads slower than a request's limit. The default readings are the
 //! other integration tests'.
 
@@ -776,5 +777,190 @@ async fn uploads_slower_than_a_requests_limit_finish_within_the_step_and_are_sen
     }
     assert_eq!(fleet.get::<Npm>("npm-0001").unwrap().uploads(), 1);
     assert_eq!(fleet.get::<Sps>("sps-0001").unwrap().uploads(), 1);
+    harness.teardown().await;
+}
+
+/// A fleet of every kind, NetProfilers backing up their gateways first,
+/// with `spec`'s timings and readings and one failure of each kind.
+fn every_kind(spec: FleetSpec) -> FleetSpec {
+    FleetSpec {
+        backups_first: true,
+        ..spec
+    }
+    .with(DeviceKind::Dms, 3)
+    .with(DeviceKind::Netprofiler, 2)
+    .with(DeviceKind::Flowgateway, 2)
+    .with(DeviceKind::Npm, 3)
+    .with(DeviceKind::Sps, 2)
+    .with_faults(DeviceKind::Netprofiler, [GatewayFault::FailGraceful])
+    .with_faults(DeviceKind::Flowgateway, [GatewayFault::RunError])
+    .with_faults(DeviceKind::Npm, [NpmFault::FailGraceful])
+    .with_faults(DeviceKind::Sps, [SpsFault::FetchFailed])
+}
+
+/// A campaign against [`every_kind`]: NetProfilers back up to a remote
+/// host first.
+fn every_kind_campaign(harness: &Harness, name: &str) -> flotilla_producer::Campaign {
+    let mut campaign = harness.campaign(name);
+    campaign.policy.deadline = Duration::from_secs(40);
+    campaign.drivers.insert(
+        DeviceKind::Netprofiler,
+        json!({
+            "backup_first": true,
+            "backup": { "host": "backup.example.net", "username": "mazu", "path": "/srv/backups" },
+        }),
+    );
+    campaign
+}
+
+/// Every device ended as the fleet says it should, and nothing ran twice:
+/// one backup per gateway, one update per NPM appliance, one fetch and at
+/// most one upgrade per SPS appliance, at most one upgrade per CPE, no rule
+/// left enabled.
+fn check_every_kind(fleet: &Fleet, events: &flotilla_producer::CampaignState, name: &str) {
+    for device in fleet.devices() {
+        let finished = events.outcome_of(&device.id).unwrap();
+        fleet
+            .expectation(&device.id)
+            .unwrap()
+            .check(&finished.ending)
+            .unwrap_or_else(|e| panic!("{name} {}: {e}", device.id));
+        fleet
+            .check_detail(&device.id, &finished.ending)
+            .unwrap_or_else(|e| panic!("{name} {}: {e}", device.id));
+        assert!(fleet.upgrades_of(&device.id) <= 1, "{name} {}", device.id);
+        if let Some(gateway) = fleet.get::<flowgateway::FlowGateway>(&device.id) {
+            assert_eq!(gateway.backups_started(), 1, "{name} {}", device.id);
+        }
+        if let Some(np) = fleet.get::<Netprofiler>(&device.id) {
+            for gateway in np.gateways() {
+                assert_eq!(gateway.backups_started(), 1, "{name} {}", gateway.ip());
+            }
+        }
+        if let Some(npm) = fleet.get::<Npm>(&device.id) {
+            assert_eq!(npm.updates_started(), 1, "{name} {}", device.id);
+        }
+        if let Some(sps) = fleet.get::<Sps>(&device.id) {
+            assert_eq!(sps.fetches_started(), 1, "{name} {}", device.id);
+        }
+    }
+    assert_eq!(fleet.enabled_rules(), Vec::<String>::new(), "{name}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn devices_without_a_date_header_are_judged_by_their_baseline_alone() {
+    let harness = Harness::new("undated").await;
+    // Without a `Date` header the device's clock cannot be read; these
+    // clocks are ten minutes fast and slow besides, so that nothing taken
+    // from the worker's clock could hold.
+    let mut runs = Vec::new();
+    for (offset, name) in [(600, "undated-fast"), (-600, "undated-slow")] {
+        let fleet = Fleet::start(every_kind(quirks(Quirks {
+            clock_offset: offset,
+            no_date_header: true,
+            ..Quirks::default()
+        })))
+        .await
+        .unwrap();
+        // A previous update of every NPM appliance, a minute before this
+        // job on its own clock: not this job's.
+        for device in fleet.devices() {
+            if let Some(npm) = fleet.get::<Npm>(&device.id) {
+                npm.was_reset(Duration::from_secs(60));
+            }
+        }
+        runs.push((fleet, every_kind_campaign(&harness, name)));
+    }
+    // Every fleet takes the same credentials.
+    let worker = harness.start_worker("w1", fleet_credentials(&runs[0].0));
+    for (fleet, campaign) in &runs {
+        harness.publish(campaign, fleet.devices()).await;
+    }
+    for (fleet, campaign) in &runs {
+        let n = fleet.devices().len();
+        let events = harness
+            .wait_finished(&campaign.id, n, Duration::from_secs(90))
+            .await;
+        check_every_kind(fleet, &events, &campaign.id);
+        // Each job recorded its baseline knowing the device sent no Date.
+        let steps = harness.step_events(&campaign.id).await;
+        for device in fleet.devices() {
+            let noted = steps.iter().any(|s| {
+                s.device == device.id
+                    && s.step == "baseline"
+                    && s.note
+                        .as_deref()
+                        .is_some_and(|n| n.contains("no Date header"))
+            });
+            assert!(noted, "{}: no baseline without a Date", device.id);
+        }
+    }
+    worker.stop().await;
+    harness.teardown().await;
+}
+
+/// Whether the job of `device` has acted on it: armed its rule, started
+/// its backups or its fetch.
+fn has_begun(fleet: &Fleet, device: &str) -> bool {
+    if let Some(cpe) = fleet.get::<dms::Cpe>(device) {
+        return fleet
+            .enabled_rules()
+            .contains(&format!("UPGRADE_{}", cpe.id()));
+    }
+    if let Some(gateway) = fleet.get::<flowgateway::FlowGateway>(device) {
+        return gateway.backups_started() > 0;
+    }
+    if let Some(np) = fleet.get::<Netprofiler>(device) {
+        return np.gateways().iter().all(|g| g.backups_started() > 0);
+    }
+    if let Some(npm) = fleet.get::<Npm>(device) {
+        return npm.fetches() > 0;
+    }
+    fleet
+        .get::<Sps>(device)
+        .is_some_and(|sps| sps.fetches_started() > 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_clock_stepped_minutes_mid_job_changes_no_outcome_and_nothing_runs_twice() {
+    let harness = Harness::new("ntp-step").await;
+    let mut runs = Vec::new();
+    for (step, name) in [(-300, "ntp-back"), (300, "ntp-forward")] {
+        let fleet = Fleet::start(every_kind(FleetSpec {
+            // Long enough that every job is under way when the clocks step.
+            operation_time: Duration::from_millis(1500)..=Duration::from_millis(2000),
+            upgrade_time: Duration::from_millis(1500)..=Duration::from_millis(2500),
+            ..FleetSpec::default()
+        }))
+        .await
+        .unwrap();
+        for device in fleet.devices() {
+            if let Some(npm) = fleet.get::<Npm>(&device.id) {
+                npm.was_reset(Duration::from_secs(60));
+            }
+        }
+        runs.push((fleet, every_kind_campaign(&harness, name), step));
+    }
+    let worker = harness.start_worker("w1", fleet_credentials(&runs[0].0));
+    for (fleet, campaign, _) in &runs {
+        harness.publish(campaign, fleet.devices()).await;
+    }
+    // Once every job has acted on its device, NTP steps every device's
+    // clock by five minutes, back on one fleet and forward on the other.
+    for (fleet, _, step) in &runs {
+        eventually(Duration::from_secs(30), "every job acting", || async {
+            fleet.devices().iter().all(|d| has_begun(fleet, &d.id))
+        })
+        .await;
+        fleet.step_clocks(*step);
+    }
+    for (fleet, campaign, _) in &runs {
+        let n = fleet.devices().len();
+        let events = harness
+            .wait_finished(&campaign.id, n, Duration::from_secs(90))
+            .await;
+        check_every_kind(fleet, &events, &campaign.id);
+    }
+    worker.stop().await;
     harness.teardown().await;
 }

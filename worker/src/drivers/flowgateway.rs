@@ -8,8 +8,11 @@
 //! 2. `poll`: reads the status until `COMPLETED` or `ERROR`; `EXECUTING`
 //!    is a wait, its `message` kept in the step's event.
 //!
-//! A run belongs to this job when it started after the job was published,
-//! both read on the gateway's own clock ([`crate::support::clock`]). The remote host, user and path come
+//! Before either, the job's first delivery records the gateway's latest
+//! run (`baseline`, [`RunBaseline`]); a run belongs to this job when it is
+//! another than that one (see [`riverbed::backup`](super::riverbed::backup)
+//! for what a late copy of that first delivery does, with and without the
+//! gateway's `Date` header). The remote host, user and path come
 //! from the campaign; the SSH password (`backup_password`) and the backup's
 //! encryption password (`security_password`) from the credentials
 //! reference, never from the message. The calls are
@@ -17,11 +20,14 @@
 
 use super::riverbed::{
     auth::Login,
-    backup::{BackupApi, Progress, RunRequest, Secrets},
+    backup::{BackupApi, Progress, RunBaseline, RunRequest, Secrets},
 };
 use crate::{
     driver::{Driver, Failure, Next, StepContext, StepError},
-    support::login::Logins,
+    support::{
+        baseline::{self, BASELINE_STEP, Baselined},
+        login::Logins,
+    },
 };
 use flotilla_common::{
     DeviceKind,
@@ -42,26 +48,25 @@ pub(crate) enum FlowgatewayStep {
     Poll,
 }
 
+type Step = Baselined<FlowgatewayStep, RunBaseline>;
+
 impl Driver for Flowgateway {
-    type Step = FlowgatewayStep;
+    type Step = Step;
     const KIND: DeviceKind = DeviceKind::Flowgateway;
 
-    fn first_step(&self) -> FlowgatewayStep {
-        FlowgatewayStep::Start
+    fn first_step(&self) -> Step {
+        Baselined::first(FlowgatewayStep::Start)
     }
 
-    fn step_name(step: &FlowgatewayStep) -> &'static str {
-        match step {
-            FlowgatewayStep::Start => "start",
-            FlowgatewayStep::Poll => "poll",
+    fn step_name(step: &Step) -> &'static str {
+        match (&step.baseline, step.step) {
+            (None, _) => BASELINE_STEP,
+            (_, FlowgatewayStep::Start) => "start",
+            (_, FlowgatewayStep::Poll) => "poll",
         }
     }
 
-    async fn run(
-        &self,
-        step: FlowgatewayStep,
-        cx: &StepContext<'_>,
-    ) -> Result<Next<FlowgatewayStep>, StepError> {
+    async fn run(&self, step: Step, cx: &StepContext<'_>) -> Result<Next<Step>, StepError> {
         let settings: FlowgatewaySettings = settings::read(&cx.job.settings).map_err(|e| {
             StepError::misconfigured(format!("the job's [drivers.flowgateway] settings: {e}"))
         })?;
@@ -75,7 +80,16 @@ impl Driver for Flowgateway {
         };
         let observed = api.read(operation).await?;
         let name = operation_name(operation);
-        match (step, observed.progress()) {
+        let Baselined { step, baseline } = step;
+        let Some(baseline) = baseline else {
+            let recorded = observed.baseline();
+            let mut note = format!("baseline: {}", recorded.describe());
+            if !observed.dated() {
+                note.push_str(" (the gateway sends no Date header: its latest run counted as earlier)");
+            }
+            return Ok(baseline::recorded(step, recorded, note));
+        };
+        let next = match (step, observed.progress(&baseline)) {
             (FlowgatewayStep::Start, Progress::NotStarted) => {
                 api.start(&RunRequest {
                     operation,
@@ -84,41 +98,43 @@ impl Driver for Flowgateway {
                     no_cert: settings.no_cert,
                 })
                 .await?;
-                Ok(Next::poll(FlowgatewayStep::Poll)
-                    .note(format!("{name} started ({})", settings.destination.host)))
+                Next::poll(FlowgatewayStep::Poll)
+                    .note(format!("{name} started ({})", settings.destination.host))
             }
-            (FlowgatewayStep::Start, Progress::Executing(message)) if !observed.is_ours() =>
+            (FlowgatewayStep::Start, Progress::Executing(message))
+                if !observed.is_ours(&baseline) =>
             {
                 // Someone else's run: wait for it to end, then start ours.
-                Ok(Next::poll(FlowgatewayStep::Start).note(format!(
+                Next::poll(FlowgatewayStep::Start).note(format!(
                     "waiting for a {name} started before this job: {message}"
-                )))
+                ))
             }
             (_, Progress::Executing(message)) => {
-                Ok(Next::poll(FlowgatewayStep::Poll).note(format!("{name} executing: {message}")))
+                Next::poll(FlowgatewayStep::Poll).note(format!("{name} executing: {message}"))
             }
             // The gateway shows no run of this job yet: never start a second
             // one from a poll; the deadline bounds the wait.
-            (FlowgatewayStep::Poll, Progress::NotStarted) => Ok(Next::poll(FlowgatewayStep::Poll)
-                .note(format!("the gateway reports no {name} of this job yet"))),
+            (FlowgatewayStep::Poll, Progress::NotStarted) => Next::poll(FlowgatewayStep::Poll)
+                .note(format!("the gateway reports no {name} of this job yet")),
             (_, Progress::Completed(run)) => {
                 let summary = run.summary();
-                Ok(Next::succeeded_with(json!({
+                Next::succeeded_with(json!({
                     "operation": name,
                     "host": run.host,
                     "path": run.path,
                     "message": run.message,
                     "started": run.started,
                 }))
-                .note(format!("{name} completed: {summary}")))
+                .note(format!("{name} completed: {summary}"))
             }
             (_, Progress::Failed(message)) => {
-                Err(Failure::device(format!("{name} failed: {message}")).into())
+                return Err(Failure::device(format!("{name} failed: {message}")).into());
             }
-        }
+        };
+        Ok(baseline::carry(next, Some(&baseline)))
     }
 
-    fn cleanup(&self, _step: &FlowgatewayStep) -> Option<FlowgatewayStep> {
+    fn cleanup(&self, _step: &Step) -> Option<Step> {
         // The API cannot stop a backup or a restore; nothing to undo.
         None
     }

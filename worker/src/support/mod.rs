@@ -6,8 +6,12 @@
 //! - [`restart`]: a device restarting into its new firmware is a wait;
 //! - [`login`]: calls under a login that issues a token or a session,
 //!   cached and renewed once when the device forgets it;
-//! - [`clock`]: when the job's own work on a device began.
+//! - [`baseline`]: what the job saw on the device before it acted,
+//!   carried beside the driver's step, by which later steps judge;
+//! - [`clock`]: the job's publication on the device's clock, for the one
+//!   step that records the baseline.
 
+pub(crate) mod baseline;
 pub(crate) mod clock;
 pub(crate) mod image;
 pub(crate) mod lenient;

@@ -1,19 +1,49 @@
 //! `start_backups` / `await_backups`: a verified backup of every Flow
 //! Gateway the inventory row lists, through each gateway's own backup API,
-//! before anything is updated (`[drivers.netprofiler] backup_first`).
+//! before anything is updated (`[drivers.netprofiler] backup_first`). A
+//! backup is this job's when it is another than the one the gateway showed
+//! at the job's baseline.
 
 use super::{GATEWAY_FIELDS, Netprofiler, NetprofilerStep, host_of};
 use crate::{
     driver::{Failure, Next, StepContext, StepError},
     drivers::riverbed::{
         auth::Login,
-        backup::{BackupApi, Progress, RunRequest, Secrets},
+        backup::{BackupApi, Progress, RunBaseline, RunRequest, Secrets},
     },
 };
 use flotilla_common::settings::{GatewayOperation, NetprofilerSettings};
 use serde_json::json;
+use std::collections::BTreeMap;
 
 impl Netprofiler {
+    /// Each listed gateway's latest backup, by host, for the baseline; and
+    /// the gateways whose clock could not be read (no `Date` header).
+    pub(super) async fn backup_baselines(
+        &self,
+        cx: &StepContext<'_>,
+    ) -> Result<(BTreeMap<String, RunBaseline>, Vec<String>), StepError> {
+        let login = Login::common(cx.credentials, GATEWAY_FIELDS)?;
+        let mut baselines = BTreeMap::new();
+        let mut undated = Vec::new();
+        for url in &cx.job.device.gateways {
+            let host = host_of(url);
+            let label = format!("gateway {host}");
+            let api = BackupApi {
+                logins: &self.logins,
+                http: cx.http.at(url, &label),
+                login: &login,
+                job: cx.job,
+            };
+            let observed = api.read(GatewayOperation::Backup).await?;
+            if !observed.dated() {
+                undated.push(host.clone());
+            }
+            baselines.insert(host, observed.baseline());
+        }
+        Ok((baselines, undated))
+    }
+
     /// Starts (`start_backups`) or follows (`await_backups`) a backup of
     /// every listed gateway; the update goes on once all are `COMPLETED`,
     /// and an `ERROR` ends the job before anything is updated.
@@ -21,6 +51,7 @@ impl Netprofiler {
         &self,
         step: NetprofilerStep,
         settings: &NetprofilerSettings,
+        baselines: &BTreeMap<String, RunBaseline>,
         cx: &StepContext<'_>,
     ) -> Result<Next<NetprofilerStep>, StepError> {
         if !settings.backup_first {
@@ -45,7 +76,11 @@ impl Netprofiler {
                 login: &login,
                 job: cx.job,
             };
-            match api.read(GatewayOperation::Backup).await?.progress() {
+            // The baseline lists every gateway of the job's row (it was
+            // recorded from the same row), unless the job was recorded
+            // without `backup_first`, which its settings rule out.
+            let baseline = baselines.get(&host).cloned().unwrap_or_default();
+            match api.read(GatewayOperation::Backup).await?.progress(&baseline) {
                 Progress::Completed(run) => done.push(format!("{host}: {}", run.summary())),
                 Progress::Failed(message) => {
                     return Err(Failure::device(format!(

@@ -29,6 +29,19 @@
 //! Gateways already on the target (a retry campaign after a partial
 //! failure) count as updated and are left out of every check.
 //!
+//! Baselines ([`NetprofilerBaseline`]): with `backup_first`, the job's
+//! first delivery records each listed gateway's latest backup (through the
+//! gateways' own APIs, so a NetProfiler that refuses its login still has
+//! its gateways backed up) and runs that step again at once; a backup is
+//! this job's when it is another than the one recorded (see
+//! [`riverbed::backup`](super::riverbed::backup), which also says what a
+//! late copy of that first delivery does with and without a `Date`
+//! header). The first step that reads the NetProfiler records each
+//! gateway's `Current Version` before it acts. A gateway back at `neutral`
+//! on a version that is neither the one it ran before nor the target
+//! installed something else: it fails at once rather than at the deadline.
+//! Each gateway's line of the report names the version it ran before.
+//!
 //! The terminal event's detail has one entry per gateway: IP, versions,
 //! state, descriptions and outcome (`succeeded`, `failed`, `unfinished` for
 //! one still updating when a sibling failed, `not_started`).
@@ -42,10 +55,13 @@ mod backups;
 mod report;
 mod status;
 
-use super::riverbed::{self, auth::Login};
+use super::riverbed::{self, auth::Login, backup::RunBaseline};
 use crate::{
     driver::{Driver, Next, StepContext, StepError},
-    support::login::Logins,
+    support::{
+        baseline::{self, BASELINE_STEP, Baselined},
+        login::Logins,
+    },
 };
 use answers::{Answer, parse_answers};
 use flotilla_common::{
@@ -96,16 +112,47 @@ pub(crate) enum NetprofilerStep {
     },
 }
 
+/// Each gateway's `Current Version` before the job, by IP.
+pub(super) type Versions = BTreeMap<String, Option<String>>;
+
+/// What the NetProfiler's gateways showed before the job acted on them.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct NetprofilerBaseline {
+    /// With `backup_first`: each listed gateway's latest backup, by host,
+    /// recorded by the job's first delivery through the gateways' own
+    /// APIs.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    backups: BTreeMap<String, RunBaseline>,
+    /// Each connected gateway's version, recorded by the first step that
+    /// reads the NetProfiler (after the backups), before it acts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    versions: Option<Versions>,
+}
+
+type Step = Baselined<NetprofilerStep, NetprofilerBaseline>;
+
+impl NetprofilerStep {
+    fn backs_up(&self) -> bool {
+        matches!(
+            self,
+            NetprofilerStep::StartBackups | NetprofilerStep::AwaitBackups
+        )
+    }
+}
+
 impl Driver for Netprofiler {
-    type Step = NetprofilerStep;
+    type Step = Step;
     const KIND: DeviceKind = DeviceKind::Netprofiler;
 
-    fn first_step(&self) -> NetprofilerStep {
-        NetprofilerStep::StartBackups
+    fn first_step(&self) -> Step {
+        Baselined::first(NetprofilerStep::StartBackups)
     }
 
-    fn step_name(step: &NetprofilerStep) -> &'static str {
-        match step {
+    fn step_name(step: &Step) -> &'static str {
+        if step.baseline.is_none() && step.step.backs_up() {
+            return BASELINE_STEP;
+        }
+        match step.step {
             NetprofilerStep::StartBackups => "start_backups",
             NetprofilerStep::AwaitBackups => "await_backups",
             NetprofilerStep::Upload => "upload",
@@ -116,29 +163,64 @@ impl Driver for Netprofiler {
         }
     }
 
-    async fn run(
-        &self,
-        step: NetprofilerStep,
-        cx: &StepContext<'_>,
-    ) -> Result<Next<NetprofilerStep>, StepError> {
+    async fn run(&self, step: Step, cx: &StepContext<'_>) -> Result<Next<Step>, StepError> {
         let settings: NetprofilerSettings = settings::read(&cx.job.settings).map_err(|e| {
             StepError::misconfigured(format!("the job's [drivers.netprofiler] settings: {e}"))
         })?;
-        match step {
+        let Baselined { step, baseline } = step;
+        let mut baseline = match baseline {
+            Some(baseline) => baseline,
+            None if step.backs_up() && settings.backup_first => {
+                let (backups, undated) = self.backup_baselines(cx).await?;
+                let mut note = format!(
+                    "baseline: {}",
+                    backups
+                        .iter()
+                        .map(|(host, b)| format!("{host}: {}", b.describe()))
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                );
+                if !undated.is_empty() {
+                    note.push_str(&format!(
+                        " (gateway(s) {} send no Date header: their latest backup counted as \
+                         earlier)",
+                        undated.join(", ")
+                    ));
+                }
+                let recorded = NetprofilerBaseline {
+                    backups,
+                    versions: None,
+                };
+                return Ok(baseline::recorded(step, recorded, note));
+            }
+            None if step.backs_up() => {
+                return Ok(baseline::recorded(
+                    NetprofilerStep::Upload,
+                    NetprofilerBaseline::default(),
+                    "baseline: no backups first".to_owned(),
+                ));
+            }
+            // A step of a job written before baselines: its versions are
+            // recorded below.
+            None => NetprofilerBaseline::default(),
+        };
+        let versions = &mut baseline.versions;
+        let next = match step {
             NetprofilerStep::StartBackups | NetprofilerStep::AwaitBackups => {
-                self.backups(step, &settings, cx).await
+                self.backups(step, &settings, &baseline.backups, cx).await
             }
-            NetprofilerStep::Upload => self.upload(&settings, cx).await,
-            NetprofilerStep::Init => self.init(cx).await,
-            NetprofilerStep::AwaitInit => self.await_init(cx).await,
-            NetprofilerStep::Start => self.start(cx).await,
+            NetprofilerStep::Upload => self.upload(&settings, versions, cx).await,
+            NetprofilerStep::Init => self.init(versions, cx).await,
+            NetprofilerStep::AwaitInit => self.await_init(versions, cx).await,
+            NetprofilerStep::Start => self.start(versions, cx).await,
             NetprofilerStep::AwaitUpdate { refused, started } => {
-                self.await_update(refused, started, cx).await
+                self.await_update(refused, started, versions, cx).await
             }
-        }
+        }?;
+        Ok(baseline::carry(next, Some(&baseline)))
     }
 
-    fn cleanup(&self, _step: &NetprofilerStep) -> Option<NetprofilerStep> {
+    fn cleanup(&self, _step: &Step) -> Option<Step> {
         // The API has no way to stop or undo an update or a backup.
         None
     }
@@ -148,13 +230,15 @@ impl Netprofiler {
     async fn upload(
         &self,
         settings: &NetprofilerSettings,
+        versions: &mut Option<Versions>,
         cx: &StepContext<'_>,
     ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let before = &*versions.get_or_insert_with(|| versions_of(&gateways));
         let target = &cx.job.target.version;
         if gateways.values().all(|g| g.is_updated(target)) {
-            return Ok(verdict(&gateways, target, &BTreeMap::new())?
+            return Ok(verdict(&gateways, before, target, &BTreeMap::new())?
                 .note("every gateway already runs the target version"));
         }
         if settings.backup_first {
@@ -194,9 +278,14 @@ impl Netprofiler {
             .note(format!("image sent to {} gateway(s)", gateways.len())))
     }
 
-    async fn init(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
+    async fn init(
+        &self,
+        versions: &mut Option<Versions>,
+        cx: &StepContext<'_>,
+    ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let before = &*versions.get_or_insert_with(|| versions_of(&gateways));
         let target = &cx.job.target.version;
         if pending(&gateways, target).any(|(_, g)| g.state == State::Running) {
             return Ok(Next::run(await_update(BTreeMap::new()))
@@ -219,7 +308,7 @@ impl Netprofiler {
                 waiting.join(", ")
             )));
         }
-        not_another_version(&gateways, target)?;
+        not_another_version(&gateways, before, target)?;
         let reply = riverbed::success(
             login
                 .send(&self.logins, &cx.http, || Ok(cx.http.post(INIT)))
@@ -232,7 +321,7 @@ impl Netprofiler {
             })
             .await?;
         if !refused.is_empty() {
-            return Err(init_failed(&gateways, target, &refused));
+            return Err(init_failed(&gateways, before, target, &refused));
         }
         Ok(Next::poll(NetprofilerStep::AwaitInit).note(format!(
             "initialization accepted by {} gateway(s)",
@@ -240,12 +329,17 @@ impl Netprofiler {
         )))
     }
 
-    async fn await_init(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
+    async fn await_init(
+        &self,
+        versions: &mut Option<Versions>,
+        cx: &StepContext<'_>,
+    ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let before = &*versions.get_or_insert_with(|| versions_of(&gateways));
         let target = &cx.job.target.version;
         if gateways.values().any(|g| g.state.failed()) {
-            return verdict(&gateways, target, &BTreeMap::new());
+            return verdict(&gateways, before, target, &BTreeMap::new());
         }
         if pending(&gateways, target).any(|(_, g)| g.state == State::Running) {
             return Ok(Next::run(await_update(BTreeMap::new())));
@@ -262,12 +356,17 @@ impl Netprofiler {
             .filter(|(_, g)| g.state != State::Initialized)
             .map(|(ip, g)| (ip.clone(), format!("still {} after init", g.state.name())))
             .collect();
-        Err(init_failed(&gateways, target, &stuck))
+        Err(init_failed(&gateways, before, target, &stuck))
     }
 
-    async fn start(&self, cx: &StepContext<'_>) -> Result<Next<NetprofilerStep>, StepError> {
+    async fn start(
+        &self,
+        versions: &mut Option<Versions>,
+        cx: &StepContext<'_>,
+    ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let before = &*versions.get_or_insert_with(|| versions_of(&gateways));
         let target = &cx.job.target.version;
         // Observe before acting: an update already running or ended must
         // not be started again.
@@ -279,7 +378,7 @@ impl Netprofiler {
         if !pending(&gateways, target).all(|(_, g)| g.state == State::Initialized) {
             return Ok(Next::poll(NetprofilerStep::AwaitInit).note(states(&gateways)));
         }
-        not_another_version(&gateways, target)?;
+        not_another_version(&gateways, before, target)?;
         let reply = riverbed::success(
             login
                 .send(&self.logins, &cx.http, || Ok(cx.http.post(START)))
@@ -303,10 +402,12 @@ impl Netprofiler {
         &self,
         refused: BTreeMap<String, String>,
         started: Option<DateTime<Utc>>,
+        versions: &mut Option<Versions>,
         cx: &StepContext<'_>,
     ) -> Result<Next<NetprofilerStep>, StepError> {
         let login = Login::common(cx.credentials, "")?;
         let gateways = self.status(cx, &login).await?;
+        let before = &*versions.get_or_insert_with(|| versions_of(&gateways));
         let target = &cx.job.target.version;
         // `start` is asynchronous: a gateway may show `initialized` for a
         // while after it. Still `initialized` START_WAIT after the start
@@ -323,6 +424,11 @@ impl Netprofiler {
                     .or_insert_with(|| "initialized, but the update never started".to_owned());
             }
         }
+        for (ip, g) in pending(&gateways, target) {
+            if let Some(other) = installed_another(g, before.get(ip)) {
+                refused.entry(ip.clone()).or_insert(other);
+            }
+        }
         let settled = gateways
             .iter()
             .all(|(ip, g)| g.is_updated(target) || g.state.failed() || refused.contains_key(ip));
@@ -330,7 +436,7 @@ impl Netprofiler {
             .iter()
             .any(|(ip, g)| g.state.failed() || refused.contains_key(ip));
         if settled || failed {
-            return Ok(verdict(&gateways, target, &refused)?.note(states(&gateways)));
+            return Ok(verdict(&gateways, before, target, &refused)?.note(states(&gateways)));
         }
         Ok(Next::poll(NetprofilerStep::AwaitUpdate {
             refused,
@@ -396,6 +502,14 @@ fn await_update(refused: BTreeMap<String, String>) -> NetprofilerStep {
     }
 }
 
+/// Each gateway's version now, for the baseline.
+fn versions_of(gateways: &BTreeMap<String, Gateway>) -> Versions {
+    gateways
+        .iter()
+        .map(|(ip, g)| (ip.clone(), g.current.clone()))
+        .collect()
+}
+
 /// The gateways this job still updates: those not already running the
 /// target (a retry campaign after a partial failure finds some that are).
 fn pending<'g>(
@@ -405,10 +519,29 @@ fn pending<'g>(
     gateways.iter().filter(move |(_, g)| !g.is_updated(target))
 }
 
+/// What a gateway still to update installed instead of the target, when
+/// it is back at `neutral` on a version it did not run before the job
+/// (`before`, its baseline); `None` while it has not moved.
+fn installed_another(gateway: &Gateway, before: Option<&Option<String>>) -> Option<String> {
+    let before = before?;
+    if gateway.state != State::Neutral || gateway.current == *before {
+        return None;
+    }
+    Some(format!(
+        "back at neutral on {}, not the target (ran {} before this job)",
+        gateway.current.as_deref().unwrap_or("an unstated version"),
+        before.as_deref().unwrap_or("an unstated version")
+    ))
+}
+
 /// Never install what the campaign did not ask for: every gateway still to
 /// update must show the target as its `Update To Version` before it is
 /// initialized or started.
-fn not_another_version(gateways: &BTreeMap<String, Gateway>, target: &str) -> Result<(), StepError> {
+fn not_another_version(
+    gateways: &BTreeMap<String, Gateway>,
+    before: &Versions,
+    target: &str,
+) -> Result<(), StepError> {
     let other: Vec<String> = pending(gateways, target)
         .filter(|(_, g)| g.update_to.as_deref() != Some(target))
         .map(|(ip, g)| format!("{ip} ({})", g.update_to.as_deref().unwrap_or("none")))
@@ -418,6 +551,7 @@ fn not_another_version(gateways: &BTreeMap<String, Gateway>, target: &str) -> Re
     }
     Err(not_started(
         gateways,
+        before,
         target,
         format!(
             "the NetProfiler's staged image is not the campaign's: gateway(s) {} would update \
@@ -432,5 +566,51 @@ pub(super) fn host_of(url: &url::Url) -> String {
         Some(url::Host::Ipv6(ip)) => ip.to_string(),
         Some(host) => host.to_string(),
         None => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gateway(state: State, current: &str) -> Gateway {
+        Gateway {
+            state,
+            current: Some(current.to_owned()),
+            update_to: Some("10.23".to_owned()),
+            description: None,
+            internal_description: None,
+        }
+    }
+
+    #[test]
+    fn a_gateway_back_at_neutral_on_a_version_it_did_not_run_before_installed_another() {
+        let before = Some("10.22".to_owned());
+        let other = installed_another(&gateway(State::Neutral, "10.24"), Some(&before)).unwrap();
+        assert!(other.contains("10.24") && other.contains("10.22"), "{other}");
+        // Not moved yet, or still under way: nothing to say.
+        assert_eq!(
+            installed_another(&gateway(State::Neutral, "10.22"), Some(&before)),
+            None
+        );
+        assert_eq!(
+            installed_another(&gateway(State::Running, "10.24"), Some(&before)),
+            None
+        );
+        // A gateway the baseline does not know (connected since): no
+        // judgement.
+        assert_eq!(installed_another(&gateway(State::Neutral, "10.24"), None), None);
+    }
+
+    #[test]
+    fn steps_written_before_baselines_record_the_backups_first() {
+        let old: Step = serde_json::from_value(serde_json::json!("await_backups")).unwrap();
+        assert_eq!(Netprofiler::step_name(&old), BASELINE_STEP);
+        // An update step records the versions as it reads them.
+        let old: Step = serde_json::from_value(serde_json::json!({
+            "await_update": { "refused": {} }
+        }))
+        .unwrap();
+        assert_eq!(Netprofiler::step_name(&old), "await_update");
     }
 }

@@ -1,7 +1,10 @@
 //! A NetProfiler job's verdict and its report: one entry per gateway (IP,
 //! versions, state, descriptions, outcome) in the terminal event's detail.
 
-use super::status::{Gateway, State};
+use super::{
+    Versions,
+    status::{Gateway, State},
+};
 use crate::driver::{Failure, Next, StepError};
 use serde::Serialize;
 use serde_json::json;
@@ -25,6 +28,9 @@ pub(super) struct GatewayReport {
     pub(super) state: State,
     #[serde(skip_serializing_if = "Option::is_none")]
     current_version: Option<String>,
+    /// What the gateway ran before this job (its baseline).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    version_before: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     update_to_version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -38,6 +44,7 @@ pub(super) struct GatewayReport {
 
 pub(super) fn report(
     gateways: &BTreeMap<String, Gateway>,
+    before: &Versions,
     target: &str,
     refused: &BTreeMap<String, String>,
 ) -> Vec<GatewayReport> {
@@ -54,6 +61,7 @@ pub(super) fn report(
             },
             state: g.state,
             current_version: g.current.clone(),
+            version_before: before.get(ip).cloned().flatten(),
             update_to_version: g.update_to.clone(),
             state_description: g.description.clone(),
             internal_state_description: g.internal_description.clone(),
@@ -66,10 +74,11 @@ pub(super) fn report(
 /// failed, the others were not started.
 pub(super) fn init_failed(
     gateways: &BTreeMap<String, Gateway>,
+    before: &Versions,
     target: &str,
     refused: &BTreeMap<String, String>,
 ) -> StepError {
-    let mut detail = report(gateways, target, &BTreeMap::new());
+    let mut detail = report(gateways, before, target, &BTreeMap::new());
     for entry in &mut detail {
         if let Some(text) = refused.get(&entry.ip) {
             entry.outcome = GatewayOutcome::Failed;
@@ -93,10 +102,11 @@ pub(super) fn init_failed(
 /// The failure of a job that started no gateway, for `reason`.
 pub(super) fn not_started(
     gateways: &BTreeMap<String, Gateway>,
+    before: &Versions,
     target: &str,
     reason: String,
 ) -> StepError {
-    let mut detail = report(gateways, target, &BTreeMap::new());
+    let mut detail = report(gateways, before, target, &BTreeMap::new());
     for entry in &mut detail {
         if entry.outcome != GatewayOutcome::Succeeded {
             entry.outcome = GatewayOutcome::NotStarted;
@@ -112,10 +122,11 @@ pub(super) fn not_started(
 /// the target version.
 pub(super) fn verdict<S>(
     gateways: &BTreeMap<String, Gateway>,
+    before: &Versions,
     target: &str,
     refused: &BTreeMap<String, String>,
 ) -> Result<Next<S>, StepError> {
-    let detail = report(gateways, target, refused);
+    let detail = report(gateways, before, target, refused);
     let failures: Vec<String> = detail
         .iter()
         .filter(|g| g.outcome == GatewayOutcome::Failed)
@@ -168,7 +179,9 @@ mod tests {
             ("10.0.0.2".to_owned(), gateway(State::Running, "10.22")),
         ]);
         gateways.insert("10.0.0.3".into(), gateway(State::FailedCritical, "10.22"));
-        let Err(StepError::Fail(failure)) = verdict::<()>(&gateways, "10.23", &BTreeMap::new())
+        let before = Versions::from([("10.0.0.1".to_owned(), Some("10.22".to_owned()))]);
+        let Err(StepError::Fail(failure)) =
+            verdict::<()>(&gateways, &before, "10.23", &BTreeMap::new())
         else {
             panic!("a failed gateway fails the job");
         };
@@ -179,5 +192,7 @@ mod tests {
         let detail = ending.detail.unwrap();
         assert_eq!(detail["gateways"][1]["outcome"], "unfinished");
         assert_eq!(detail["gateways"][0]["outcome"], "succeeded");
+        assert_eq!(detail["gateways"][0]["version_before"], "10.22");
+        assert!(detail["gateways"][1].get("version_before").is_none());
     }
 }

@@ -1,6 +1,7 @@
 //! Reading NPM's `update` and `image` resources as appliances write them.
 
 use crate::support::lenient;
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,12 +47,34 @@ pub(super) struct Update {
     pub(super) last_state_time: Option<i64>,
     /// The version the update installs, when the appliance says.
     pub(super) target_version: Option<String>,
-    /// The job's publication on the appliance's clock (set by the reader
-    /// of the answer): state changes stamped earlier are not this job's.
-    pub(super) since: i64,
     /// The newest version of `update_history`.
     pub(super) installed: Option<String>,
+    /// `update_history`'s entries, in the appliance's order.
+    pub(super) entries: Vec<HistoryEntry>,
     pub(super) history: Value,
+}
+
+/// One entry of `update_history`: both fields are optional.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(super) struct HistoryEntry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) time: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub(super) version: Option<String>,
+}
+
+/// The version of the newest of `entries` (by time; among equal or
+/// missing times, the last).
+pub(super) fn newest<'e>(entries: impl IntoIterator<Item = &'e HistoryEntry>) -> Option<String> {
+    entries
+        .into_iter()
+        .enumerate()
+        .filter_map(|(i, entry)| {
+            let version = entry.version.clone()?;
+            Some(((entry.time.unwrap_or(i64::MIN), i), version))
+        })
+        .max_by_key(|(key, _)| *key)
+        .map(|(_, version)| version)
 }
 
 pub(super) fn read_update(body: &Value) -> Result<Update, String> {
@@ -62,28 +85,23 @@ pub(super) fn read_update(body: &Value) -> Result<Update, String> {
     let history = lenient::field(object, "update_history")
         .cloned()
         .unwrap_or(Value::Array(Vec::new()));
-    let entries = history.as_array().ok_or("update_history is not a list")?;
-    // The newest entry by time; among equal or missing times, the last.
-    let installed = entries
+    let entries: Vec<HistoryEntry> = history
+        .as_array()
+        .ok_or("update_history is not a list")?
         .iter()
-        .enumerate()
-        .filter_map(|(i, entry)| {
-            let entry = entry.as_object()?;
-            let version = lenient::text(entry, "version")?;
-            Some((
-                (lenient::epoch_seconds(entry, "time").unwrap_or(i64::MIN), i),
-                version,
-            ))
+        .filter_map(Value::as_object)
+        .map(|entry| HistoryEntry {
+            time: lenient::epoch_seconds(entry, "time"),
+            version: lenient::text(entry, "version"),
         })
-        .max_by_key(|(key, _)| *key)
-        .map(|(_, version)| version);
+        .collect();
     Ok(Update {
         state,
         description: lenient::text(object, "state_description").unwrap_or_default(),
         last_state_time: lenient::epoch_seconds(object, "last_state_time"),
         target_version: lenient::text(object, "target_version").filter(|v| !v.trim().is_empty()),
-        since: i64::MIN,
-        installed,
+        installed: newest(&entries),
+        entries,
         history,
     })
 }

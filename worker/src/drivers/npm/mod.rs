@@ -37,10 +37,21 @@
 //! campaign's, `stage` runs again. A failed image is never followed: an
 //! earlier job's does not doom this one.
 //!
-//! "Went back to `IDLE` during this job" is judged by the update's
-//! `last_state_time` against the job's publication on the appliance's own
-//! clock, so an appliance reset seconds before the job, or one whose clock
-//! is off, upgrades normally.
+//! The job's first delivery records the update's baseline
+//! ([`NpmBaseline`]: `last_state_time` and `update_history`) and runs the
+//! step again at once; `stage`, `init` and `await_update` judge against
+//! it. "Went back to `IDLE` during this job" is a `last_state_time` other
+//! than the baseline's; what the update installed is the newest entry the
+//! history gained. Times are compared for equality only, so an appliance
+//! reset seconds before the job, one whose clock is off, or one whose
+//! clock steps mid-job upgrades normally.
+//!
+//! The recording step may be a late copy, after the job acted: a state
+//! change or history entry stamped at or after the job's publication, read
+//! on the appliance's clock ([`crate::support::clock`]), is the job's own.
+//! An appliance without a `Date` header gives no such reading, and
+//! everything counts as earlier: a copy of the first step redelivered
+//! after this job's update failed and was reset would update again.
 //!
 //! Authentication (`[drivers.npm] auth`): a bearer token from `POST
 //! /api/mgmt.aaa/1.0/token` (`token`, the default), cached per appliance
@@ -49,9 +60,11 @@
 //!
 //! Layout: this file holds the update's steps; `images` the staging of
 //! the image (find, fetch, upload, validate); `answers` the reading of the
-//! appliance's resources.
+//! appliance's resources; `baseline` what the update showed before the
+//! job, and the judgements against it.
 
 mod answers;
+mod baseline;
 mod images;
 
 use super::riverbed::{self, auth::Login};
@@ -59,12 +72,14 @@ use crate::{
     device_http::{Call, Reply},
     driver::{Driver, Failure, Next, StepContext, StepError},
     support::{
+        baseline::{self as baselines, BASELINE_STEP, Baselined},
         clock,
         login::Logins,
         restart::{Seen, through_restart},
     },
 };
 use answers::{Update, UpdateState, read_update};
+pub(crate) use baseline::NpmBaseline;
 use flotilla_common::{
     DeviceKind,
     settings::{self, NpmSettings},
@@ -140,18 +155,17 @@ impl NpmStep {
             | NpmStep::ResetInit { image } => *image,
         }
     }
-}
 
-impl Driver for Npm {
-    type Step = NpmStep;
-    const KIND: DeviceKind = DeviceKind::Npm;
-
-    fn first_step(&self) -> NpmStep {
-        NpmStep::Stage
+    /// Whether the step judges the update against the baseline.
+    fn judges(&self) -> bool {
+        matches!(
+            self,
+            NpmStep::Stage | NpmStep::Init { .. } | NpmStep::AwaitUpdate { .. }
+        )
     }
 
-    fn step_name(step: &NpmStep) -> &'static str {
-        match step {
+    fn name(&self) -> &'static str {
+        match self {
             NpmStep::Stage => "stage",
             NpmStep::AwaitImage { .. } => "await_image",
             NpmStep::Init { .. } => "init",
@@ -163,7 +177,36 @@ impl Driver for Npm {
         }
     }
 
-    async fn run(&self, step: NpmStep, cx: &StepContext<'_>) -> Result<Next<NpmStep>, StepError> {
+    fn cleanup(&self) -> Option<NpmStep> {
+        match self {
+            NpmStep::DeleteImage { .. } => None,
+            NpmStep::Init { image, ours: true } | NpmStep::Start { image, ours: true } => {
+                Some(NpmStep::ResetInit { image: *image })
+            }
+            NpmStep::ResetInit { image } => image.map(|image| NpmStep::DeleteImage { image }),
+            step => step.image().map(|image| NpmStep::DeleteImage { image }),
+        }
+    }
+}
+
+type Step = Baselined<NpmStep, NpmBaseline>;
+
+impl Driver for Npm {
+    type Step = Step;
+    const KIND: DeviceKind = DeviceKind::Npm;
+
+    fn first_step(&self) -> Step {
+        Baselined::first(NpmStep::Stage)
+    }
+
+    fn step_name(step: &Step) -> &'static str {
+        if step.baseline.is_none() && step.step.judges() {
+            return BASELINE_STEP;
+        }
+        step.step.name()
+    }
+
+    async fn run(&self, step: Step, cx: &StepContext<'_>) -> Result<Next<Step>, StepError> {
         let settings: NpmSettings = settings::read(&cx.job.settings).map_err(|e| {
             StepError::misconfigured(format!("the job's [drivers.npm] settings: {e}"))
         })?;
@@ -174,27 +217,28 @@ impl Driver for Npm {
             login: &login,
             settings: &settings,
         };
-        match step {
-            NpmStep::Stage => api.stage().await,
-            NpmStep::AwaitImage { image, adopted } => api.await_image(image, adopted).await,
-            NpmStep::Init { image, ours } => api.init(image, ours).await,
-            NpmStep::Start { image, ours } => api.start(image, ours).await,
-            NpmStep::AwaitUpdate { image } => api.await_update(image).await,
-            NpmStep::Reset { description, .. } => api.reset(description).await,
-            NpmStep::ResetInit { image } => api.reset_init(image).await,
-            NpmStep::DeleteImage { image } => api.delete_image(image).await,
-        }
+        let Baselined { step, baseline } = step;
+        let next = match (step, &baseline) {
+            (
+                step @ (NpmStep::Stage | NpmStep::Init { .. } | NpmStep::AwaitUpdate { .. }),
+                None,
+            ) => return api.record_baseline(step).await,
+            (NpmStep::Stage, Some(b)) => api.stage(b).await,
+            (NpmStep::Init { image, ours }, Some(b)) => api.init(image, ours, b).await,
+            (NpmStep::AwaitUpdate { image }, Some(b)) => api.await_update(image, b).await,
+            (NpmStep::AwaitImage { image, adopted }, _) => api.await_image(image, adopted).await,
+            (NpmStep::Start { image, ours }, _) => api.start(image, ours).await,
+            (NpmStep::Reset { description, .. }, _) => api.reset(description).await,
+            (NpmStep::ResetInit { image }, _) => api.reset_init(image).await,
+            (NpmStep::DeleteImage { image }, _) => api.delete_image(image).await,
+        }?;
+        Ok(baselines::carry(next, baseline.as_ref()))
     }
 
-    fn cleanup(&self, step: &NpmStep) -> Option<NpmStep> {
-        match step {
-            NpmStep::DeleteImage { .. } => None,
-            NpmStep::Init { image, ours: true } | NpmStep::Start { image, ours: true } => {
-                Some(NpmStep::ResetInit { image: *image })
-            }
-            NpmStep::ResetInit { image } => image.map(|image| NpmStep::DeleteImage { image }),
-            step => step.image().map(|image| NpmStep::DeleteImage { image }),
-        }
+    fn cleanup(&self, step: &Step) -> Option<Step> {
+        step.step
+            .cleanup()
+            .map(|cleanup| Baselined::with(cleanup, step.baseline.clone()))
     }
 }
 
@@ -211,9 +255,20 @@ impl<'c> Api<'_, 'c> {
         &self.cx.job.target.version
     }
 
-    async fn stage(&self) -> Result<Next<NpmStep>, StepError> {
+    /// Records the update's baseline, then runs `step` with it.
+    async fn record_baseline(&self, step: NpmStep) -> Result<Next<Step>, StepError> {
+        let (update, reply) = self.update_and_reply().await?;
+        let published = clock::published_on_device(self.cx.job, &reply);
+        let baseline = NpmBaseline::of(&update, published);
+        let note = baseline.describe(&update, published);
+        Ok(baselines::recorded(step, baseline, note))
+    }
+
+    async fn stage(&self, baseline: &NpmBaseline) -> Result<Next<NpmStep>, StepError> {
         let update = self.update().await?;
-        if update.state == UpdateState::Idle && update.installed.as_deref() == Some(self.target()) {
+        if update.state == UpdateState::Idle
+            && baseline.installed(&update).as_deref() == Some(self.target())
+        {
             return Ok(
                 Next::succeeded().note(format!("the appliance already runs {}", self.target()))
             );
@@ -233,11 +288,16 @@ impl<'c> Api<'_, 'c> {
         }
     }
 
-    async fn init(&self, image: Option<u64>, ours: bool) -> Result<Next<NpmStep>, StepError> {
+    async fn init(
+        &self,
+        image: Option<u64>,
+        ours: bool,
+        baseline: &NpmBaseline,
+    ) -> Result<Next<NpmStep>, StepError> {
         let update = self.update().await?;
         match update.state {
             UpdateState::Idle => {
-                if let Some(done) = self.idle_ending(&update) {
+                if let Some(done) = self.idle_ending(&update, baseline) {
                     return done;
                 }
                 self.post(INIT, &[UpdateState::Initializing, UpdateState::Initialized])
@@ -287,7 +347,11 @@ impl<'c> Api<'_, 'c> {
         }
     }
 
-    async fn await_update(&self, image: Option<u64>) -> Result<Next<NpmStep>, StepError> {
+    async fn await_update(
+        &self,
+        image: Option<u64>,
+        baseline: &NpmBaseline,
+    ) -> Result<Next<NpmStep>, StepError> {
         // The appliance reboots into the new version.
         let update = match through_restart(self.update().await)? {
             Seen::Up(update) => update,
@@ -300,11 +364,11 @@ impl<'c> Api<'_, 'c> {
                 Ok(Next::poll(NpmStep::AwaitUpdate { image }).note(update.description))
             }
             UpdateState::Initialized => Ok(Next::run(NpmStep::Start { image, ours: false })),
-            UpdateState::Idle => match self.idle_ending(&update) {
+            UpdateState::Idle => match self.idle_ending(&update, baseline) {
                 Some(done) => done,
                 None => Err(Failure::device(format!(
                     "the update ended IDLE on version {}, not {}: {}",
-                    update.installed.as_deref().unwrap_or("unknown"),
+                    baseline.installed(&update).as_deref().unwrap_or("unknown"),
                     self.target(),
                     update.description
                 ))
@@ -316,17 +380,22 @@ impl<'c> Api<'_, 'c> {
 
     /// An `IDLE` appliance's verdict: succeeded on the target version;
     /// failed if the update went back to `IDLE` during this job without it
-    /// (a reset after a failure: never initialize and start again); `None`
-    /// when nothing of this job has happened yet.
-    fn idle_ending(&self, update: &Update) -> Option<Result<Next<NpmStep>, StepError>> {
-        if update.installed.as_deref() == Some(self.target()) {
+    /// (its state changed since the baseline: a reset after a failure;
+    /// never initialize and start again); `None` when nothing of this job
+    /// has happened yet.
+    fn idle_ending(
+        &self,
+        update: &Update,
+        baseline: &NpmBaseline,
+    ) -> Option<Result<Next<NpmStep>, StepError>> {
+        if baseline.installed(update).as_deref() == Some(self.target()) {
             return Some(Ok(Next::succeeded_with(json!({
                 "version": self.target(),
                 "update_history": update.history,
             }))
             .note(format!("the appliance runs {}", self.target()))));
         }
-        if update.last_state_time.is_some_and(|t| t >= update.since) {
+        if baseline.state_changed(update) {
             return Some(Err(Failure::device(format!(
                 "the update went back to IDLE during this job without installing {}: {}",
                 self.target(),
@@ -420,13 +489,16 @@ impl<'c> Api<'_, 'c> {
         }
     }
 
-    /// The `update` resource, with the job's publication on the
-    /// appliance's clock.
+    /// The `update` resource.
     async fn update(&self) -> Result<Update, StepError> {
+        self.update_and_reply().await.map(|(update, _)| update)
+    }
+
+    /// The `update` resource, and the answer it came in.
+    async fn update_and_reply(&self) -> Result<(Update, Reply), StepError> {
         let reply = riverbed::success(self.send(|| Ok(self.cx.http.get(UPDATE))).await?)?;
-        let mut update = read_update(&reply.json()?).map_err(|problem| reply.unreadable(&problem))?;
-        update.since = clock::published_on_device(self.cx.job, &reply);
-        Ok(update)
+        let update = read_update(&reply.json()?).map_err(|problem| reply.unreadable(&problem))?;
+        Ok((update, reply))
     }
 }
 

@@ -3,11 +3,19 @@
 //! driver runs one per job; the NetProfiler driver backs up every gateway
 //! it updates with it first.
 //!
-//! A run's `timeStamp` (epoch seconds, sent as an integer although
-//! documented as a string) says when it started, on the gateway's clock;
-//! [`Progress::of`] judges a run against the job's publication read on
-//! that same clock ([`crate::support::clock`]), so a run a late copy of
-//! this job's first step finds is still this job's.
+//! The gateway reports only its latest run. The job records it before
+//! acting ([`RunBaseline`]: its `timeStamp`, host and path); a later run
+//! is one whose identity differs, never one stamped later, so a gateway
+//! whose clock steps mid-job changes nothing. [`Progress::of`] judges the
+//! latest run against that baseline.
+//!
+//! The step that records the baseline may be a late copy, after the job
+//! started its run: a run started at or after the job's publication, read
+//! on the gateway's clock ([`crate::support::clock`]), is then the job's
+//! own, and the baseline holds no earlier run. A gateway without a `Date`
+//! header gives no such reading: its latest run counts as earlier, so a
+//! copy of the first step redelivered after this job's run would start a
+//! second one.
 
 use super::auth::Login;
 use crate::{
@@ -20,6 +28,7 @@ use flotilla_common::{
     Job,
     settings::{BackupDestination, GatewayOperation},
 };
+use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
 const BACKUP: &str = "/api/mgmt.gateway_backup/1.0/backup";
@@ -34,21 +43,79 @@ pub(crate) struct BackupApi<'a> {
 }
 
 /// The gateway's latest run, and when the job was published on the
-/// gateway's clock (epoch seconds): runs started earlier are not this
-/// job's.
+/// gateway's clock (epoch seconds; `None` without a `Date` header), for
+/// recording the baseline.
 pub(crate) struct Observed {
     pub(crate) run: Option<Run>,
-    pub(crate) since: i64,
+    published: Option<i64>,
 }
 
 impl Observed {
-    pub(crate) fn progress(&self) -> Progress {
-        Progress::of(self.run.as_ref(), self.since)
+    /// What the gateway shows before the job acts: its latest run, unless
+    /// that run started with the job (a late copy of the first step finds
+    /// it).
+    pub(crate) fn baseline(&self) -> RunBaseline {
+        RunBaseline {
+            latest: self
+                .run
+                .as_ref()
+                .filter(|run| clock::before_job(run.started, self.published))
+                .map(Run::key),
+        }
     }
 
-    /// Whether the latest run started with (or after) this job.
-    pub(crate) fn is_ours(&self) -> bool {
-        self.run.as_ref().is_some_and(|r| r.is_since(self.since))
+    pub(crate) fn progress(&self, baseline: &RunBaseline) -> Progress {
+        Progress::of(self.run.as_ref(), baseline)
+    }
+
+    /// Whether the latest run is not the one the baseline holds: this
+    /// job's.
+    pub(crate) fn is_ours(&self, baseline: &RunBaseline) -> bool {
+        self.run.as_ref().is_some_and(|run| baseline.is_new(run))
+    }
+
+    /// Whether the gateway's clock could be read (its `Date` header).
+    pub(crate) fn dated(&self) -> bool {
+        self.published.is_some()
+    }
+}
+
+/// The latest run a gateway showed before the job acted; `latest: None`
+/// when it showed none, or only one of this job.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct RunBaseline {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    latest: Option<RunKey>,
+}
+
+/// What tells one run from another: when it started (on the gateway's
+/// clock, compared only for equality) and where it went.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct RunKey {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    started: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    host: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    path: Option<String>,
+}
+
+impl RunBaseline {
+    /// Whether `run` is another run than the one the baseline holds.
+    fn is_new(&self, run: &Run) -> bool {
+        self.latest.as_ref() != Some(&run.key())
+    }
+
+    /// The baseline in a few words, for step events.
+    pub(crate) fn describe(&self) -> String {
+        match &self.latest {
+            None => "no earlier run".to_owned(),
+            Some(key) => format!(
+                "earlier run started at {}",
+                key.started
+                    .map_or_else(|| "an unstated time".to_owned(), |t| t.to_string())
+            ),
+        }
     }
 }
 
@@ -73,8 +140,12 @@ pub(crate) enum RunStatus {
 }
 
 impl Run {
-    fn is_since(&self, since: i64) -> bool {
-        self.started.is_some_and(|t| t >= since)
+    fn key(&self) -> RunKey {
+        RunKey {
+            started: self.started,
+            host: self.host.clone(),
+            path: self.path.clone(),
+        }
     }
 
     pub(crate) fn summary(&self) -> String {
@@ -99,21 +170,21 @@ pub(crate) enum Progress {
 }
 
 impl Progress {
-    /// `since`: epoch seconds before which a finished run is not this job's.
-    pub(crate) fn of(run: Option<&Run>, since: i64) -> Progress {
+    /// Where this job's run stands: a finished run is this job's when the
+    /// baseline does not hold it.
+    pub(crate) fn of(run: Option<&Run>, baseline: &RunBaseline) -> Progress {
         let Some(run) = run else {
             return Progress::NotStarted;
         };
+        let ours = baseline.is_new(run);
         match run.status {
             RunStatus::Executing => Progress::Executing(run.message.clone()),
-            RunStatus::Completed if run.is_since(since) => Progress::Completed(run.clone()),
-            RunStatus::Error if run.is_since(since) => {
-                Progress::Failed(if run.message.is_empty() {
-                    "the gateway reported ERROR without a message".to_owned()
-                } else {
-                    run.message.clone()
-                })
-            }
+            RunStatus::Completed if ours => Progress::Completed(run.clone()),
+            RunStatus::Error if ours => Progress::Failed(if run.message.is_empty() {
+                "the gateway reported ERROR without a message".to_owned()
+            } else {
+                run.message.clone()
+            }),
             _ => Progress::NotStarted,
         }
     }
@@ -168,8 +239,8 @@ impl BackupApi<'_> {
                 .await?,
         )?;
         let body: Value = reply.json()?;
-        let since = clock::published_on_device(self.job, &reply);
-        let observed = |run| Ok(Observed { run, since });
+        let published = clock::published_on_device(self.job, &reply);
+        let observed = |run| Ok(Observed { run, published });
         let unreadable = || reply.unreadable("not a backup status");
         // A backup status is documented as an array of one object holding
         // `running`; a restore status is the run itself. Accept either
@@ -277,19 +348,50 @@ mod tests {
     }
 
     #[test]
-    fn only_runs_of_this_job_count_but_any_executing_one_blocks_a_start() {
-        let old = run(json!({"status": "COMPLETED", "timeStamp": 100}));
+    fn only_runs_the_baseline_does_not_hold_count_but_any_executing_one_blocks_a_start() {
+        let old = run(json!({"status": "COMPLETED", "timeStamp": 100, "path": "/b"}));
+        let baseline = RunBaseline {
+            latest: Some(old.key()),
+        };
         let ours = run(json!({"status": "ERROR", "timeStamp": 200, "message": "disk full"}));
         let busy = run(json!({"status": "EXECUTING", "timeStamp": 50, "message": "tar"}));
-        assert_eq!(Progress::of(Some(&old), 150), Progress::NotStarted);
+        assert_eq!(Progress::of(Some(&old), &baseline), Progress::NotStarted);
         assert_eq!(
-            Progress::of(Some(&ours), 150),
+            Progress::of(Some(&ours), &baseline),
             Progress::Failed("disk full".into())
         );
         assert_eq!(
-            Progress::of(Some(&busy), 150),
+            Progress::of(Some(&busy), &baseline),
             Progress::Executing("tar".into())
         );
-        assert_eq!(Progress::of(None, 150), Progress::NotStarted);
+        assert_eq!(Progress::of(None, &baseline), Progress::NotStarted);
+        // The gateway's clock stepped back: this job's run is stamped
+        // before the earlier one, and is still this job's.
+        let stepped = run(json!({"status": "COMPLETED", "timeStamp": 40, "path": "/b"}));
+        assert!(matches!(
+            Progress::of(Some(&stepped), &baseline),
+            Progress::Completed(_)
+        ));
+        // The earlier run, later reported finished: still the earlier one.
+        let executing_then = run(json!({"status": "EXECUTING", "timeStamp": 100, "path": "/b"}));
+        let baseline = RunBaseline {
+            latest: Some(executing_then.key()),
+        };
+        assert_eq!(Progress::of(Some(&old), &baseline), Progress::NotStarted);
+    }
+
+    #[test]
+    fn the_baseline_leaves_out_a_run_of_this_job_and_counts_every_run_without_a_date() {
+        let at = |started: i64, published: Option<i64>| Observed {
+            run: Some(run(json!({"status": "COMPLETED", "timeStamp": started}))),
+            published,
+        };
+        assert_eq!(at(150, Some(100)).baseline(), RunBaseline::default());
+        assert!(at(150, Some(100)).is_ours(&at(150, Some(100)).baseline()));
+        assert!(at(50, Some(100)).baseline().latest.is_some());
+        // No Date header: the run counts as earlier, whatever its time.
+        let undated = at(150, None);
+        assert!(!undated.dated());
+        assert!(!undated.is_ours(&undated.baseline()));
     }
 }

@@ -32,6 +32,19 @@
 //!    in progress, then `DELETE` its status entry once it no longer runs.
 //!    A finished fetch's entry stays: it records where the image went.
 //!
+//! Before `stage` acts, the job's first delivery records which fetches of
+//! the campaign's image the appliance already lists (their keys:
+//! [`SpsBaseline`]), then runs `stage` again at once. A fetch of the
+//! campaign's image the baseline does not list is this job's (a retried
+//! or redelivered `stage` finds its own, even one that failed); one it
+//! lists is followed only while it runs. Later steps carry the fetch key
+//! or the slot they work on. The recording step may be a late copy, after
+//! the job fetched: a fetch started at or after the job's publication, read
+//! on the appliance's clock ([`crate::support::clock`]), is then the job's
+//! own. An appliance without a `Date` header gives no such reading: its
+//! fetches all count as earlier, and a copy of the first step redelivered
+//! after this job's fetch failed would fetch again.
+//!
 //! Authentication: a `session_id` cookie from `GET /api/authentication`
 //! (HTTP Basic), cached per appliance (`session`).
 //!
@@ -52,6 +65,7 @@ use crate::{
     device_http::{Call, Reply},
     driver::{Driver, Failure, Next, StepContext, StepError},
     support::{
+        baseline::{self, BASELINE_STEP, Baselined},
         clock,
         image::LocalImage,
         login::Logins,
@@ -131,25 +145,50 @@ pub(crate) enum SpsStep {
     },
 }
 
+/// The fetches of the campaign's image the appliance listed before the
+/// job acted, by key.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct SpsBaseline {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    fetches: Vec<String>,
+}
+
+impl SpsBaseline {
+    /// Of the fetches of the campaign's image, the one to follow rather
+    /// than start another: one running, else the newest this job started
+    /// (one the baseline does not list). Older finished, failed or
+    /// canceled fetches are history: their slot may have been reused
+    /// since.
+    fn to_follow(&self, fetches: Vec<Fetch>) -> Option<Fetch> {
+        fetches
+            .into_iter()
+            .filter(|fetch| fetch.status.running() || !self.fetches.contains(&fetch.key))
+            .max_by_key(|fetch| (fetch.status.running(), fetch.started))
+    }
+}
+
+type Step = Baselined<SpsStep, SpsBaseline>;
+
 impl Driver for Sps {
-    type Step = SpsStep;
+    type Step = Step;
     const KIND: DeviceKind = DeviceKind::Sps;
 
-    fn first_step(&self) -> SpsStep {
-        SpsStep::Stage
+    fn first_step(&self) -> Step {
+        Baselined::first(SpsStep::Stage)
     }
 
-    fn step_name(step: &SpsStep) -> &'static str {
-        match step {
-            SpsStep::Stage => "stage",
-            SpsStep::AwaitFetch { .. } => "await_fetch",
-            SpsStep::Upgrade { .. } => "upgrade",
-            SpsStep::AwaitReboot { .. } => "await_reboot",
-            SpsStep::CancelFetch { .. } => "cancel_fetch",
+    fn step_name(step: &Step) -> &'static str {
+        match (&step.baseline, &step.step) {
+            (None, SpsStep::Stage) => BASELINE_STEP,
+            (_, SpsStep::Stage) => "stage",
+            (_, SpsStep::AwaitFetch { .. }) => "await_fetch",
+            (_, SpsStep::Upgrade { .. }) => "upgrade",
+            (_, SpsStep::AwaitReboot { .. }) => "await_reboot",
+            (_, SpsStep::CancelFetch { .. }) => "cancel_fetch",
         }
     }
 
-    async fn run(&self, step: SpsStep, cx: &StepContext<'_>) -> Result<Next<SpsStep>, StepError> {
+    async fn run(&self, step: Step, cx: &StepContext<'_>) -> Result<Next<Step>, StepError> {
         let settings: SpsSettings = settings::read(&cx.job.settings).map_err(|e| {
             StepError::misconfigured(format!("the job's [drivers.sps] settings: {e}"))
         })?;
@@ -160,8 +199,9 @@ impl Driver for Sps {
             login: &login,
             settings: &settings,
         };
-        let acting = match step {
-            SpsStep::Stage | SpsStep::Upgrade { .. } => {
+        let Baselined { step, baseline } = step;
+        let acting = match (&step, &baseline) {
+            (SpsStep::Stage, Some(_)) | (SpsStep::Upgrade { .. }, _) => {
                 Some(self.acting.of(cx.http.base().as_str()))
             }
             _ => None,
@@ -170,18 +210,23 @@ impl Driver for Sps {
             Some(lock) => Some(lock.lock().await),
             None => None,
         };
-        match step {
-            SpsStep::Stage => api.stage().await,
-            SpsStep::AwaitFetch { key } => api.await_fetch(key).await,
-            SpsStep::Upgrade { slot } => api.upgrade(slot).await,
-            SpsStep::AwaitReboot { slot, since } => api.await_reboot(slot, since).await,
-            SpsStep::CancelFetch { key } => api.cancel_fetch(key).await,
-        }
+        let next = match (step, &baseline) {
+            (SpsStep::Stage, None) => return api.record_baseline().await,
+            (SpsStep::Stage, Some(b)) => api.stage(b).await,
+            (SpsStep::AwaitFetch { key }, _) => api.await_fetch(key).await,
+            (SpsStep::Upgrade { slot }, _) => api.upgrade(slot).await,
+            (SpsStep::AwaitReboot { slot, since }, _) => api.await_reboot(slot, since).await,
+            (SpsStep::CancelFetch { key }, _) => api.cancel_fetch(key).await,
+        }?;
+        Ok(baseline::carry(next, baseline.as_ref()))
     }
 
-    fn cleanup(&self, step: &SpsStep) -> Option<SpsStep> {
-        match step {
-            SpsStep::AwaitFetch { key } => Some(SpsStep::CancelFetch { key: key.clone() }),
+    fn cleanup(&self, step: &Step) -> Option<Step> {
+        match &step.step {
+            SpsStep::AwaitFetch { key } => Some(Baselined::with(
+                SpsStep::CancelFetch { key: key.clone() },
+                step.baseline.clone(),
+            )),
             // Once the image is in a slot there is nothing to undo: an
             // upgrade cannot be taken back, and the slot is the appliance's.
             _ => None,
@@ -210,7 +255,31 @@ impl<'c> Api<'_, 'c> {
         &self.cx.job.target.version
     }
 
-    async fn stage(&self) -> Result<Next<SpsStep>, StepError> {
+    /// Records the fetches of the campaign's image already listed, then
+    /// runs `stage` with them.
+    async fn record_baseline(&self) -> Result<Next<Step>, StepError> {
+        let (fetches, reply) = self.campaign_fetches().await?;
+        let published = clock::published_on_device(self.cx.job, &reply);
+        let (earlier, own): (Vec<Fetch>, Vec<Fetch>) = fetches
+            .into_iter()
+            .partition(|fetch| clock::before_job(fetch.started, published));
+        let mut note = format!(
+            "baseline: {} earlier fetch(es) of the campaign's image",
+            earlier.len()
+        );
+        if !own.is_empty() {
+            note.push_str(&format!("; {} of this job already", own.len()));
+        }
+        if published.is_none() {
+            note.push_str(" (the appliance sends no Date header: every fetch counted as earlier)");
+        }
+        let baseline = SpsBaseline {
+            fetches: earlier.into_iter().map(|fetch| fetch.key).collect(),
+        };
+        Ok(baseline::recorded(SpsStep::Stage, baseline, note))
+    }
+
+    async fn stage(&self, baseline: &SpsBaseline) -> Result<Next<SpsStep>, StepError> {
         let slots = self.slots().await?;
         if let Some(slot) = slots.iter().find(|s| s.holds(self.target())) {
             if slot.current {
@@ -229,7 +298,8 @@ impl<'c> Api<'_, 'c> {
         if let Some(image) = LocalImage::of(&self.cx.job.target).await? {
             return self.upload(&image).await;
         }
-        if let Some(fetch) = self.find_fetch().await? {
+        let (fetches, _) = self.campaign_fetches().await?;
+        if let Some(fetch) = baseline.to_follow(fetches) {
             return Ok(Next::run(SpsStep::AwaitFetch {
                 key: fetch.key.clone(),
             })
@@ -252,24 +322,23 @@ impl<'c> Api<'_, 'c> {
             .note(format!("fetch {key} of {url} started")))
     }
 
-    /// A fetch of the campaign's image to follow rather than start another:
-    /// one still running, else the newest this job started (a redelivered
-    /// `stage` finds its own). Older finished, failed or canceled fetches
-    /// are history: their slot may have been reused since.
-    async fn find_fetch(&self) -> Result<Option<Fetch>, StepError> {
+    /// The fetches of the campaign's image (its URL, and its SHA-256 when
+    /// the appliance reports one), and the answer they came in.
+    async fn campaign_fetches(&self) -> Result<(Vec<Fetch>, Reply), StepError> {
         let reply = success(self.send(|| Ok(self.cx.http.get(FETCH))).await?)?;
         let fetches = answers::read_fetches(&reply.json()?).map_err(|p| reply.unreadable(&p))?;
         let target = &self.cx.job.target;
-        let since = clock::published_on_device(self.cx.job, &reply);
-        let ours = fetches.into_iter().filter(|fetch| {
-            fetch.url.as_deref() == Some(target.image_url.as_str())
-                && fetch
-                    .sha256
-                    .as_deref()
-                    .is_none_or(|sha| sha.trim().eq_ignore_ascii_case(&target.sha256))
-                && (fetch.status.running() || fetch.started.is_some_and(|t| t >= since))
-        });
-        Ok(ours.max_by_key(|fetch| (fetch.status.running(), fetch.started)))
+        let campaign = fetches
+            .into_iter()
+            .filter(|fetch| {
+                fetch.url.as_deref() == Some(target.image_url.as_str())
+                    && fetch
+                        .sha256
+                        .as_deref()
+                        .is_none_or(|sha| sha.trim().eq_ignore_ascii_case(&target.sha256))
+            })
+            .collect();
+        Ok((campaign, reply))
     }
 
     /// Uploads the campaign's `file:` image into a free slot.
@@ -606,5 +675,35 @@ mod tests {
         .unwrap();
         assert!(message.message.contains("UpgradeMessageMissing"));
         assert!(refused_upgrade("2", &read(r#"{"error": {"type": "Other"}}"#)).is_none());
+    }
+
+    fn fetch(key: &str, status: &str, started: Option<&str>) -> Fetch {
+        answers::read_fetch(&json!({
+            "key": key,
+            "body": {
+                "status": status, "url": "https://files/sps.iso", "slot_id": null,
+                "start_time": started, "bytes_downloaded": 0, "bytes_total": 0,
+                "error": null, "info": null,
+            }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_fetch_is_followed_when_it_runs_or_the_baseline_does_not_list_it() {
+        let baseline = SpsBaseline {
+            fetches: vec!["old-failed".into(), "old-running".into()],
+        };
+        let old_failed = || fetch("old-failed", "failed", Some("2022-03-30T12:00:01+00:00"));
+        assert!(baseline.to_follow(vec![old_failed()]).is_none());
+        let running = fetch("old-running", "in-progress", Some("2022-03-30T12:00:01+00:00"));
+        assert_eq!(
+            baseline.to_follow(vec![old_failed(), running]).unwrap().key,
+            "old-running"
+        );
+        // This job's own (a retried stage), failed and stamped before the
+        // earlier ones by a clock that stepped back: still followed.
+        let ours = fetch("ours", "failed", Some("2020-01-01T00:00:00+00:00"));
+        assert_eq!(baseline.to_follow(vec![old_failed(), ours]).unwrap().key, "ours");
     }
 }
