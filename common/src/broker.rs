@@ -41,12 +41,20 @@ pub enum BrokerError {
     },
     #[error("invalid AMQP URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
+    /// lapin's error, whose text already holds its source: not marked as
+    /// a `#[source]`, so a printed chain says it once, not three times.
     #[error("RabbitMQ: {0}")]
-    Amqp(#[from] lapin::Error),
+    Amqp(lapin::Error),
     #[error("the broker connection was lost")]
     ConnectionLost,
     #[error("RabbitMQ refused (nacked) a message for {queue}")]
     Nacked { queue: String },
+}
+
+impl From<lapin::Error> for BrokerError {
+    fn from(error: lapin::Error) -> Self {
+        BrokerError::Amqp(error)
+    }
 }
 
 impl BrokerError {

@@ -229,7 +229,7 @@ fn progress_line(state: &CampaignState) -> String {
 fn bar_pace(state: &CampaignState) -> String {
     let pace = Pace::of(state, Utc::now());
     match (pace.per_minute, pace.eta) {
-        (Some(rate), Some(eta)) => format!(" {rate:.0}/min ETA {}", eta.format("%H:%M")),
+        (Some(rate), Some(eta)) => format!(" {rate:.0}/min ETA {} UTC", eta.format("%H:%M")),
         (Some(rate), None) => format!(" {rate:.0}/min"),
         _ => String::new(),
     }
