@@ -15,7 +15,8 @@ pub enum Exit {
     /// written, a campaign another producer is running, ...).
     Error,
     /// The command line, the campaign file or the inventory is wrong, the
-    /// campaign is unknown, or it was started with other files.
+    /// campaign is unknown, it was started with other files, or the
+    /// broker has no Flotilla queues with the given prefix.
     BadInput,
     /// RabbitMQ could not be reached, or the connection to it was lost.
     Unreachable,
@@ -122,7 +123,18 @@ fn classify(error: &(dyn Error + 'static)) -> Option<Exit> {
     })
 }
 
+/// RabbitMQ's reply code for a queue that does not exist.
+const NOT_FOUND: u16 = 404;
+
 fn of_broker(error: &BrokerError) -> Exit {
+    if let BrokerError::Amqp(error) = error
+        && let lapin::ErrorKind::ProtocolError(amqp) = error.kind()
+        && amqp.get_id() == NOT_FOUND
+    {
+        // The streams a command reads are missing: no Flotilla with this
+        // prefix on this vhost, so the prefix or the URL is wrong.
+        return Exit::BadInput;
+    }
     if error.is_refused() {
         Exit::Refused
     } else if error.is_unreachable() {

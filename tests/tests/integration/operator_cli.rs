@@ -392,6 +392,20 @@ async fn a_refused_login_is_named_as_such_and_the_worker_gives_up_saying_so() {
         }
     }
 
+    // A prefix with no Flotilla behind it is a mistake in the request.
+    let prefix = format!("{}-missing", harness.args.prefix);
+    let output = producer(&harness, &["status", "any", "--prefix", &prefix])
+        .await
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains(&format!("no queue '{prefix}.events'")),
+        "{stderr}"
+    );
+
     // A worker whose login never worked stops at once and says why.
     for (url, _, expected) in &cases[..2] {
         let output = tokio::time::timeout(
