@@ -47,9 +47,7 @@ pub(crate) async fn run_sessions(
 ) -> Result<(), WorkerError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut connected_before = false;
-    // When the broker first refused the login, in the current run of
-    // refusals.
-    let mut refused_since: Option<Instant> = None;
+    let mut refusals = Refusals::default();
     loop {
         let started = Instant::now();
         match session(
@@ -66,19 +64,14 @@ pub(crate) async fn run_sessions(
             Err(SessionError::Topology(error)) => return Err(WorkerError::Topology(error)),
             Err(SessionError::Broker(error)) if error.is_refused() => {
                 readiness.set(false);
-                let since = *refused_since.get_or_insert_with(Instant::now);
-                // A login that never worked is a mistake in the settings:
-                // say so and stop, rather than retry in silence. One that
-                // worked may be refused for a while (credentials being
-                // rotated, a broker importing its definitions): retry,
-                // loudly, for a while.
-                if !connected_before || since.elapsed() >= REFUSED_PATIENCE {
+                let Some(gives_up_in) = refusals.patience_left(Instant::now(), connected_before)
+                else {
                     return Err(WorkerError::LoginRefused {
                         source: error,
                         connected_before,
                     });
-                }
-                error!(%error, retry_in = ?backoff, gives_up_in = ?REFUSED_PATIENCE.saturating_sub(since.elapsed()), "RabbitMQ refused the worker's login; retrying");
+                };
+                error!(%error, retry_in = ?backoff, ?gives_up_in, "RabbitMQ refused the worker's login; retrying");
                 tokio::select! {
                     _ = shutdown.cancelled() => return Ok(()),
                     _ = tokio::time::sleep(backoff) => {}
@@ -86,7 +79,7 @@ pub(crate) async fn run_sessions(
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
             Err(SessionError::Broker(error)) => {
-                refused_since = None;
+                refusals = Refusals::default();
                 readiness.set(false);
                 if shutdown.is_cancelled() {
                     return Ok(());
@@ -103,6 +96,26 @@ pub(crate) async fn run_sessions(
                 backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
             }
         }
+    }
+}
+
+/// Logins the broker refused in a row.
+#[derive(Debug, Default)]
+struct Refusals {
+    /// When the first of them was refused.
+    since: Option<Instant>,
+}
+
+impl Refusals {
+    /// Counts a refusal at `now`: how much longer to keep trying, or
+    /// `None` to give up. A login that never worked is a mistake in the
+    /// settings: stop and say so, rather than retry in silence. One that
+    /// worked may be refused for a while (credentials being rotated, a
+    /// broker importing its definitions): retry, loudly, for a while.
+    fn patience_left(&mut self, now: Instant, connected_before: bool) -> Option<Duration> {
+        let since = *self.since.get_or_insert(now);
+        let left = REFUSED_PATIENCE.checked_sub(now.duration_since(since))?;
+        (connected_before && !left.is_zero()).then_some(left)
     }
 }
 
@@ -299,5 +312,29 @@ async fn drain(mut tasks: JoinSet<Option<Publisher>>, grace: Duration) {
             );
             tasks.abort_all();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refused_first_login_gives_up_at_once() {
+        let mut refusals = Refusals::default();
+        assert_eq!(refusals.patience_left(Instant::now(), false), None);
+    }
+
+    #[test]
+    fn a_login_that_worked_is_retried_for_two_minutes_of_refusals() {
+        let mut refusals = Refusals::default();
+        let start = Instant::now();
+        assert_eq!(refusals.patience_left(start, true), Some(REFUSED_PATIENCE));
+        let later = start + Duration::from_secs(90);
+        assert_eq!(
+            refusals.patience_left(later, true),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(refusals.patience_left(start + REFUSED_PATIENCE, true), None);
     }
 }
