@@ -291,6 +291,109 @@ async fn run_detaches_from_a_pause_with_its_code_and_a_cancelled_campaign_has_it
     harness.teardown().await;
 }
 
+/// A `run` in the background, its standard output piped.
+struct Running {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    seen: String,
+}
+
+impl Running {
+    async fn start(mut command: tokio::process::Command) -> Running {
+        let mut child = command
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        Running {
+            child,
+            lines: tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout)),
+            seen: String::new(),
+        }
+    }
+
+    /// Reads its output until a line contains `text`: `run` has seen what
+    /// that line tells.
+    async fn wait_for(&mut self, text: &str) {
+        let found = tokio::time::timeout(Duration::from_secs(60), async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.seen.push_str(&line);
+                self.seen.push('\n');
+                if line.contains(text) {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(found, Ok(true), "no {text:?} in:\n{}", self.seen);
+    }
+
+    /// Sends SIGTERM, as systemd and Kubernetes stop a process, and reads
+    /// the rest of its output.
+    async fn terminate(mut self) -> Output {
+        let pid = self.child.id().unwrap().to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+        let status = tokio::time::timeout(Duration::from_secs(30), async {
+            while let Some(line) = self.lines.next_line().await.unwrap() {
+                self.seen.push_str(&line);
+                self.seen.push('\n');
+            }
+            self.child.wait().await.unwrap()
+        })
+        .await
+        .expect("run detaches at once");
+        Output {
+            status,
+            stdout: self.seen.into_bytes(),
+            stderr: Vec::new(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn sigterm_detaches_run_with_the_status_of_where_the_campaign_was() {
+    let harness = Harness::new("sigtermrun").await;
+    let fleet = Fleet::start(FleetSpec::default().with(DeviceKind::Dms, 6))
+        .await
+        .unwrap();
+    let inventory = harness.write_inventory("devices.csv", fleet.devices());
+    // Slow starts, so the first SIGTERM finds the canary running.
+    let campaign = campaign_file(
+        &harness,
+        "held",
+        "[waves]\nsizes = [2, \"100%\"]\napproval = true\n[rate]\nper_minute = 20",
+    );
+    let worker = harness.start_worker("sigterm-worker", fleet_credentials(&fleet));
+    let args = run_args(&campaign, &inventory);
+
+    let mut run = Running::start(producer(&harness, &args).await).await;
+    run.wait_for("[wave 1 start]").await;
+    let detached = run.terminate().await;
+    assert_eq!(
+        detached.status.code(),
+        Some(130),
+        "{}",
+        described(&detached)
+    );
+    assert!(
+        stdout(&detached).contains("detached; run the same command again to resume campaign held"),
+        "{}",
+        described(&detached)
+    );
+
+    let mut run = Running::start(producer(&harness, &args).await).await;
+    run.wait_for("[paused]").await;
+    let detached = run.terminate().await;
+    worker.stop().await;
+    assert_eq!(detached.status.code(), Some(12), "{}", described(&detached));
+    harness.teardown().await;
+}
+
 #[tokio::test]
 async fn both_binaries_print_completions_for_bash_zsh_and_fish() {
     for (name, subcommand) in [
