@@ -365,6 +365,7 @@ async fn rollout(
     let state = tokio::select! {
         state = run => state?,
         _ = paused.notified() => {
+            progress.abandon();
             println!(
                 "campaign {0} is paused; detached. `flotilla-producer resume {0}`, then run the same command again to continue it",
                 campaign.id
@@ -373,6 +374,7 @@ async fn rollout(
         }
         _ = detach_signal() => {
             let exit = if matches!(phase.get(), Phase::Paused(_)) { Exit::Paused } else { Exit::Detached };
+            progress.abandon();
             println!("detached; run the same command again to resume campaign {}", campaign.id);
             return Ok(exit.into());
         }

@@ -194,6 +194,13 @@ impl Progress {
             bar.finish_and_clear();
         }
     }
+
+    /// No longer followed, as it stands: the bar stays as last drawn.
+    pub fn abandon(&self) {
+        if let View::Bar { bar, .. } = &self.view {
+            bar.abandon();
+        }
+    }
 }
 
 fn phase_label(state: &CampaignState) -> String {
