@@ -10,6 +10,7 @@ use lapin::{
     BasicProperties, Channel, ConnectionProperties, PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions},
     types::FieldTable,
+    uri::AMQPUri,
 };
 use std::time::Duration;
 
@@ -25,8 +26,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    /// Nothing answered at the URL's address, or it did not speak AMQP in
+    /// time: worth retrying.
     #[error("cannot reach RabbitMQ at {url}: {reason}")]
     Unreachable { url: String, reason: String },
+    /// The broker answered and turned the login down (user, password,
+    /// vhost or permissions): retrying with the same URL cannot help.
+    #[error("RabbitMQ at {url} refused user {user} on vhost {vhost}: {reason}")]
+    Refused {
+        url: String,
+        user: String,
+        vhost: String,
+        reason: String,
+    },
     #[error("invalid AMQP URL {url}: {reason}")]
     BadUrl { url: String, reason: String },
     #[error("RabbitMQ: {0}")]
@@ -37,6 +49,30 @@ pub enum BrokerError {
     Nacked { queue: String },
 }
 
+impl BrokerError {
+    /// The broker turned the login down: a configuration to fix, not an
+    /// outage to wait out.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, BrokerError::Refused { .. })
+    }
+
+    /// The broker could not be reached, or its connection was lost.
+    pub fn is_unreachable(&self) -> bool {
+        match self {
+            BrokerError::Unreachable { .. } | BrokerError::ConnectionLost => true,
+            BrokerError::Amqp(error) => {
+                error.is_io_error()
+                    || matches!(
+                        error.kind(),
+                        lapin::ErrorKind::InvalidConnectionState(_)
+                            | lapin::ErrorKind::MissingHeartbeatError
+                    )
+            }
+            _ => false,
+        }
+    }
+}
+
 /// A handle on one RabbitMQ broker; cheap to clone. Connections come from a
 /// small pool that replaces a dropped connection on the next request.
 #[derive(Clone)]
@@ -44,6 +80,9 @@ pub struct Broker {
     pool: Pool,
     /// The URL with its password masked, for messages.
     display_url: String,
+    /// Who logs in where, to name them when the broker says no.
+    user: String,
+    vhost: String,
 }
 
 impl std::fmt::Debug for Broker {
@@ -58,6 +97,12 @@ impl Broker {
     /// `name` shows in RabbitMQ's connection list (say which process it is).
     pub fn new(url: &str, name: &str) -> Result<Self, BrokerError> {
         let display_url = redact_url(url);
+        // The pool parses the URL only when it first connects, which would
+        // report a typo as an unreachable broker.
+        let parsed: AMQPUri = url.parse().map_err(|reason| BrokerError::BadUrl {
+            url: display_url.clone(),
+            reason,
+        })?;
         let name = name.to_owned();
         let config = Config {
             url: Some(url.to_owned()),
@@ -79,7 +124,12 @@ impl Broker {
                 url: display_url.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Broker { pool, display_url })
+        Ok(Broker {
+            pool,
+            display_url,
+            user: parsed.authority.userinfo.username,
+            vhost: parsed.vhost,
+        })
     }
 
     /// The broker URL with its password masked.
@@ -89,16 +139,53 @@ impl Broker {
 
     /// A live connection: a pooled one, or a new one if the last has dropped.
     pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
-        self.pool.get().await.map_err(|e| BrokerError::Unreachable {
-            url: self.display_url.clone(),
-            reason: match e {
-                deadpool_lapin::PoolError::Backend(e) => e.to_string(),
-                deadpool_lapin::PoolError::Timeout(_) => "timed out".to_owned(),
-                other => other.to_string(),
-            },
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_lapin::PoolError::Backend(e) => self.connect_error(&e),
+            deadpool_lapin::PoolError::Timeout(_) => {
+                self.unreachable(format!("no answer within {}s", CONNECT_TIMEOUT.as_secs()))
+            }
+            other => self.unreachable(other.to_string()),
         })
     }
+
+    /// Tells a login the broker turned down from a broker that is not
+    /// there. RabbitMQ closes the handshake with 403 ACCESS_REFUSED for a
+    /// wrong user or password (it does not say which, nor that `guest` may
+    /// only log in from localhost), and with 530 NOT_ALLOWED for a vhost
+    /// that does not exist or that the user has no permissions on.
+    fn connect_error(&self, error: &lapin::Error) -> BrokerError {
+        let lapin::ErrorKind::ProtocolError(amqp) = error.kind() else {
+            return self.unreachable(error.to_string());
+        };
+        // The broker's text starts with its code's name: "NOT_ALLOWED - ...".
+        let text = amqp.get_message().as_str();
+        let text = text.split_once(" - ").map_or(text, |(_, rest)| rest);
+        let reason = match amqp.get_id() {
+            ACCESS_REFUSED => "access refused (a wrong user name or password, or a user such as \
+                               guest that may log in from localhost only)"
+                .to_owned(),
+            NOT_ALLOWED => text.to_owned(),
+            _ => return self.unreachable(error.to_string()),
+        };
+        BrokerError::Refused {
+            url: self.display_url.clone(),
+            user: self.user.clone(),
+            vhost: self.vhost.clone(),
+            reason,
+        }
+    }
+
+    fn unreachable(&self, reason: String) -> BrokerError {
+        BrokerError::Unreachable {
+            url: self.display_url.clone(),
+            reason,
+        }
+    }
 }
+
+/// AMQP reply codes RabbitMQ closes a refused handshake with.
+const ACCESS_REFUSED: u16 = 403;
+const NOT_ALLOWED: u16 = 530;
 
 /// Masks the password of an AMQP URL so it can be logged.
 pub fn redact_url(url: &str) -> String {
@@ -287,5 +374,23 @@ mod tests {
             "amqp://guest:***@10.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://10.0.0.1"), "amqp://10.0.0.1");
+    }
+
+    #[test]
+    fn a_malformed_url_is_refused_before_any_connection() {
+        let error = Broker::new("amqp//guest@127.0.0.1", "test").unwrap_err();
+        assert!(matches!(error, BrokerError::BadUrl { .. }), "{error}");
+    }
+
+    // The pool needs a runtime to be built.
+    #[tokio::test]
+    async fn refusals_name_the_user_and_the_decoded_vhost() {
+        let broker = Broker::new("amqp://ops:pw@127.0.0.1:5672/%2fx", "test").unwrap();
+        assert_eq!((broker.user.as_str(), broker.vhost.as_str()), ("ops", "/x"));
+        let broker = Broker::new("amqp://127.0.0.1", "test").unwrap();
+        assert_eq!(
+            (broker.user.as_str(), broker.vhost.as_str()),
+            ("guest", "/")
+        );
     }
 }

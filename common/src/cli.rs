@@ -1,7 +1,7 @@
 //! Command-line and environment settings every Flotilla process shares.
 
 use crate::{DEFAULT_AMQP_URL, Topology, topology::DEFAULT_PREFIX};
-use std::time::Duration;
+use std::{net::SocketAddr, time::Duration};
 
 /// Which broker and which set of queues to use.
 #[derive(Debug, Clone, clap::Args)]
@@ -29,5 +29,48 @@ pub struct BrokerArgs {
 impl BrokerArgs {
     pub fn topology(&self) -> Topology {
         Topology::new(&self.prefix).with_delay_tiers(self.delay_tiers.clone())
+    }
+}
+
+/// Where to serve the operations endpoints, or `off` to serve none: the
+/// value of every process's `FLOTILLA_METRICS_ADDR`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    On(SocketAddr),
+}
+
+impl Listen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::On(addr) => Some(addr),
+        }
+    }
+}
+
+/// A clap value parser for [`Listen`].
+pub fn parse_listen(text: &str) -> Result<Listen, String> {
+    if text.eq_ignore_ascii_case("off") {
+        return Ok(Listen::Off);
+    }
+    text.parse()
+        .map(Listen::On)
+        .map_err(|e| format!("{text:?} is neither an address like 0.0.0.0:9464 nor \"off\": {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_in_any_case_serves_nothing_and_addresses_parse() {
+        assert_eq!(parse_listen("off"), Ok(Listen::Off));
+        assert_eq!(parse_listen("OFF"), Ok(Listen::Off));
+        assert_eq!(
+            parse_listen("127.0.0.1:9465").map(Listen::addr),
+            Ok(Some("127.0.0.1:9465".parse().unwrap()))
+        );
+        assert!(parse_listen("9465").unwrap_err().contains("nor \"off\""));
     }
 }

@@ -8,15 +8,21 @@
 //! - [`state`]: a campaign as its events tell it;
 //! - [`feed`]: reading the events and control streams;
 //! - [`report`]: `status`, `report` and `history`;
+//! - [`status_view`]: a campaign's pace and ETA, and `status --format json`;
+//! - [`progress`]: what `run` and `status --watch` print as a campaign moves;
+//! - [`exit`]: the exit statuses;
 //! - [`metrics`]: what `run` exports to Prometheus.
 
 pub mod campaign;
+pub mod exit;
 pub mod feed;
 pub mod inventory_check;
 pub mod metrics;
+pub mod progress;
 pub mod report;
 pub mod rollout;
 pub mod state;
+pub mod status_view;
 
 pub use campaign::{Campaign, CampaignError, TlsSettings};
 pub use feed::{FollowError, follow_campaign, read_campaign};

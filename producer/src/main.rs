@@ -1,8 +1,8 @@
-use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
+use anyhow::Context;
+use clap::{CommandFactory, Parser, Subcommand};
 use flotilla_common::{
     Broker, Event,
-    cli::BrokerArgs,
+    cli::{BrokerArgs, Listen, parse_listen},
     control::Command as ControlCommand,
     inventory::RowError,
     ops,
@@ -10,21 +10,25 @@ use flotilla_common::{
 };
 use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
+    exit::{BadInput, Exit},
     feed::{CAUGHT_UP, EventFeed},
     fingerprint,
     metrics::ProducerMetrics,
+    progress::Progress,
     read_campaign,
     report::{self, Format},
     run_campaign, send_command,
     state::Phase,
+    status_view::StatusJson,
 };
-use indicatif::{ProgressBar, ProgressStyle};
 use std::{
+    cell::Cell,
     collections::HashSet,
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
     sync::Arc,
+    time::Duration,
 };
 
 #[derive(Parser)]
@@ -51,9 +55,16 @@ enum Command {
         /// Only the devices that failed or timed out in this campaign.
         #[arg(long)]
         retry_failed_from: Option<String>,
-        /// Serve /metrics, /healthz and /readyz here while the campaign runs.
-        #[arg(long, env = "FLOTILLA_METRICS_ADDR")]
-        metrics_addr: Option<SocketAddr>,
+        /// Serve /metrics, /healthz and /readyz here while the campaign
+        /// runs; "off" (or unset) serves none.
+        #[arg(long, env = "FLOTILLA_METRICS_ADDR", value_parser = parse_listen)]
+        metrics_addr: Option<Listen>,
+        /// Exit (status 12) when the campaign pauses, instead of waiting
+        /// for someone to resume it: `resume`, then run the same command.
+        #[arg(long)]
+        detach_on_pause: bool,
+        #[command(flatten)]
+        output: ProgressArgs,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -65,9 +76,14 @@ enum Command {
     /// Show a campaign's progress per wave and outcome, and its decisions.
     Status {
         campaign: String,
-        /// Keep showing progress until the campaign completes.
-        #[arg(long)]
+        /// Keep showing progress until the campaign completes, then exit
+        /// as `run` does.
+        #[arg(long, conflicts_with = "format")]
         watch: bool,
+        #[arg(long, value_enum, default_value = "text")]
+        format: StatusFormat,
+        #[command(flatten)]
+        output: ProgressArgs,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -95,6 +111,24 @@ enum Command {
     Resume(ControlArgs),
     /// Clean up every job of the campaign and end it `cancelled`.
     Cancel(ControlArgs),
+    /// Print a shell completion script, e.g. `flotilla-producer completions
+    /// bash > /etc/bash_completion.d/flotilla-producer`.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StatusFormat {
+    Text,
+    /// One JSON document; the README lists its fields.
+    Json,
+}
+
+#[derive(clap::Args)]
+struct ProgressArgs {
+    /// When the output is not a terminal: the longest wait between two
+    /// progress lines while devices are finishing.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    progress_every: Duration,
 }
 
 #[derive(clap::Args)]
@@ -120,12 +154,14 @@ struct ControlArgs {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
-    let _telemetry = Telemetry::init("flotilla-producer", cli.log.log_format, "warn");
+    // lapin logs each failed connection itself; the command's own error
+    // says what went wrong, once.
+    let _telemetry = Telemetry::init("flotilla-producer", cli.log.log_format, "warn,lapin=off");
     match run(cli).await {
         Ok(code) => code,
         Err(error) => {
             eprintln!("error: {error:#}");
-            ExitCode::FAILURE
+            Exit::of_error(error.as_ref()).into()
         }
     }
 }
@@ -147,19 +183,37 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             files,
             retry_failed_from,
             metrics_addr,
+            detach_on_pause,
+            output,
             broker,
-        } => rollout(files, retry_failed_from, metrics_addr, broker).await,
+        } => {
+            let options = RunOptions {
+                retry_failed_from,
+                metrics_addr: metrics_addr.and_then(Listen::addr),
+                detach_on_pause,
+                progress_every: output.progress_every,
+            };
+            rollout(files, options, broker).await
+        }
         Command::Status {
             campaign,
             watch,
+            format,
+            output,
             broker,
         } => {
             let connection = Broker::new(&broker.amqp_url, "flotilla-producer status")?;
             if watch {
-                watch_status(&connection, &broker, &campaign).await
+                watch_status(&connection, &broker, &campaign, output.progress_every).await
             } else {
                 let state = read_campaign(&connection, &broker.topology(), &campaign).await?;
-                print!("{}", report::status(&state));
+                match format {
+                    StatusFormat::Text => print!("{}", report::status(&state)),
+                    StatusFormat::Json => {
+                        let json = StatusJson::of(&state, chrono::Utc::now());
+                        println!("{}", serde_json::to_string_pretty(&json)?);
+                    }
+                }
                 Ok(ExitCode::SUCCESS)
             }
         }
@@ -172,7 +226,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             let connection = Broker::new(&broker.amqp_url, "flotilla-producer report")?;
             let state = read_campaign(&connection, &broker.topology(), &campaign).await?;
             if state.phase() == Phase::New {
-                bail!("no campaign {campaign} on this broker");
+                return Err(BadInput(format!("no campaign {campaign} on this broker")).into());
             }
             let rows = report::rows(&state);
             match output {
@@ -207,22 +261,46 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => control(args, ControlCommand::Pause).await,
         Command::Resume(args) => control(args, ControlCommand::Resume).await,
         Command::Cancel(args) => control(args, ControlCommand::Cancel).await,
+        Command::Completions { shell } => {
+            // Into a buffer first: clap_complete panics on a closed pipe.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "flotilla-producer", &mut script);
+            std::io::Write::write_all(&mut std::io::stdout().lock(), &script)
+                .context("writing the completion script")?;
+            Ok(ExitCode::SUCCESS)
+        }
     }
+}
+
+/// How `run` runs, besides the files and the broker.
+struct RunOptions {
+    retry_failed_from: Option<String>,
+    metrics_addr: Option<SocketAddr>,
+    detach_on_pause: bool,
+    progress_every: Duration,
 }
 
 async fn rollout(
     files: CampaignFiles,
-    retry_failed_from: Option<String>,
-    metrics_addr: Option<SocketAddr>,
+    options: RunOptions,
     broker: BrokerArgs,
 ) -> anyhow::Result<ExitCode> {
+    let RunOptions {
+        retry_failed_from,
+        metrics_addr,
+        detach_on_pause,
+        progress_every,
+    } = options;
     let connection = Broker::new(&broker.amqp_url, "flotilla-producer")?;
     let topology = broker.topology();
     let only = match &retry_failed_from {
         Some(old) => {
             let state = read_campaign(&connection, &topology, old).await?;
             if state.phase() == Phase::New {
-                bail!("--retry-failed-from {old}: no such campaign on this broker");
+                return Err(BadInput(format!(
+                    "--retry-failed-from {old}: no such campaign on this broker"
+                ))
+                .into());
             }
             let failed: HashSet<String> = state
                 .outcomes()
@@ -241,7 +319,11 @@ async fn rollout(
     };
     let (campaign, summary) = check(&files, only.as_ref())?;
     if retry_failed_from.as_deref() == Some(campaign.id.as_str()) {
-        bail!("a retry needs a new campaign id, not {}", campaign.id);
+        return Err(BadInput(format!(
+            "a retry needs a new campaign id, not {}",
+            campaign.id
+        ))
+        .into());
     }
     let fingerprint = fingerprint(
         &[&files.campaign, &files.inventory],
@@ -261,38 +343,60 @@ async fn rollout(
         serve_metrics(addr, registry).await?;
     }
 
-    let bar = progress_bar(summary.devices);
-    let mut printed = 0;
+    let mut progress = Progress::for_output(summary.devices, progress_every);
     let spec = RunSpec {
         inventory: &files.inventory,
         devices: summary.devices,
         fingerprint,
         only,
     };
+    // What the run last showed, read once it is stopped.
+    let phase = Cell::new(Phase::New);
+    let paused = tokio::sync::Notify::new();
     let observe = |state: &CampaignState| {
-        for decision in &state.decisions()[printed..] {
-            bar.println(format!(
-                "[{}] {}",
-                report::decision_name(&decision.decision),
-                decision.reason
-            ));
-        }
-        printed = state.decisions().len();
-        show_progress(&bar, state);
+        progress.update(state);
         metrics.observe(state);
+        phase.set(state.phase());
+        if detach_on_pause && matches!(state.phase(), Phase::Paused(_)) {
+            paused.notify_one();
+        }
     };
     let run = run_campaign(&connection, &topology, &campaign, spec, observe);
     let state = tokio::select! {
         state = run => state?,
-        _ = tokio::signal::ctrl_c() => {
-            bar.abandon();
+        _ = paused.notified() => {
+            println!(
+                "campaign {0} is paused; detached. `flotilla-producer resume {0}`, then run the same command again to continue it",
+                campaign.id
+            );
+            return Ok(Exit::Paused.into());
+        }
+        _ = detach_signal() => {
+            let exit = if matches!(phase.get(), Phase::Paused(_)) { Exit::Paused } else { Exit::Detached };
             println!("detached; run the same command again to resume campaign {}", campaign.id);
-            return Ok(ExitCode::from(130));
+            return Ok(exit.into());
         }
     };
-    bar.finish_and_clear();
+    progress.finish(&state);
     print!("{}", report::status(&state));
-    Ok(ExitCode::SUCCESS)
+    Ok(Exit::of_campaign(&state).into())
+}
+
+/// Ctrl-C, or SIGTERM (systemd, Kubernetes): `run` detaches from its
+/// campaign, which a later `run` resumes.
+async fn detach_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 /// Serves the operations endpoints for as long as the process runs.
@@ -316,74 +420,55 @@ async fn watch_status(
     connection: &Broker,
     broker: &BrokerArgs,
     campaign: &str,
+    progress_every: Duration,
 ) -> anyhow::Result<ExitCode> {
     let mut state = read_campaign(connection, &broker.topology(), campaign).await?;
     print!("{}", report::status(&state));
-    if matches!(state.phase(), Phase::Completed | Phase::New) {
-        return Ok(ExitCode::SUCCESS);
+    match state.phase() {
+        Phase::New => {
+            return Err(BadInput(format!("no campaign {campaign} on this broker")).into());
+        }
+        Phase::Completed => return Ok(Exit::of_campaign(&state).into()),
+        _ => {}
     }
-    let bar = progress_bar(state.device_count());
-    show_progress(&bar, &state);
-    let mut decisions = state.decisions().len();
+    let mut progress = Progress::for_output(state.device_count(), progress_every);
+    progress.shown_up_to(&state);
     let reading = connection.connection().await?;
     let mut feed = EventFeed::open(&reading, &broker.topology()).await?;
     // Replay to where the status was read, quietly, then follow.
+    let decisions = state.decisions().len();
     let mut replay = CampaignState::new(campaign);
     while replay.decisions().len() < decisions || replay.finished() < state.finished() {
         replay.apply(&feed.next().await?);
     }
     state = replay;
+    progress.update(&state);
     while state.phase() != Phase::Completed {
         state.apply(&feed.next().await?);
-        for decision in &state.decisions()[decisions..] {
-            bar.println(format!(
-                "[{}] {}",
-                report::decision_name(&decision.decision),
-                decision.reason
-            ));
-        }
-        decisions = state.decisions().len();
-        show_progress(&bar, &state);
+        progress.update(&state);
     }
-    bar.finish_and_clear();
+    progress.finish(&state);
     print!("{}", report::status(&state));
-    Ok(ExitCode::SUCCESS)
-}
-
-fn progress_bar(devices: u64) -> ProgressBar {
-    ProgressBar::new(devices).with_style(
-        ProgressStyle::with_template("{msg:24} [{bar:40}] {pos}/{len} finished ({elapsed})")
-            .expect("the progress template is valid")
-            .progress_chars("=> "),
-    )
-}
-
-fn show_progress(bar: &ProgressBar, state: &CampaignState) {
-    let totals = state.totals();
-    bar.set_position(totals.finished);
-    let phase = match state.phase() {
-        Phase::Paused(_) => "PAUSED".to_owned(),
-        Phase::Cancelled => "cancelling".to_owned(),
-        _ => match state.current_wave() {
-            Some(wave) => format!("wave {}/{}", wave + 1, state.wave_count()),
-            None => "starting".to_owned(),
-        },
-    };
-    bar.set_message(format!(
-        "{phase} ok {} failed {}",
-        totals.succeeded, totals.failed
-    ));
+    Ok(Exit::of_campaign(&state).into())
 }
 
 async fn control(args: ControlArgs, command: ControlCommand) -> anyhow::Result<ExitCode> {
     let connection = Broker::new(&args.broker.amqp_url, "flotilla-producer control")?;
     let topology = args.broker.topology();
     let state = read_campaign(&connection, &topology, &args.campaign).await?;
-    match state.phase() {
-        Phase::New => bail!("no campaign {} on this broker", args.campaign),
-        Phase::Completed => bail!("campaign {} has completed", args.campaign),
-        Phase::Cancelled => bail!("campaign {} is cancelled", args.campaign),
-        _ => {}
+    let refusal = match state.phase() {
+        Phase::New => Some("there is no such campaign on this broker"),
+        Phase::Completed => Some("it has completed"),
+        Phase::Cancelled => Some("it is cancelled"),
+        _ => None,
+    };
+    if let Some(refusal) = refusal {
+        return Err(BadInput(format!(
+            "cannot {} campaign {}: {refusal}",
+            command.as_str(),
+            args.campaign
+        ))
+        .into());
     }
     send_command(&connection, &topology, &args.campaign, command, args.reason).await?;
     println!("{} sent to campaign {}", command.as_str(), args.campaign);

@@ -1,13 +1,21 @@
 //! What `status`, `report` and `history` print, rendered from the events.
 
-use crate::state::{CampaignState, Phase};
+use crate::{
+    state::{CampaignState, Phase},
+    status_view::Pace,
+};
 use chrono::{DateTime, Utc};
 use flotilla_common::{Decision, Event, EventBody, Outcome, PauseCause};
 use serde::Serialize;
 use std::{collections::BTreeMap, fmt::Write as _, io};
 
-/// The campaign's phase, waves, outcomes and decisions.
+/// The campaign's phase, waves, outcomes, pace and decisions, as of now.
 pub fn status(state: &CampaignState) -> String {
+    status_at(state, Utc::now())
+}
+
+/// [`status`] as of `now`.
+pub fn status_at(state: &CampaignState, now: DateTime<Utc>) -> String {
     let mut out = String::new();
     let id = state.campaign();
     let last_reason = state
@@ -34,15 +42,7 @@ pub fn status(state: &CampaignState) -> String {
     );
     for wave in 0..state.wave_count() {
         let tally = state.wave(wave);
-        let gate = if state.released(wave) {
-            "released"
-        } else if state.gate_passed(wave) {
-            "passed"
-        } else if state.current_wave() == Some(wave) {
-            "current"
-        } else {
-            ""
-        };
+        let gate = gate(state, wave).unwrap_or("");
         let _ = writeln!(
             out,
             "{:<6} {:>8} {:>8} {:>9} {:>10} {:>7} {:>10}  {gate}",
@@ -68,6 +68,9 @@ pub fn status(state: &CampaignState) -> String {
         totals.failed,
         totals.cancelled
     );
+    if state.phase() != Phase::New {
+        let _ = writeln!(out, "{}\n", Pace::of(state, now).describe(state, now));
+    }
 
     let mut by_kind: BTreeMap<String, BTreeMap<Outcome, u64>> = BTreeMap::new();
     for ((kind, outcome), n) in state.counts_by_kind() {
@@ -98,6 +101,19 @@ pub fn status(state: &CampaignState) -> String {
         );
     }
     out
+}
+
+/// Where a wave's success gate stands.
+pub fn gate(state: &CampaignState, wave: u32) -> Option<&'static str> {
+    if state.released(wave) {
+        Some("released")
+    } else if state.gate_passed(wave) {
+        Some("passed")
+    } else if state.current_wave() == Some(wave) {
+        Some("current")
+    } else {
+        None
+    }
 }
 
 fn pause_cause(cause: PauseCause) -> &'static str {

@@ -1,7 +1,8 @@
 //! The worker's settings, read once at start from flags or the environment.
 
-use flotilla_common::cli::BrokerArgs;
-use std::{net::SocketAddr, time::Duration};
+pub use flotilla_common::cli::Listen;
+use flotilla_common::cli::{BrokerArgs, parse_listen};
+use std::time::Duration;
 
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
@@ -38,22 +39,6 @@ pub struct WorkerConfig {
     /// pod name on Kubernetes).
     #[arg(long, env = "FLOTILLA_WORKER_NAME")]
     pub name: Option<String>,
-}
-
-/// An optional listening address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Listen {
-    Off,
-    On(SocketAddr),
-}
-
-fn parse_listen(text: &str) -> Result<Listen, String> {
-    if text.eq_ignore_ascii_case("off") {
-        return Ok(Listen::Off);
-    }
-    text.parse()
-        .map(Listen::On)
-        .map_err(|e| format!("{text:?} is neither an address like 0.0.0.0:9464 nor \"off\": {e}"))
 }
 
 impl WorkerConfig {

@@ -32,6 +32,9 @@ const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
 /// this long without a record means the end.
 const CONTROL_CATCH_UP: Duration = Duration::from_millis(300);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(15);
+/// How long a worker that has consumed before keeps trying a login the
+/// broker refuses before it gives up.
+const REFUSED_PATIENCE: Duration = Duration::from_secs(120);
 
 /// Runs sessions until `shutdown` is cancelled, reconnecting after a lost
 /// connection.
@@ -44,6 +47,9 @@ pub(crate) async fn run_sessions(
 ) -> Result<(), WorkerError> {
     let mut backoff = RECONNECT_BACKOFF_MIN;
     let mut connected_before = false;
+    // When the broker first refused the login, in the current run of
+    // refusals.
+    let mut refused_since: Option<Instant> = None;
     loop {
         let started = Instant::now();
         match session(
@@ -58,7 +64,29 @@ pub(crate) async fn run_sessions(
         {
             Ok(()) => return Ok(()),
             Err(SessionError::Topology(error)) => return Err(WorkerError::Topology(error)),
+            Err(SessionError::Broker(error)) if error.is_refused() => {
+                readiness.set(false);
+                let since = *refused_since.get_or_insert_with(Instant::now);
+                // A login that never worked is a mistake in the settings:
+                // say so and stop, rather than retry in silence. One that
+                // worked may be refused for a while (credentials being
+                // rotated, a broker importing its definitions): retry,
+                // loudly, for a while.
+                if !connected_before || since.elapsed() >= REFUSED_PATIENCE {
+                    return Err(WorkerError::LoginRefused {
+                        source: error,
+                        connected_before,
+                    });
+                }
+                error!(%error, retry_in = ?backoff, gives_up_in = ?REFUSED_PATIENCE.saturating_sub(since.elapsed()), "RabbitMQ refused the worker's login; retrying");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(()),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+            }
             Err(SessionError::Broker(error)) => {
+                refused_since = None;
                 readiness.set(false);
                 if shutdown.is_cancelled() {
                     return Ok(());

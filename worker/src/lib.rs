@@ -45,6 +45,13 @@ use tracing::info;
 pub enum WorkerError {
     #[error(transparent)]
     Broker(#[from] BrokerError),
+    /// The broker turned the login down: at the first connection, or for
+    /// longer than a worker waits for it to be fixed.
+    #[error("{source}; giving up{}", if *connected_before { " after retrying for two minutes" } else { ": check the user, password and vhost of AMQP_URL" })]
+    LoginRefused {
+        source: BrokerError,
+        connected_before: bool,
+    },
     #[error(transparent)]
     Topology(#[from] TopologyError),
     #[error("cannot serve metrics on {addr}: {source}")]

@@ -9,6 +9,7 @@ mod appliance_readings;
 mod campaign_control;
 mod dms_campaigns;
 mod observability;
+mod operator_cli;
 mod otlp_export;
 mod producer_cli;
 mod resilience;

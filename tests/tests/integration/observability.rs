@@ -86,8 +86,10 @@ async fn a_campaign_exports_every_metric_the_dashboard_and_alerts_use() {
     })
     .await
     .expect("the campaign finishes within 2 minutes");
-    assert!(
-        status.success(),
+    // A fifth of the devices fail: the status that says so.
+    assert_eq!(
+        status.code(),
+        Some(10),
         "{}",
         std::fs::read_to_string(&producer_log).unwrap_or_default()
     );
