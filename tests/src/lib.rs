@@ -61,6 +61,7 @@ pub struct Harness {
     /// copy published again is the same job (a redelivery), so it keeps
     /// its stamp.
     stamps: std::sync::Mutex<std::collections::HashMap<(String, String), DateTime<Utc>>>,
+    torn_down: bool,
 }
 
 impl Harness {
@@ -99,6 +100,7 @@ impl Harness {
             topology,
             dir,
             stamps: Default::default(),
+            torn_down: false,
         }
     }
 
@@ -414,10 +416,44 @@ impl Harness {
     }
 
     /// Deletes the test's queues and files.
-    pub async fn teardown(self) {
+    pub async fn teardown(mut self) {
         if let Ok(connection) = self.broker.connection().await {
             let _ = self.topology.delete(&connection).await;
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
+        self.torn_down = true;
+    }
+}
+
+impl Drop for Harness {
+    /// A test that failed never reached `teardown`. Its streams cannot
+    /// expire, and enough of them left on a shared broker exhaust its file
+    /// descriptors until it accepts no more connections, failing every
+    /// later test. So a failed test deletes its queues too, from a thread
+    /// of its own because the test's runtime may be unwinding.
+    fn drop(&mut self) {
+        if self.torn_down {
+            return;
+        }
+        let url = self.args.amqp_url.clone();
+        let topology = self.topology.clone();
+        let cleanup = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async {
+                let delete = async {
+                    let broker = Broker::new(&url, "test-cleanup").ok()?;
+                    let connection = broker.connection().await.ok()?;
+                    topology.delete(&connection).await.ok()
+                };
+                let _ = tokio::time::timeout(Duration::from_secs(10), delete).await;
+            });
+        });
+        let _ = cleanup.join();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -150,17 +150,36 @@ impl CredentialStore {
         }
         if self.read_env {
             let prefix = format!("{ENV_CREDENTIALS_PREFIX}{}_", env_name(reference));
-            for (key, value) in std::env::vars() {
-                if let Some(field) = key.strip_prefix(&prefix) {
-                    credentials
-                        .fields
-                        .entry(field.to_ascii_lowercase())
-                        .or_insert(Secret(value));
-                }
+            for (field, value) in env_fields(&prefix, std::env::vars_os()) {
+                credentials.fields.entry(field).or_insert(value);
             }
         }
         credentials
     }
+}
+
+/// The fields under `prefix` among `vars`. `std::env::vars` panics on the
+/// first variable that is not UTF-8, whoever set it; one of ours that is
+/// not is left out with a warning naming it, so the step reports the field
+/// as missing.
+fn env_fields(
+    prefix: &str,
+    vars: impl Iterator<Item = (std::ffi::OsString, std::ffi::OsString)>,
+) -> Vec<(String, Secret)> {
+    let mut fields = Vec::new();
+    for (key, value) in vars {
+        let Some(field) = key.to_str().and_then(|key| key.strip_prefix(prefix)) else {
+            continue;
+        };
+        match value.into_string() {
+            Ok(value) => fields.push((field.to_ascii_lowercase(), Secret(value))),
+            Err(_) => tracing::warn!(
+                variable = %key.to_string_lossy(),
+                "credentials variable is not UTF-8; ignored"
+            ),
+        }
+    }
+    fields
 }
 
 fn env_name(reference: &str) -> String {
@@ -176,6 +195,28 @@ fn env_name(reference: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn variables_that_are_not_utf8_are_skipped_not_fatal() {
+        use std::{ffi::OsString, os::unix::ffi::OsStringExt};
+        let vars = vec![
+            (OsString::from("LANG"), OsString::from_vec(vec![0xff, 0xfe])),
+            (OsString::from_vec(vec![b'X', 0xff]), OsString::from("x")),
+            (
+                OsString::from("FLOTILLA_CREDENTIALS_DMS_PASSWORD"),
+                OsString::from_vec(vec![b'p', 0xff]),
+            ),
+            (
+                OsString::from("FLOTILLA_CREDENTIALS_DMS_USERNAME"),
+                OsString::from("acs"),
+            ),
+        ];
+        let fields = env_fields("FLOTILLA_CREDENTIALS_DMS_", vars.into_iter());
+        let names: Vec<&str> = fields.iter().map(|(name, _)| name.as_str()).collect();
+        assert_eq!(names, ["username"]);
+        assert_eq!(fields[0].1.expose(), "acs");
+    }
 
     #[test]
     fn secrets_never_print() {
