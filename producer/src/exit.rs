@@ -116,10 +116,12 @@ fn classify(error: &(dyn Error + 'static)) -> Option<Exit> {
         | ProducerError::InventoryChanged(_)
         | ProducerError::Mismatch { .. }
         | ProducerError::Plan(_) => Exit::BadInput,
-        ProducerError::AlreadyRunning { .. } => Exit::Error,
         ProducerError::Broker(error) => of_broker(error),
         // Its source, a lapin error if any, decides.
         ProducerError::Topology(_) => return None,
+        // A campaign another producer is running, and whatever is added
+        // later until it is given a code of its own.
+        _ => Exit::Error,
     })
 }
 
