@@ -133,8 +133,29 @@ async fn a_piped_run_and_watch_print_decisions_and_progress_and_exit_with_failur
         .await
         .unwrap()
     };
-    let (run, watch) = tokio::join!(run, watch);
+    // Mid-way (ten devices left, started every half second), a pace.
+    let running = async {
+        harness
+            .wait_until("piped", Duration::from_secs(30), "two finished", |s| {
+                s.finished() >= 2
+            })
+            .await;
+        status_json(&harness, "piped").await
+    };
+    let (run, watch, running) = tokio::join!(run, watch, running);
     let run = run.unwrap();
+    assert_eq!(running["phase"], "running", "{running}");
+    assert!(
+        running["rate_per_minute"].as_f64().unwrap() > 0.0,
+        "{running}"
+    );
+    let eta = running["eta"].as_str().expect("an ETA while running");
+    assert!(
+        chrono::DateTime::parse_from_rfc3339(eta).is_ok(),
+        "{running}"
+    );
+    assert!(running["eta_seconds"].as_i64().unwrap() >= 0, "{running}");
+    assert_eq!(running["outcome"], Value::Null);
     worker.stop().await;
 
     // Some devices failed: not 0, and not the code of an error.
