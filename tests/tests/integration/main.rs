@@ -8,6 +8,7 @@
 mod appliance_readings;
 mod campaign_control;
 mod dms_campaigns;
+mod hardening;
 mod observability;
 mod otlp_export;
 mod producer_cli;
