@@ -95,21 +95,26 @@ pub(crate) async fn handle(
             .poll_lateness(Duration::from_millis((-early_ms).max(0) as u64));
     }
 
+    let mut job = job;
     let mode = shared.mode(&job.campaign);
     if mode == Mode::Paused {
-        // Parked: back through a delay queue at the poll pace, untouched,
-        // until the campaign resumes. No device is called.
+        // Parked: back through a delay queue at the poll pace until the
+        // campaign resumes, its deadline stopped. No device is called.
         let delay = job.policy.poll_interval;
         let queue = shared.topology.delay_queue(shared.topology.tier_for(delay));
-        let due = (Utc::now() + delay).timestamp_millis();
+        let now = Utc::now();
+        job.park(now);
+        let due = (now + delay).timestamp_millis();
         let message = Message::new(JOB_MESSAGE_TYPE)
             .id(message_id(&job))
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due);
-        publisher.publish(&queue, &delivery.data, message).await?;
+        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
+        publisher.publish(&queue, &body, message).await?;
         shared.metrics.parked();
         return ack(&delivery).await;
     }
+    job.unpark(Utc::now());
 
     // The step is decoded once, here; what cannot be is dead-lettered.
     let (campaign, device, kind, attempt) = (

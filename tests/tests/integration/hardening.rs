@@ -2,7 +2,8 @@
 //! nor fork: bounded device answers, redirects, failed hand-offs, poison
 //! loops, parked deadlines, and a step redelivered after its hand-off.
 
-use flotilla_common::{DeviceKind, ErrorClass, Outcome};
+use flotilla_common::{DeviceKind, ErrorClass, Outcome, control::Command};
+use flotilla_producer::send_command;
 use flotilla_sim::{Fleet, FleetSpec, Quirks};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::{
@@ -113,5 +114,57 @@ async fn a_redirect_is_not_followed_and_names_where_it_pointed() {
         "the redirect was followed"
     );
     listener.abort();
+    harness.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn time_paused_does_not_count_against_the_deadline() {
+    let harness = Harness::new("parkdeadline").await;
+    let fleet = Fleet::start(FleetSpec {
+        upgrade_time: Duration::from_millis(1000)..=Duration::from_millis(1500),
+        ..cpes(10, Quirks::default())
+    })
+    .await
+    .unwrap();
+    let worker = harness.start_worker("w1", fleet_credentials(&fleet));
+    let mut campaign = harness.campaign("parkdeadline");
+    campaign.policy.deadline = Duration::from_secs(5);
+    harness.publish(&campaign, fleet.devices()).await;
+    // Every job under way (its deadline set by its first step), then a
+    // pause longer than the whole deadline.
+    harness
+        .wait_until(
+            &campaign.id,
+            Duration::from_secs(30),
+            "every device's first step",
+            |s| s.devices().filter(|(_, d)| d.steps > 0).count() == 10,
+        )
+        .await;
+    let command = |command| {
+        send_command(
+            &harness.broker,
+            &harness.topology,
+            &campaign.id,
+            command,
+            None,
+        )
+    };
+    command(Command::Pause).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    command(Command::Resume).await.unwrap();
+
+    let state = harness
+        .wait_finished(&campaign.id, 10, Duration::from_secs(60))
+        .await;
+    worker.stop().await;
+    for device in fleet.devices() {
+        let ending = &state.outcome_of(&device.id).unwrap().ending;
+        assert_eq!(
+            ending.outcome,
+            Outcome::Succeeded,
+            "{}: {ending:?}",
+            device.id
+        );
+    }
     harness.teardown().await;
 }
