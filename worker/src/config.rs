@@ -16,11 +16,8 @@ pub struct WorkerConfig {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Deliveries the broker may hand this worker ahead of its acks.
-    #[arg(long, env = "FLOTILLA_PREFETCH", default_value_t = 200)]
-    pub prefetch: u16,
-
-    /// Steps this worker runs at once.
+    /// Steps this worker runs at once, each on a consumer of its own
+    /// that takes one delivery at a time: the worker's prefetch.
     #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
@@ -86,7 +83,6 @@ impl WorkerConfig {
     pub fn new(broker: BrokerArgs) -> Self {
         WorkerConfig {
             broker,
-            prefetch: 200,
             concurrency: 64,
             shutdown_grace: Duration::from_secs(90),
             http_timeout: Duration::from_secs(30),

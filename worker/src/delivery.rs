@@ -1,11 +1,15 @@
-//! Handling one delivery: decode, run its step, publish what follows and
-//! the events, wait for the broker's confirms, then ack.
+//! Handling one delivery: decode, run its step, then hand off: what follows
+//! (the next step, a delay, a parking, a dead letter), its events and the
+//! delivery's ack, in one transaction on the channel the delivery came on.
 //!
-//! Acking last makes the pipeline at-least-once: a worker that dies anywhere
-//! before the ack leaves the message to be redelivered, which is why every
-//! driver step observes the device before acting. A message that cannot be
-//! processed goes to the dead-letter queue with its reason, then is acked;
-//! it is never dropped.
+//! The commit makes the hand-off one outcome: a worker that dies before it
+//! leaves the message to be redelivered and nothing published, and one that
+//! dies after leaves it acked with everything published. A step therefore
+//! never forks its job into two chains, and every driver step still
+//! observes the device before acting, since a step whose worker died
+//! before committing runs again. A message that cannot be processed goes to
+//! the dead-letter queue with its reason, in the same way; it is never
+//! dropped.
 
 use crate::{
     credentials::CredentialStore,
@@ -19,7 +23,7 @@ use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeviceKind, EVENT_MESSAGE_TYPE, EventBody, JOB_MESSAGE_TYPE, JOB_VERSION, Job,
-    Message, Publisher, Topology, headers, telemetry,
+    Message, Topology, TxPublisher, headers, telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -60,9 +64,12 @@ impl Shared {
     }
 }
 
+/// Handles one delivery up to its committed hand-off. On an error the
+/// transaction is left open: the caller closes the channel, which discards
+/// it and returns the delivery to the queue.
 pub(crate) async fn handle(
     delivery: Delivery,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
@@ -82,13 +89,13 @@ pub(crate) async fn handle(
                 .id(message_id(&job))
                 .headers(carried_headers(incoming));
             publisher
-                .publish(
+                .send(
                     &queue,
                     &delivery.data,
                     message.header(headers::DUE_AT_MS, due_ms),
                 )
                 .await?;
-            return ack(&delivery).await;
+            return commit(&delivery, publisher).await;
         }
         shared
             .metrics
@@ -110,9 +117,10 @@ pub(crate) async fn handle(
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due);
         let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
-        publisher.publish(&queue, &body, message).await?;
+        publisher.send(&queue, &body, message).await?;
+        commit(&delivery, publisher).await?;
         shared.metrics.parked();
-        return ack(&delivery).await;
+        return Ok(());
     }
     job.unpark(Utc::now());
 
@@ -144,8 +152,7 @@ pub(crate) async fn handle(
             Ok(executed) => executed,
             Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
         };
-        publish(executed, incoming.as_ref(), publisher, shared).await?;
-        ack(&delivery).await
+        hand_off(executed, &delivery, incoming.as_ref(), publisher, shared).await
     }
     .instrument(span)
     .await
@@ -164,14 +171,14 @@ async fn run_step(
     executed
 }
 
-/// Sends the follow-up and the events, then waits for every confirm.
-async fn publish(
+/// Sends the follow-up and the events, and commits them with the ack.
+async fn hand_off(
     executed: Executed,
+    delivery: &Delivery,
     incoming: Option<&FieldTable>,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
-    let mut confirms = Vec::with_capacity(3);
     if let Some(follow_up) = executed.follow_up {
         let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
         let mut message = Message::new(JOB_MESSAGE_TYPE)
@@ -185,22 +192,18 @@ async fn publish(
             }
             None => shared.topology.jobs(),
         };
-        confirms.push(publisher.send(&queue, &body, message).await?);
+        publisher.send(&queue, &body, message).await?;
     }
     for event in &executed.events {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
         let message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
-        confirms.push(
-            publisher
-                .send(&shared.topology.events(), &body, message)
-                .await?,
-        );
+        publisher
+            .send(&shared.topology.events(), &body, message)
+            .await?;
     }
-    for confirm in confirms {
-        confirm.wait().await?;
-    }
+    commit(delivery, publisher).await?;
     // Counted once the broker holds the outcome, so a redelivery after a
-    // failed publish does not count it twice.
+    // failed hand-off does not count it twice.
     for event in &executed.events {
         if let EventBody::Finished(finished) = &event.body {
             shared
@@ -246,7 +249,7 @@ fn decode(data: &[u8]) -> Result<Job, Rejection> {
 
 async fn dead_letter(
     delivery: Delivery,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
@@ -257,15 +260,18 @@ async fn dead_letter(
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
     let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
     publisher
-        .publish(&shared.topology.dead(), &delivery.data, message)
+        .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
+    commit(&delivery, publisher).await?;
     shared.metrics.dead_lettered(rejection.reason);
-    ack(&delivery).await
+    Ok(())
 }
 
-async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
+/// Acks the delivery and commits it with everything sent for it.
+async fn commit(delivery: &Delivery, publisher: &TxPublisher) -> Result<(), BrokerError> {
     delivery.acker.ack(BasicAckOptions::default()).await?;
-    debug!(tag = delivery.delivery_tag, "acked");
+    publisher.commit().await?;
+    debug!(tag = delivery.delivery_tag, "acked and committed");
     Ok(())
 }
 
