@@ -3,9 +3,9 @@
 //! A session is one broker connection: declare the topology, read the
 //! control stream to its end, then run `concurrency` slots. A slot is one
 //! consumer on a channel of its own, in transaction mode, taking one
-//! delivery at a time (prefetch 1): a delivery and its hand-off (what
-//! follows, its events, its ack) are one commit on that channel, and no
-//! delivery waits unacked behind another's long step. A hand-off that
+//! delivery at a time (prefetch 1): a delivery's hand-off (what follows,
+//! its events, then its ack) is committed on that channel, and no delivery
+//! waits unacked behind another's long step. A hand-off that
 //! fails (the broker refused it, or the channel broke) ends the session
 //! like a lost connection: the connection is closed, which returns every
 //! delivery to the queue at once, `/readyz` turns red, and `run` starts a

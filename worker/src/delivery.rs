@@ -1,15 +1,14 @@
 //! Handling one delivery: decode, run its step, then hand off: what follows
-//! (the next step, a delay, a parking, a dead letter), its events and the
-//! delivery's ack, in one transaction on the channel the delivery came on.
+//! (the next step, a delay, a parking, a dead letter) and its events, then
+//! the delivery's ack, in transactions on the channel the delivery came on.
 //!
-//! The commit makes the hand-off one outcome: a worker that dies before it
-//! leaves the message to be redelivered and nothing published, and one that
-//! dies after leaves it acked with everything published. A step therefore
-//! never forks its job into two chains, and every driver step still
-//! observes the device before acting, since a step whose worker died
-//! before committing runs again. A message that cannot be processed goes to
-//! the dead-letter queue with its reason, in the same way; it is never
-//! dropped.
+//! What follows is committed first, the ack after (see [`commit`]): a
+//! worker that dies anywhere before the ack leaves the message to be
+//! redelivered, which is why every driver step observes the device before
+//! acting. A failed hand-off fails the channel the delivery came on, so
+//! the delivery goes back to the queue at once. A message that cannot be
+//! processed goes to the dead-letter queue with its reason, in the same
+//! way; it is never dropped.
 
 use crate::{
     credentials::CredentialStore,
@@ -267,11 +266,22 @@ async fn dead_letter(
     Ok(())
 }
 
-/// Acks the delivery and commits it with everything sent for it.
+/// Commits everything sent for the delivery, then acks it in a second
+/// commit.
+///
+/// One commit for both is not one outcome: RabbitMQ applies a commit's
+/// acks at once but its messages queue by queue, and a connection lost
+/// mid-commit was seen (1 job in 200, the broker connection cut under load)
+/// to keep the ack and an event while losing the next job message. The
+/// first commit's answer comes once every queue holds its message; only
+/// then is the delivery acked. A worker that dies between the two commits
+/// leaves its delivery to be redelivered with its hand-off already
+/// published, as with publisher confirms: that window is still open.
 async fn commit(delivery: &Delivery, publisher: &TxPublisher) -> Result<(), BrokerError> {
+    publisher.commit().await?;
     delivery.acker.ack(BasicAckOptions::default()).await?;
     publisher.commit().await?;
-    debug!(tag = delivery.delivery_tag, "acked and committed");
+    debug!(tag = delivery.delivery_tag, "handed off and acked");
     Ok(())
 }
 
