@@ -265,7 +265,14 @@ impl Publisher {
 /// sent between two commits reach their queues together or not at all, even
 /// if this process dies in between (the broker drops uncommitted messages
 /// with the channel). The producer uses it so that a device's job and the
-/// event recording its publication are never separated by a crash.
+/// event recording its publication are never separated by a crash; a
+/// worker, on the channel it consumes from, so that a delivery's ack and
+/// what it hands on are one outcome.
+///
+/// A transaction has no confirms: a message that a queue refuses (a queue
+/// at a length limit with `reject-publish`) is dropped while the commit
+/// succeeds. Flotilla's queues have no length limit; none must be set on
+/// them.
 pub struct TxPublisher {
     channel: Channel,
 }
@@ -273,8 +280,20 @@ pub struct TxPublisher {
 impl TxPublisher {
     pub async fn open(connection: &lapin::Connection) -> Result<Self, BrokerError> {
         let channel = connection.create_channel().await?;
+        TxPublisher::on(channel).await
+    }
+
+    /// Puts `channel` (a consuming one, say) in transaction mode: its acks
+    /// then take effect with the next commit, too.
+    pub async fn on(channel: Channel) -> Result<Self, BrokerError> {
         channel.tx_select().await?;
         Ok(TxPublisher { channel })
+    }
+
+    /// Discards every message and ack since the last commit.
+    pub async fn rollback(&self) -> Result<(), BrokerError> {
+        self.channel.tx_rollback().await?;
+        Ok(())
     }
 
     /// Adds a persistent message to the current transaction.

@@ -56,6 +56,11 @@ pub struct Job {
     /// and ends `timed_out`. Set when the first step runs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<DateTime<Utc>>,
+    /// Since when the job has been parked (its campaign paused), if it is:
+    /// time parked does not count against its deadline, which moves on by
+    /// as much when the job runs again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parked_at: Option<DateTime<Utc>>,
     /// The decided outcome, once there is one: the job is then running its
     /// driver's cleanup and ends with this, whatever the cleanup meets.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -84,7 +89,25 @@ impl Job {
             published_at: Some(Utc::now()),
             started_at: None,
             deadline: None,
+            parked_at: None,
             ending: None,
+        }
+    }
+}
+
+impl Job {
+    /// Marks the job parked from `now` (kept from its first parking).
+    pub fn park(&mut self, now: DateTime<Utc>) {
+        self.parked_at.get_or_insert(now);
+    }
+
+    /// Ends a parking at `now`: the deadline moves on by the time parked.
+    pub fn unpark(&mut self, now: DateTime<Utc>) {
+        if let Some(parked_at) = self.parked_at.take()
+            && let Some(deadline) = &mut self.deadline
+            && now > parked_at
+        {
+            *deadline += now - parked_at;
         }
     }
 }
@@ -269,5 +292,26 @@ mod tests {
         old.as_object_mut().unwrap().remove("published_at");
         let back: Job = serde_json::from_value(old).unwrap();
         assert_eq!(back.published_at, None);
+    }
+
+    #[test]
+    fn time_parked_moves_the_deadline_on() {
+        let mut job = Job::new(
+            "c",
+            device("http://127.0.0.1:9000"),
+            Target {
+                version: "1".into(),
+                image_url: "http://files.local/fw.bin".parse().unwrap(),
+                sha256: "ab".repeat(32),
+            },
+            JobPolicy::default(),
+        );
+        let start = Utc::now();
+        job.deadline = Some(start + chrono::Duration::minutes(10));
+        job.park(start);
+        job.park(start + chrono::Duration::minutes(3));
+        job.unpark(start + chrono::Duration::minutes(30));
+        assert_eq!(job.deadline, Some(start + chrono::Duration::minutes(40)));
+        assert_eq!(job.parked_at, None);
     }
 }

@@ -146,6 +146,10 @@ impl<'f> Builder<'f> {
             dice: self.dice(seed),
             error_body,
             clock: self.clock(),
+            shape: crate::host::Shape {
+                redirect_to: self.spec.quirks.redirect_to.clone(),
+                padding: self.spec.quirks.answer_padding,
+            },
         }
     }
 

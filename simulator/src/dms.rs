@@ -206,6 +206,8 @@ struct CpeState {
     results: Vec<Value>,
     upgrades_done: u32,
     connection_requests: u32,
+    /// Rule creations naming this CPE (`POST FirmwareStorage`).
+    rule_posts: u32,
 }
 
 struct Upgrade {
@@ -242,6 +244,7 @@ impl Dms {
                     results: Vec::new(),
                     upgrades_done: 0,
                     connection_requests: 0,
+                    rule_posts: 0,
                 };
                 (id, cpe)
             })
@@ -323,6 +326,19 @@ impl Dms {
         })
     }
 
+    /// The acting calls the DMS received for a CPE: rule creations naming
+    /// it, and connection requests to it (each once per job when nothing
+    /// runs twice).
+    pub fn acting_calls(&self, cpe_id: &str) -> ActingCalls {
+        self.lock()
+            .cpes
+            .get(cpe_id)
+            .map_or_else(ActingCalls::default, |cpe| ActingCalls {
+                rule_posts: cpe.rule_posts,
+                connection_requests: cpe.connection_requests,
+            })
+    }
+
     /// The most CPEs this DMS ever had upgrading at once.
     pub fn max_concurrent_upgrades(&self) -> usize {
         self.lock().max_concurrent_upgrades
@@ -332,6 +348,13 @@ impl Dms {
     pub fn requests(&self) -> u64 {
         self.lock().requests
     }
+}
+
+/// What a DMS was asked to do for one CPE.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ActingCalls {
+    pub rule_posts: u32,
+    pub connection_requests: u32,
 }
 
 /// Completes an upgrade whose time has come, as the CPE's fate says.
@@ -447,8 +470,9 @@ async fn create_rule(
         return bad_request("the rule id must be UPGRADE_<cpeid>");
     }
     let mut inner = dms.lock();
-    if !inner.cpes.contains_key(&condition.cpeid) {
-        return storage(404, json!(format!("no CPE {}", condition.cpeid)));
+    match inner.cpes.get_mut(&condition.cpeid) {
+        Some(cpe) => cpe.rule_posts += 1,
+        None => return storage(404, json!(format!("no CPE {}", condition.cpeid))),
     }
     match inner.rules.get_mut(&rule.id) {
         Some(_) if dms.state.conflict_on_existing_rule => {

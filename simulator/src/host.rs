@@ -39,6 +39,17 @@ pub(crate) struct Behaviour {
     pub(crate) error_body: &'static str,
     /// The device's clock, for every answer's `Date` header.
     pub(crate) clock: Clock,
+    /// Answers that test what a worker accepts from a device.
+    pub(crate) shape: Shape,
+}
+
+/// How every answer of a host is bent, whatever the API.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Shape {
+    /// Every request is answered `307 Temporary Redirect` to this URL.
+    pub(crate) redirect_to: Option<String>,
+    /// Bytes of whitespace after every answer's body (JSON stays valid).
+    pub(crate) padding: usize,
 }
 
 fn app(routes: Router, behaviour: Behaviour) -> Router {
@@ -184,7 +195,13 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
-    let mut response = if fail {
+    let mut response = if let Some(location) = &behaviour.shape.redirect_to {
+        (
+            StatusCode::TEMPORARY_REDIRECT,
+            [(axum::http::header::LOCATION, location.clone())],
+        )
+            .into_response()
+    } else if fail {
         (
             StatusCode::INTERNAL_SERVER_ERROR,
             [("content-type", "application/json")],
@@ -194,6 +211,9 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
     } else {
         next.run(request).await
     };
+    if behaviour.shape.padding > 0 {
+        response = pad(response, behaviour.shape.padding).await;
+    }
     // The device's own clock, not the machine's (the server adds none).
     if let Some(Ok(date)) = behaviour.clock.http_date().map(|d| d.parse()) {
         response
@@ -201,6 +221,17 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
             .insert(axum::http::header::DATE, date);
     }
     response
+}
+
+async fn pad(response: Response, padding: usize) -> Response {
+    let (mut parts, body) = response.into_parts();
+    let mut bytes = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .map(|b| b.to_vec())
+        .unwrap_or_default();
+    bytes.resize(bytes.len() + padding, b' ');
+    parts.headers.remove(axum::http::header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(bytes))
 }
 
 /// Whether the request carries HTTP Basic credentials `user`:`password`.
@@ -236,6 +267,7 @@ mod tests {
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
             clock: Clock::default(),
+            shape: Shape::default(),
         };
         let stop = CancellationToken::new();
         let routes = Router::new().route("/ping", get(|| async { "pong" }));
@@ -272,6 +304,7 @@ mod tests {
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
             clock: Clock::default(),
+            shape: Shape::default(),
         };
         let stop = CancellationToken::new();
         let routes = Router::new().route("/ping", get(|| async { "pong" }));
@@ -308,6 +341,7 @@ mod tests {
                 dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
                 error_body: "{}",
                 clock,
+                shape: Shape::default(),
             };
             let routes = Router::new().route("/ping", get(|| async { "pong" }));
             let host = Host::start(

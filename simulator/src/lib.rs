@@ -199,6 +199,10 @@ pub struct Quirks {
     pub sps_upgrade_not_selected: bool,
     /// An upload (NPM, SPS) takes at least this long to be answered.
     pub upload_time: Duration,
+    /// Every request is answered `307 Temporary Redirect` to this URL.
+    pub redirect_to: Option<String>,
+    /// Every answer's body is followed by this many bytes of whitespace.
+    pub answer_padding: usize,
 }
 
 impl Default for FleetSpec {

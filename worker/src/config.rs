@@ -4,6 +4,9 @@ pub use flotilla_common::cli::Listen;
 use flotilla_common::cli::{BrokerArgs, parse_listen};
 use std::time::Duration;
 
+/// 1 MiB: far more than any device API answer Flotilla reads.
+pub const DEFAULT_MAX_ANSWER_SIZE: u64 = 1 << 20;
+
 #[derive(Debug, Clone, clap::Parser)]
 #[command(
     name = "flotilla-worker",
@@ -14,11 +17,8 @@ pub struct WorkerConfig {
     #[command(flatten)]
     pub broker: BrokerArgs,
 
-    /// Deliveries the broker may hand this worker ahead of its acks.
-    #[arg(long, env = "FLOTILLA_PREFETCH", default_value_t = 200)]
-    pub prefetch: u16,
-
-    /// Steps this worker runs at once.
+    /// Steps this worker runs at once, each on a consumer of its own
+    /// that takes one delivery at a time: the worker's prefetch.
     #[arg(long, env = "FLOTILLA_CONCURRENCY", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub concurrency: u16,
 
@@ -31,6 +31,11 @@ pub struct WorkerConfig {
     #[arg(long, env = "FLOTILLA_HTTP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http_timeout: Duration,
 
+    /// The most bytes read of one device answer (`1048576`, `512KiB`,
+    /// `4MiB`); a longer answer fails its step.
+    #[arg(long, env = "FLOTILLA_MAX_ANSWER_SIZE", default_value = "1MiB", value_parser = parse_size)]
+    pub max_answer_size: u64,
+
     /// Where to serve /metrics, /healthz and /readyz; "off" to serve none.
     #[arg(long, env = "FLOTILLA_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_listen)]
     pub metrics_addr: Listen,
@@ -41,17 +46,48 @@ pub struct WorkerConfig {
     pub name: Option<String>,
 }
 
+/// A size in bytes, with an optional `KiB` or `MiB` suffix.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let trimmed = text.trim();
+    let (number, unit) = match trimmed {
+        t if t.ends_with("MiB") => (&t[..t.len() - 3], 1 << 20),
+        t if t.ends_with("KiB") => (&t[..t.len() - 3], 1 << 10),
+        t => (t, 1),
+    };
+    number
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(unit))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| format!("{text:?} is not a size like 1048576, 512KiB or 4MiB"))
+}
+
 impl WorkerConfig {
     /// Defaults, with the given broker settings (for tests and the demo).
     pub fn new(broker: BrokerArgs) -> Self {
         WorkerConfig {
             broker,
-            prefetch: 200,
             concurrency: 64,
             shutdown_grace: Duration::from_secs(90),
             http_timeout: Duration::from_secs(30),
+            max_answer_size: DEFAULT_MAX_ANSWER_SIZE,
             metrics_addr: Listen::Off,
             name: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_read_with_or_without_a_unit() {
+        assert_eq!(parse_size("1MiB"), Ok(DEFAULT_MAX_ANSWER_SIZE));
+        assert_eq!(parse_size("512KiB"), Ok(512 * 1024));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("0").is_err());
+        assert!(parse_size("1MB").is_err());
     }
 }

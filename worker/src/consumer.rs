@@ -1,10 +1,17 @@
 //! The worker's connection lifecycle and consume loop.
 //!
-//! A session is one broker connection: declare the topology, consume the
-//! jobs queue with a bounded prefetch, and run at most `concurrency`
-//! deliveries at once, each in its own task with its own confirm-mode
-//! channel. When the connection drops, the session ends and `run` starts a
-//! new one; unacked deliveries go back to the queue by themselves.
+//! A session is one broker connection: declare the topology, read the
+//! control stream to its end, then run `concurrency` slots. A slot is one
+//! consumer on a channel of its own, in transaction mode, taking one
+//! delivery at a time (prefetch 1): a delivery's hand-off (what follows,
+//! its events, then its ack) is committed on that channel, and no delivery
+//! waits unacked behind another's long step. A hand-off that
+//! fails (the broker refused it, or the channel broke) ends the session
+//! like a lost connection: the connection is closed, which returns every
+//! delivery to the queue at once, `/readyz` turns red, and `run` starts a
+//! new session after a backoff that grows while sessions keep failing, so
+//! a broker that keeps refusing is not asked again at full speed (each
+//! return counts toward the queue's delivery limit).
 
 use crate::{
     WorkerError,
@@ -12,14 +19,15 @@ use crate::{
     delivery::{self, Shared},
 };
 use flotilla_common::{
-    Broker, BrokerError, Publisher, TopologyError,
+    Broker, BrokerError, TopologyError, TxPublisher,
     control::ControlMessage,
     ops::Readiness,
     stream::{Offset, Record, StreamReader},
 };
 use futures::{FutureExt, StreamExt};
 use lapin::{
-    options::{BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    Consumer,
+    options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
     types::FieldTable,
 };
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
@@ -162,30 +170,26 @@ async fn session(
     while let Ok(record) = tokio::time::timeout(CONTROL_CATCH_UP, control.next()).await {
         apply_control(shared, record)?;
     }
-    let channel = connection.create_channel().await?;
-    channel
-        .basic_qos(config.prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            shared.topology.jobs().into(),
-            "".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
+    let jobs = shared.topology.jobs();
+    let stop_taking = CancellationToken::new();
+    let mut slots: JoinSet<(Slot, Result<(), BrokerError>)> = JoinSet::new();
+    // Slots that stopped, kept open until the connection closes (see
+    // `Slot::run`).
+    let mut stopped: Vec<Slot> = Vec::new();
+    for _ in 0..config.concurrency {
+        if stop_taking.is_cancelled() {
+            break;
+        }
+        let slot = Slot::open(&connection, &jobs).await?;
+        slots.spawn(slot.run(shared.clone(), stop_taking.clone()));
+    }
     if *connected_before {
         shared.metrics.reconnected();
     }
     *connected_before = true;
     readiness.set(true);
-    info!(queue = %shared.topology.jobs(), prefetch = config.prefetch, concurrency = config.concurrency, "consuming");
+    info!(queue = %jobs, concurrency = config.concurrency, "consuming");
 
-    let concurrency = usize::from(config.concurrency);
-    let mut tasks: JoinSet<Option<Publisher>> = JoinSet::new();
-    // Each task owns a channel while it runs: confirms on a shared channel
-    // can reach the wrong task.
-    let mut idle: Vec<Publisher> = Vec::new();
     let ended: Result<(), SessionError> = loop {
         tokio::select! {
             biased;
@@ -195,49 +199,100 @@ async fn session(
                     break Err(error);
                 }
             }
-            Some(joined) = tasks.join_next(), if !tasks.is_empty() => {
-                if let Ok(Some(publisher)) = joined {
-                    idle.push(publisher);
+            Some(joined) = slots.join_next() => match joined {
+                Ok((slot, result)) => {
+                    stopped.push(slot);
+                    if let Err(error) = result {
+                        break Err(error.into());
+                    }
                 }
-            }
-            next = consumer.next(), if tasks.len() < concurrency => {
-                let delivery = match next {
-                    Some(Ok(delivery)) => delivery,
-                    Some(Err(error)) => break Err(error.into()),
-                    None => break Err(BrokerError::ConnectionLost.into()),
-                };
-                let publisher = match idle.pop() {
-                    Some(publisher) if publisher.is_usable() => publisher,
-                    _ => match Publisher::open(&connection).await {
-                        Ok(publisher) => publisher,
-                        Err(error) => break Err(error.into()),
-                    },
-                };
-                tasks.spawn(run_delivery(delivery, publisher, shared.clone()));
-            }
+                Err(_) => break Err(BrokerError::ConnectionLost.into()),
+            },
         }
     };
     readiness.set(false);
+    stop_taking.cancel();
+    if ended.is_ok() {
+        drain(&mut slots, &mut stopped, config.shutdown_grace).await;
+    }
+    // Closing the connection returns every delivery still unacked (after a
+    // failed hand-off, a lost connection or the grace period) at once, and
+    // only then are the slots dropped.
+    let _ = connection.close(200, "worker session ending".into()).await;
+    slots.abort_all();
+    while slots.join_next().await.is_some() {}
+    drop(stopped);
+    ended
+}
 
-    match ended {
-        Ok(()) => {
-            // Stop deliveries first; what was prefetched but not started
-            // returns to the queue when the channel closes.
-            let _ = channel
-                .basic_cancel(consumer.tag(), BasicCancelOptions::default())
-                .await;
-            drain(tasks, config.shutdown_grace).await;
-            let _ = channel.close(200, "worker shutting down".into()).await;
-            let _ = connection.close(200, "worker shutting down".into()).await;
-            Ok(())
+/// One consumer of the jobs queue, on a channel of its own in transaction
+/// mode, taking one delivery at a time.
+struct Slot {
+    consumer: Consumer,
+    publisher: TxPublisher,
+}
+
+impl Slot {
+    async fn open(connection: &lapin::Connection, queue: &str) -> Result<Slot, BrokerError> {
+        let channel = connection.create_channel().await?;
+        channel.basic_qos(1, BasicQosOptions::default()).await?;
+        let publisher = TxPublisher::on(channel.clone()).await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                "".into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Slot {
+            consumer,
+            publisher,
+        })
+    }
+
+    /// Takes deliveries until `stop` (finishing the one under way) or until
+    /// a hand-off fails, which stops every slot of the session. Gives the
+    /// slot back, open: a delivery the broker sent ahead stays unacked
+    /// until the session closes the connection, which returns every slot's
+    /// at once. A consumer cancelled or a channel closed (as dropping a
+    /// slot does) one by one would hand it to the next slot still open,
+    /// each time spending one of its deliveries (the queue's delivery
+    /// limit).
+    async fn run(
+        mut self,
+        shared: Arc<Shared>,
+        stop: CancellationToken,
+    ) -> (Slot, Result<(), BrokerError>) {
+        let result = self.take(&shared, &stop).await;
+        (self, result)
+    }
+
+    async fn take(&mut self, shared: &Shared, stop: &CancellationToken) -> Result<(), BrokerError> {
+        loop {
+            let delivery = tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                next = self.consumer.next() => match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(error)) => return Err(error.into()),
+                    None => return Err(BrokerError::ConnectionLost),
+                },
+            };
+            if let Err(error) = run_delivery(delivery, &self.publisher, shared).await {
+                // The session closes the connection: the open transaction
+                // is discarded and the delivery goes back to the queue now,
+                // not at the broker's consumer timeout.
+                shared.metrics.handoff_failed();
+                warn!(%error, "could not hand off a delivery; it goes back to the queue");
+                // The other slots stop taking deliveries too: the broker
+                // would refuse theirs alike, and a delivery bounced from
+                // slot to slot would spend its delivery limit at once.
+                stop.cancel();
+                return Err(error);
+            }
         }
-        Err(error) => {
-            // Their deliveries died with the connection and will be
-            // redelivered; finishing them would only fail to ack.
-            tasks.abort_all();
-            while tasks.join_next().await.is_some() {}
-            Err(error)
-        }
+        Ok(())
     }
 }
 
@@ -263,55 +318,55 @@ fn apply_control(
     Ok(())
 }
 
-/// One delivery's task. Gives its publisher back unless its channel broke.
+/// One delivery, up to its committed hand-off.
 async fn run_delivery(
     delivery: lapin::message::Delivery,
-    publisher: Publisher,
-    shared: Arc<Shared>,
-) -> Option<Publisher> {
+    publisher: &TxPublisher,
+    shared: &Shared,
+) -> Result<(), BrokerError> {
     let acker = delivery.acker.clone();
-    let handled = AssertUnwindSafe(delivery::handle(delivery, &publisher, &shared))
+    let handled = AssertUnwindSafe(delivery::handle(delivery, publisher, shared))
         .catch_unwind()
         .await;
     match handled {
-        Ok(Ok(())) => Some(publisher),
-        Ok(Err(error)) => {
-            warn!(%error, "could not finish a delivery; the broker will redeliver it");
-            None
-        }
+        Ok(result) => result,
         Err(_) => {
             // A driver bug. Requeue it: the queue's delivery limit
             // dead-letters a message that keeps crashing workers.
             error!("a step panicked; requeueing its message");
-            let _ = acker
+            publisher.rollback().await?;
+            acker
                 .nack(BasicNackOptions {
                     requeue: true,
                     ..BasicNackOptions::default()
                 })
-                .await;
-            Some(publisher)
+                .await?;
+            publisher.commit().await
         }
     }
 }
 
-async fn drain(mut tasks: JoinSet<Option<Publisher>>, grace: Duration) {
-    let in_flight = tasks.len();
-    if in_flight == 0 {
-        info!("drained: no steps in flight");
-        return;
-    }
-    info!(in_flight, ?grace, "finishing in-flight steps");
-    let finished =
-        tokio::time::timeout(grace, async { while tasks.join_next().await.is_some() {} }).await;
+/// Lets the slots finish their steps within `grace`, keeping each open.
+async fn drain(
+    slots: &mut JoinSet<(Slot, Result<(), BrokerError>)>,
+    stopped: &mut Vec<Slot>,
+    grace: Duration,
+) {
+    info!(?grace, "finishing in-flight steps");
+    let finished = tokio::time::timeout(grace, async {
+        while let Some(joined) = slots.join_next().await {
+            if let Ok((slot, _)) = joined {
+                stopped.push(slot);
+            }
+        }
+    })
+    .await;
     match finished {
         Ok(()) => info!("drained: every in-flight step finished"),
-        Err(_) => {
-            warn!(
-                abandoned = tasks.len(),
-                "grace period over; abandoning steps, which the broker will redeliver"
-            );
-            tasks.abort_all();
-        }
+        Err(_) => warn!(
+            abandoned = slots.len(),
+            "grace period over; abandoning steps, which the broker will redeliver"
+        ),
     }
 }
 

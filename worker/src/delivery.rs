@@ -1,11 +1,14 @@
-//! Handling one delivery: decode, run its step, publish what follows and
-//! the events, wait for the broker's confirms, then ack.
+//! Handling one delivery: decode, run its step, then hand off: what follows
+//! (the next step, a delay, a parking, a dead letter) and its events, then
+//! the delivery's ack, in transactions on the channel the delivery came on.
 //!
-//! Acking last makes the pipeline at-least-once: a worker that dies anywhere
-//! before the ack leaves the message to be redelivered, which is why every
-//! driver step observes the device before acting. A message that cannot be
-//! processed goes to the dead-letter queue with its reason, then is acked;
-//! it is never dropped.
+//! What follows is committed first, the ack after (see [`commit`]): a
+//! worker that dies anywhere before the ack leaves the message to be
+//! redelivered, which is why every driver step observes the device before
+//! acting. A failed hand-off fails the channel the delivery came on, so
+//! the delivery goes back to the queue at once. A message that cannot be
+//! processed goes to the dead-letter queue with its reason, in the same
+//! way; it is never dropped.
 
 use crate::{
     credentials::CredentialStore,
@@ -19,7 +22,7 @@ use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeviceKind, EVENT_MESSAGE_TYPE, EventBody, JOB_MESSAGE_TYPE, JOB_VERSION, Job,
-    Message, Publisher, Topology, headers, telemetry,
+    Message, Topology, TxPublisher, headers, telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -60,9 +63,12 @@ impl Shared {
     }
 }
 
+/// Handles one delivery up to its committed hand-off. On an error the
+/// transaction is left open: the caller closes the channel, which discards
+/// it and returns the delivery to the queue.
 pub(crate) async fn handle(
     delivery: Delivery,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
@@ -82,34 +88,40 @@ pub(crate) async fn handle(
                 .id(message_id(&job))
                 .headers(carried_headers(incoming));
             publisher
-                .publish(
+                .send(
                     &queue,
                     &delivery.data,
                     message.header(headers::DUE_AT_MS, due_ms),
                 )
                 .await?;
-            return ack(&delivery).await;
+            return commit(&delivery, publisher).await;
         }
         shared
             .metrics
             .poll_lateness(Duration::from_millis((-early_ms).max(0) as u64));
     }
 
+    let mut job = job;
     let mode = shared.mode(&job.campaign);
     if mode == Mode::Paused {
-        // Parked: back through a delay queue at the poll pace, untouched,
-        // until the campaign resumes. No device is called.
+        // Parked: back through a delay queue at the poll pace until the
+        // campaign resumes, its deadline stopped. No device is called.
         let delay = job.policy.poll_interval;
         let queue = shared.topology.delay_queue(shared.topology.tier_for(delay));
-        let due = (Utc::now() + delay).timestamp_millis();
+        let now = Utc::now();
+        job.park(now);
+        let due = (now + delay).timestamp_millis();
         let message = Message::new(JOB_MESSAGE_TYPE)
             .id(message_id(&job))
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due);
-        publisher.publish(&queue, &delivery.data, message).await?;
+        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
+        publisher.send(&queue, &body, message).await?;
+        commit(&delivery, publisher).await?;
         shared.metrics.parked();
-        return ack(&delivery).await;
+        return Ok(());
     }
+    job.unpark(Utc::now());
 
     // The step is decoded once, here; what cannot be is dead-lettered.
     let (campaign, device, kind, attempt) = (
@@ -139,8 +151,7 @@ pub(crate) async fn handle(
             Ok(executed) => executed,
             Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
         };
-        publish(executed, incoming.as_ref(), publisher, shared).await?;
-        ack(&delivery).await
+        hand_off(executed, &delivery, incoming.as_ref(), publisher, shared).await
     }
     .instrument(span)
     .await
@@ -159,14 +170,14 @@ async fn run_step(
     executed
 }
 
-/// Sends the follow-up and the events, then waits for every confirm.
-async fn publish(
+/// Sends the follow-up and the events, and commits them with the ack.
+async fn hand_off(
     executed: Executed,
+    delivery: &Delivery,
     incoming: Option<&FieldTable>,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
-    let mut confirms = Vec::with_capacity(3);
     if let Some(follow_up) = executed.follow_up {
         let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
         let mut message = Message::new(JOB_MESSAGE_TYPE)
@@ -180,22 +191,18 @@ async fn publish(
             }
             None => shared.topology.jobs(),
         };
-        confirms.push(publisher.send(&queue, &body, message).await?);
+        publisher.send(&queue, &body, message).await?;
     }
     for event in &executed.events {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
         let message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
-        confirms.push(
-            publisher
-                .send(&shared.topology.events(), &body, message)
-                .await?,
-        );
+        publisher
+            .send(&shared.topology.events(), &body, message)
+            .await?;
     }
-    for confirm in confirms {
-        confirm.wait().await?;
-    }
+    commit(delivery, publisher).await?;
     // Counted once the broker holds the outcome, so a redelivery after a
-    // failed publish does not count it twice.
+    // failed hand-off does not count it twice.
     for event in &executed.events {
         if let EventBody::Finished(finished) = &event.body {
             shared
@@ -241,7 +248,7 @@ fn decode(data: &[u8]) -> Result<Job, Rejection> {
 
 async fn dead_letter(
     delivery: Delivery,
-    publisher: &Publisher,
+    publisher: &TxPublisher,
     shared: &Shared,
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
@@ -252,15 +259,29 @@ async fn dead_letter(
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
     let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
     publisher
-        .publish(&shared.topology.dead(), &delivery.data, message)
+        .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
+    commit(&delivery, publisher).await?;
     shared.metrics.dead_lettered(rejection.reason);
-    ack(&delivery).await
+    Ok(())
 }
 
-async fn ack(delivery: &Delivery) -> Result<(), BrokerError> {
+/// Commits everything sent for the delivery, then acks it in a second
+/// commit.
+///
+/// One commit for both is not one outcome: RabbitMQ applies a commit's
+/// acks at once but its messages queue by queue, and a connection lost
+/// mid-commit was seen (1 job in 200, the broker connection cut under load)
+/// to keep the ack and an event while losing the next job message. The
+/// first commit's answer comes once every queue holds its message; only
+/// then is the delivery acked. A worker that dies between the two commits
+/// leaves its delivery to be redelivered with its hand-off already
+/// published, as with publisher confirms: that window is still open.
+async fn commit(delivery: &Delivery, publisher: &TxPublisher) -> Result<(), BrokerError> {
+    publisher.commit().await?;
     delivery.acker.ack(BasicAckOptions::default()).await?;
-    debug!(tag = delivery.delivery_tag, "acked");
+    publisher.commit().await?;
+    debug!(tag = delivery.delivery_tag, "handed off and acked");
     Ok(())
 }
 

@@ -9,9 +9,19 @@
 //! [`HttpClients`] keeps one HTTP client per TLS profile (a campaign's CA, a
 //! group without certificate checks), so connections are pooled per profile
 //! and a job's TLS settings never leak into another's.
+//!
+//! What a device may make a worker do is bounded: an answer longer than the
+//! worker's `max_answer_size` fails its step, and redirects are never
+//! followed (a request that carries credentials or a body must not go
+//! wherever a device points it); a redirect fails the step naming its
+//! `Location`.
 
-use crate::{credentials::Secret, driver::StepError, metrics::WorkerMetrics};
-use flotilla_common::{Device, DeviceKind, TlsProfile, job::join_api_path};
+use crate::{
+    credentials::Secret,
+    driver::{Failure, StepError},
+    metrics::WorkerMetrics,
+};
+use flotilla_common::{Device, DeviceKind, ErrorClass, TlsProfile, job::join_api_path};
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 use std::{
@@ -30,23 +40,40 @@ const QUOTE_LIMIT: usize = 300;
 #[derive(Clone)]
 pub(crate) struct HttpClients {
     timeout: Duration,
+    /// The most bytes read of one answer.
+    max_answer: u64,
     clients: Arc<Mutex<HashMap<TlsProfile, reqwest::Client>>>,
+}
+
+/// One TLS profile's client, with the limits every call through it keeps.
+pub(crate) struct DeviceHttp {
+    client: reqwest::Client,
+    max_answer: u64,
 }
 
 impl HttpClients {
     /// Builds the client of the default profile at once, so a worker that
     /// cannot build any client fails at start rather than on every job.
-    pub(crate) fn new(timeout: Duration) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(timeout: Duration, max_answer: u64) -> Result<Self, reqwest::Error> {
         let default = TlsProfile::default();
         let client = build_client(timeout, &default)?;
         Ok(HttpClients {
             timeout,
+            max_answer,
             clients: Arc::new(Mutex::new(HashMap::from([(default, client)]))),
         })
     }
 
     /// The client for `profile` (a cheap handle onto a shared pool).
-    pub(crate) fn get(&self, profile: &TlsProfile) -> Result<reqwest::Client, StepError> {
+    pub(crate) fn get(&self, profile: &TlsProfile) -> Result<DeviceHttp, StepError> {
+        let client = self.client(profile)?;
+        Ok(DeviceHttp {
+            client,
+            max_answer: self.max_answer,
+        })
+    }
+
+    fn client(&self, profile: &TlsProfile) -> Result<reqwest::Client, StepError> {
         let lock = || {
             self.clients
                 .lock()
@@ -77,6 +104,7 @@ fn build_client(
         // Without it, a device that writes headers and body separately
         // makes each keep-alive call wait ~40 ms for a delayed ACK.
         .tcp_nodelay(true)
+        .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
     if let Some(pem) = &profile.ca_pem {
         builder = builder.tls_certs_only(reqwest::Certificate::from_pem_bundle(pem.as_bytes())?);
@@ -90,6 +118,7 @@ fn build_client(
 #[derive(Clone, Copy)]
 pub(crate) struct DeviceClient<'a> {
     http: &'a reqwest::Client,
+    max_answer: u64,
     base: &'a Url,
     kind: DeviceKind,
     /// Names the host in messages when it is not the job's device (a
@@ -100,12 +129,13 @@ pub(crate) struct DeviceClient<'a> {
 
 impl<'a> DeviceClient<'a> {
     pub(crate) fn new(
-        http: &'a reqwest::Client,
+        http: &'a DeviceHttp,
         device: &'a Device,
         metrics: &'a WorkerMetrics,
     ) -> Self {
         DeviceClient {
-            http,
+            http: &http.client,
+            max_answer: http.max_answer,
             base: &device.address,
             kind: device.kind,
             label: None,
@@ -247,15 +277,25 @@ impl Call<'_> {
         let status = response.status();
         span.record("http.response.status_code", status.as_u16());
         client.metrics.device_request(kind, status_class(status));
+        if status.is_redirection() {
+            let location = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
+            return Err(StepError::misconfigured(format!(
+                "{what} answered HTTP {} redirecting to {}: redirects are not followed; \
+                 point the inventory at the device's real address",
+                status.as_u16(),
+                location.as_deref().unwrap_or("(no Location header)")
+            )));
+        }
         let headers = response.headers().clone();
-        let body = response.bytes().await.map_err(|error| {
-            StepError::transient(format!("{what}: reading the answer: {}", describe(&error)))
-        })?;
+        let body = read_bounded(response, client.max_answer, &what).await?;
         let reply = Reply {
             what,
             status,
             headers,
-            body: body.to_vec(),
+            body,
             received_at,
         };
         if status.is_server_error() {
@@ -268,6 +308,40 @@ impl Call<'_> {
         }
         Ok(reply)
     }
+}
+
+/// Reads an answer's body, failing the step once it passes `limit` bytes
+/// (no retry: a device that answers too much will again).
+async fn read_bounded(
+    mut response: reqwest::Response,
+    limit: u64,
+    what: &str,
+) -> Result<Vec<u8>, StepError> {
+    let too_long = || {
+        StepError::from(Failure::new(
+            ErrorClass::Protocol,
+            format!(
+                "{what}: the answer is longer than the worker reads ({limit} bytes, \
+                 FLOTILLA_MAX_ANSWER_SIZE)"
+            ),
+        ))
+    };
+    if response
+        .content_length()
+        .is_some_and(|length| length > limit)
+    {
+        return Err(too_long());
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|error| {
+        StepError::transient(format!("{what}: reading the answer: {}", describe(&error)))
+    })? {
+        if (body.len() + chunk.len()) as u64 > limit {
+            return Err(too_long());
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
 }
 
 /// A device's answer other than a 5xx.

@@ -105,7 +105,7 @@ pub async fn run(
         topology: config.broker.topology(),
         control: Default::default(),
         registry: Registry::standard(),
-        http: device_http::HttpClients::new(config.http_timeout)?,
+        http: device_http::HttpClients::new(config.http_timeout, config.max_answer_size)?,
         credentials,
         metrics,
         worker: name,

@@ -42,6 +42,7 @@ pub struct WorkerMetrics {
     dead_lettered: IntCounterVec,
     reconnects: IntCounter,
     parked: IntCounter,
+    handoff_failures: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -104,6 +105,11 @@ impl WorkerMetrics {
                 "flotilla_worker_parked_total",
                 "Jobs of paused campaigns sent back to wait, without calling a device.",
             )?,
+            handoff_failures: IntCounter::new(
+                "flotilla_worker_handoff_failures_total",
+                "Deliveries whose hand-off (what follows, its events and the ack, one \
+                 transaction) failed; each went back to the queue at once.",
+            )?,
         };
         registry.register(Box::new(metrics.steps.clone()))?;
         registry.register(Box::new(metrics.step_seconds.clone()))?;
@@ -114,6 +120,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.dead_lettered.clone()))?;
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.parked.clone()))?;
+        registry.register(Box::new(metrics.handoff_failures.clone()))?;
         metrics.start_known_series_at_zero();
         Ok(metrics)
     }
@@ -186,6 +193,10 @@ impl WorkerMetrics {
 
     pub fn parked(&self) {
         self.parked.inc();
+    }
+
+    pub fn handoff_failed(&self) {
+        self.handoff_failures.inc();
     }
 }
 

@@ -8,6 +8,7 @@
 mod appliance_readings;
 mod campaign_control;
 mod dms_campaigns;
+mod hardening;
 mod observability;
 mod operator_cli;
 mod otlp_export;
