@@ -31,6 +31,13 @@ pub struct WorkerConfig {
     #[arg(long, env = "FLOTILLA_HTTP_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub http_timeout: Duration,
 
+    /// RabbitMQ's `consumer_timeout` (rabbitmq.conf; 30 minutes unless
+    /// changed): a delivery unacked this long closes its channel. A job
+    /// whose `step_timeout` could outlast it, less a minute for the
+    /// hand-off, fails (`config`) before its step runs.
+    #[arg(long, env = "FLOTILLA_CONSUMER_TIMEOUT", default_value = "30m", value_parser = humantime::parse_duration)]
+    pub consumer_timeout: Duration,
+
     /// The most bytes read of one device answer (`1048576`, `512KiB`,
     /// `4MiB`); a longer answer fails its step.
     #[arg(long, env = "FLOTILLA_MAX_ANSWER_SIZE", default_value = "1MiB", value_parser = parse_size)]
@@ -72,6 +79,7 @@ impl WorkerConfig {
             shutdown_grace: Duration::from_secs(90),
             http_timeout: Duration::from_secs(30),
             max_answer_size: DEFAULT_MAX_ANSWER_SIZE,
+            consumer_timeout: Duration::from_secs(30 * 60),
             metrics_addr: Listen::Off,
             name: None,
         }

@@ -43,6 +43,8 @@ pub(crate) struct Shared {
     pub metrics: WorkerMetrics,
     /// This worker's name, recorded in step events.
     pub worker: String,
+    /// The longest step the broker's consumer timeout leaves room for.
+    pub step_limit: Duration,
 }
 
 impl Shared {
@@ -59,6 +61,7 @@ impl Shared {
             credentials: &self.credentials,
             metrics: &self.metrics,
             worker: &self.worker,
+            step_limit: self.step_limit,
         }
     }
 }

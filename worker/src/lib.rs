@@ -41,6 +41,9 @@ use std::{future::Future, sync::Arc};
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
+/// What a step leaves of the broker's consumer timeout for its hand-off.
+const HANDOFF_ROOM: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     #[error(transparent)]
@@ -109,6 +112,7 @@ pub async fn run(
         credentials,
         metrics,
         worker: name,
+        step_limit: config.consumer_timeout.saturating_sub(HANDOFF_ROOM),
     });
     let result = consumer::run_sessions(&config, &broker, shared, &readiness, &token).await;
     token.cancel();

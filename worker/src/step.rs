@@ -42,6 +42,9 @@ pub(crate) struct StepEnv<'a> {
     pub credentials: &'a CredentialStore,
     pub metrics: &'a WorkerMetrics,
     pub worker: &'a str,
+    /// The longest a step may run before the broker's consumer timeout
+    /// would take its delivery back.
+    pub step_limit: Duration,
 }
 
 /// The result of one delivery's step.
@@ -118,6 +121,22 @@ pub(crate) async fn execute<D: Driver>(
             StepRecord::new(&job, step_name, env.worker).note("deadline passed; cleaning up");
         return Ok(begin_ending(job, driver, &step, ending, record));
     }
+    if job.ending.is_none() && job.policy.step_timeout > env.step_limit {
+        let ending = Ending::failed(
+            ErrorClass::Config,
+            format!(
+                "timing.step_timeout {} can outlast RabbitMQ's consumer timeout \
+                 (FLOTILLA_CONSUMER_TIMEOUT, less a minute for the hand-off: {}): shorten \
+                 the step timeout, or raise consumer_timeout in rabbitmq.conf and \
+                 FLOTILLA_CONSUMER_TIMEOUT with it",
+                humantime::format_duration(job.policy.step_timeout),
+                humantime::format_duration(env.step_limit)
+            ),
+        );
+        let record = StepRecord::new(&job, step_name, env.worker)
+            .note("step timeout too long for the broker; cleaning up");
+        return Ok(begin_ending(job, driver, &step, ending, record));
+    }
     if job.ending.is_some() && now >= deadline + CLEANUP_GRACE {
         let record = StepRecord::new(&job, step_name, env.worker)
             .note("cleanup did not finish in time; giving up on it");
@@ -125,6 +144,9 @@ pub(crate) async fn execute<D: Driver>(
     }
 
     let credentials = env.credentials.resolve(&job.device.credentials);
+    // A cleanup still runs for a job failed for its step timeout, within
+    // what the broker allows.
+    let step_timeout = job.policy.step_timeout.min(env.step_limit);
     let started = Instant::now();
     let cleanup = driver.cleanup(&step);
     let result = match env.http.get(&job.tls) {
@@ -134,13 +156,13 @@ pub(crate) async fn execute<D: Driver>(
                 job: &job,
                 http: DeviceClient::new(&http, &job.device, env.metrics),
                 credentials: &credentials,
-                step_deadline: tokio::time::Instant::now() + job.policy.step_timeout,
+                step_deadline: tokio::time::Instant::now() + step_timeout,
             };
-            match tokio::time::timeout(job.policy.step_timeout, driver.run(step, &cx)).await {
+            match tokio::time::timeout(step_timeout, driver.run(step, &cx)).await {
                 Ok(result) => result,
                 Err(_) => Err(StepError::transient(format!(
                     "step {step_name} did not finish within {}",
-                    humantime::format_duration(job.policy.step_timeout)
+                    humantime::format_duration(step_timeout)
                 ))),
             }
         }

@@ -308,3 +308,33 @@ async fn a_refused_hand_off_returns_its_delivery_at_once_and_is_counted() {
     }
     harness.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_timeout_that_can_outlast_the_consumer_timeout_fails_its_job() {
+    let harness = Harness::new("steplimit").await;
+    let fleet = Fleet::start(cpes(1, Quirks::default())).await.unwrap();
+    let device = fleet.devices()[0].id.clone();
+    // A broker that takes a delivery back after 2 minutes unacked, and a
+    // campaign whose steps may take 5.
+    let mut config = harness.worker_config("w1");
+    config.consumer_timeout = Duration::from_secs(120);
+    let worker = harness.start_worker_with(config, fleet_credentials(&fleet));
+    let mut campaign = harness.campaign("steplimit");
+    campaign.policy.deadline = Duration::from_secs(600);
+    campaign.policy.step_timeout = Duration::from_secs(300);
+    harness.publish(&campaign, fleet.devices()).await;
+    let state = harness
+        .wait_finished(&campaign.id, 1, Duration::from_secs(30))
+        .await;
+    worker.stop().await;
+    let ending = &state.outcome_of(&device).unwrap().ending;
+    assert_eq!(ending.outcome, Outcome::Failed);
+    assert_eq!(ending.error_class, Some(ErrorClass::Config));
+    let error = ending.error.as_deref().unwrap();
+    assert!(
+        error.contains("5m") && error.contains("FLOTILLA_CONSUMER_TIMEOUT"),
+        "{error}"
+    );
+    assert_eq!(fleet.upgrades_of(&device), 0);
+    harness.teardown().await;
+}
