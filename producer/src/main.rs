@@ -10,10 +10,10 @@ use flotilla_common::{
 };
 use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
-    feed::{CAUGHT_UP, EventFeed},
+    feed::read_events,
     fingerprint,
     metrics::ProducerMetrics,
-    read_campaign,
+    read_campaign, read_status,
     report::{self, Format},
     run_campaign, send_command,
     state::Phase,
@@ -158,7 +158,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if watch {
                 watch_status(&connection, &broker, &campaign).await
             } else {
-                let state = read_campaign(&connection, &broker.topology(), &campaign).await?;
+                let (state, _) = read_status(&connection, &broker.topology(), &campaign).await?;
                 print!("{}", report::status(&state));
                 Ok(ExitCode::SUCCESS)
             }
@@ -191,16 +191,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             broker,
         } => {
-            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?
-                .connection()
-                .await?;
-            let mut feed = EventFeed::open(&connection, &broker.topology()).await?;
+            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?;
             let mut events: Vec<Event> = Vec::new();
-            while let Some(event) = feed.next_within(CAUGHT_UP).await? {
-                if event.campaign == campaign && event.device() == Some(device.as_str()) {
-                    events.push(event);
+            read_events(&connection, &broker.topology(), &campaign, |event| {
+                if event.device() == Some(device.as_str()) {
+                    events.push(event.clone());
                 }
-            }
+            })
+            .await?;
             print!("{}", report::history(&device, &events));
             Ok(ExitCode::SUCCESS)
         }
@@ -257,8 +255,10 @@ async fn rollout(
     let registry = prometheus::Registry::new();
     let mut metrics = ProducerMetrics::new(&registry, &campaign)
         .expect("a new registry has none of the producer's metrics yet");
+    // Ready while the controller is connected to the broker.
+    let readiness = Arc::new(ops::Readiness::default());
     if let Some(addr) = metrics_addr {
-        serve_metrics(addr, registry).await?;
+        serve_metrics(addr, registry, readiness.clone()).await?;
     }
 
     let bar = progress_bar(summary.devices);
@@ -268,6 +268,7 @@ async fn rollout(
         devices: summary.devices,
         fingerprint,
         only,
+        readiness: Some(readiness),
     };
     let observe = |state: &CampaignState| {
         for decision in &state.decisions()[printed..] {
@@ -284,7 +285,7 @@ async fn rollout(
     let run = run_campaign(&connection, &topology, &campaign, spec, observe);
     let state = tokio::select! {
         state = run => state?,
-        _ = tokio::signal::ctrl_c() => {
+        _ = interrupted() => {
             bar.abandon();
             println!("detached; run the same command again to resume campaign {}", campaign.id);
             return Ok(ExitCode::from(130));
@@ -295,14 +296,38 @@ async fn rollout(
     Ok(ExitCode::SUCCESS)
 }
 
+/// Ctrl-C or SIGTERM: either detaches (the campaign goes on without its
+/// controller until `run` is started again). Nothing is left half done:
+/// every transaction and decision is atomic in the broker.
+async fn interrupted() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+}
+
 /// Serves the operations endpoints for as long as the process runs.
-async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+async fn serve_metrics(
+    addr: SocketAddr,
+    registry: prometheus::Registry,
+    readiness: Arc<ops::Readiness>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
-    // The run fails, and the process exits, when the broker goes away.
-    let readiness = Arc::new(ops::Readiness::default());
-    readiness.set(true);
     tokio::spawn(ops::serve(
         listener,
         registry,
@@ -317,24 +342,23 @@ async fn watch_status(
     broker: &BrokerArgs,
     campaign: &str,
 ) -> anyhow::Result<ExitCode> {
-    let mut state = read_campaign(connection, &broker.topology(), campaign).await?;
+    let (mut state, feed) = read_status(connection, &broker.topology(), campaign).await?;
     print!("{}", report::status(&state));
+    let Some(mut feed) = feed else {
+        return Ok(ExitCode::SUCCESS);
+    };
     if matches!(state.phase(), Phase::Completed | Phase::New) {
         return Ok(ExitCode::SUCCESS);
     }
     let bar = progress_bar(state.device_count());
+    // Redrawn every second even when no event comes (the elapsed time).
+    bar.enable_steady_tick(std::time::Duration::from_secs(1));
     show_progress(&bar, &state);
     let mut decisions = state.decisions().len();
-    let reading = connection.connection().await?;
-    let mut feed = EventFeed::open(&reading, &broker.topology()).await?;
-    // Replay to where the status was read, quietly, then follow.
-    let mut replay = CampaignState::new(campaign);
-    while replay.decisions().len() < decisions || replay.finished() < state.finished() {
-        replay.apply(&feed.next().await?);
-    }
-    state = replay;
+    // The feed goes on from where the status was read.
     while state.phase() != Phase::Completed {
-        state.apply(&feed.next().await?);
+        let (_, event) = feed.next().await?;
+        state.apply(&event);
         for decision in &state.decisions()[decisions..] {
             bar.println(format!(
                 "[{}] {}",
@@ -378,7 +402,7 @@ fn show_progress(bar: &ProgressBar, state: &CampaignState) {
 async fn control(args: ControlArgs, command: ControlCommand) -> anyhow::Result<ExitCode> {
     let connection = Broker::new(&args.broker.amqp_url, "flotilla-producer control")?;
     let topology = args.broker.topology();
-    let state = read_campaign(&connection, &topology, &args.campaign).await?;
+    let (state, _) = read_status(&connection, &topology, &args.campaign).await?;
     match state.phase() {
         Phase::New => bail!("no campaign {} on this broker", args.campaign),
         Phase::Completed => bail!("campaign {} has completed", args.campaign),

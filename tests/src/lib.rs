@@ -80,6 +80,7 @@ impl Harness {
             amqp_url: amqp_url().await,
             prefix: prefix.clone(),
             delay_tiers: TEST_DELAY_TIERS.split(',').map(parse_duration).collect(),
+            retention: Default::default(),
         };
         let broker = Broker::new(&args.amqp_url, &prefix).expect("the test AMQP URL is valid");
         let topology = args.topology();
@@ -195,6 +196,7 @@ impl Harness {
                     devices,
                     fingerprint,
                     only: None,
+                    readiness: None,
                 };
                 run_campaign(&broker, &topology, &campaign, spec, |_| {}).await
             }),
