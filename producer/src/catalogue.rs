@@ -247,7 +247,11 @@ impl Recent {
         let since = Utc::now()
             - chrono::Duration::from_std(SNAPSHOT_LOOKBACK).expect("the lookback is small");
         let mut reader =
-            StreamReader::open(connection, &topology.snapshots(), Offset::Since(since)).await?;
+            match StreamReader::open(connection, &topology.snapshots(), Offset::Since(since)).await
+            {
+                Err(error) if is_not_found(&error) => return Ok(Recent::default()),
+                reader => reader?,
+            };
         let marker = Marker::publish(connection, &topology.snapshots()).await?;
         let mut newest_campaign = None;
         let mut newest_ledger = None;
@@ -280,6 +284,12 @@ impl Recent {
             ledger: decode_newest(newest_ledger, "ledger"),
         })
     }
+}
+
+/// The broker has no such queue.
+fn is_not_found(error: &BrokerError) -> bool {
+    matches!(error, BrokerError::Amqp(error)
+        if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 404))
 }
 
 fn decode_newest<T: serde::de::DeserializeOwned>(

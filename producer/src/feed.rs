@@ -19,7 +19,7 @@ use flotilla_common::{
 };
 use lapin::Connection;
 use std::time::Duration;
-use tracing::warn;
+use tracing::{debug, warn};
 
 /// The events stream, decoded, from a chosen offset.
 pub struct EventFeed {
@@ -235,6 +235,11 @@ pub async fn read_status(
         return Ok((CampaignState::new(campaign), None));
     };
     let recent = Recent::read(&connection, topology, campaign).await?;
+    debug!(
+        snapshot_covers = ?recent.campaign.as_ref().map(|(covers, _)| covers),
+        first = created.events_offset,
+        "read the catalogue and recent snapshots"
+    );
     let (mut state, from, expect) = match recent.campaign {
         Some((covers, snapshot)) => (CampaignState::from_snapshot(snapshot), covers + 1, None),
         None => (
@@ -254,8 +259,14 @@ pub async fn read_status(
             },
         )
     });
-    feed.catch_up(&connection, expect, None, |_, event| state.apply(&event))
+    let mut read = 0_u64;
+    let end = feed
+        .catch_up(&connection, expect, None, |_, event| {
+            read += 1;
+            state.apply(&event);
+        })
         .await?;
+    debug!(from, ?end, read, "read the events after the snapshot");
     // The feed's channel keeps the pooled connection open after the
     // handle returns to the pool.
     Ok((state, Some(feed)))

@@ -214,7 +214,13 @@ async fn rollout(
     metrics_addr: Option<SocketAddr>,
     broker: BrokerArgs,
 ) -> anyhow::Result<ExitCode> {
-    let connection = Broker::new(&broker.amqp_url, "flotilla-producer")?;
+    // Named for its campaign in RabbitMQ's connection list, so an operator
+    // (or a test) can tell one controller's connection from another's.
+    let name = match Campaign::load(&files.campaign) {
+        Ok(campaign) => format!("flotilla-producer {}/{}", broker.prefix, campaign.id),
+        Err(_) => "flotilla-producer".to_owned(),
+    };
+    let connection = Broker::new(&broker.amqp_url, &name)?;
     let topology = broker.topology();
     let only = match &retry_failed_from {
         Some(old) => {

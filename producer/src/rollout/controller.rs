@@ -385,12 +385,13 @@ impl<'a> Controller<'a> {
         self.position = self.position.max(offset);
     }
 
-    /// When the next snapshot is due: soon after a change, else a heartbeat.
-    fn snapshot_due(&self) -> Instant {
+    /// When the next snapshot is due (`None`: now, there is none yet): soon
+    /// after a change, else a heartbeat.
+    fn snapshot_due(&self) -> Option<Instant> {
         match self.snapshot {
-            None => Instant::now(),
-            Some((at, covers)) if covers != self.position => at + SNAPSHOT_EVERY,
-            Some((at, _)) => at + SNAPSHOT_HEARTBEAT,
+            None => None,
+            Some((at, covers)) if covers != self.position => Some(at + SNAPSHOT_EVERY),
+            Some((at, _)) => Some(at + SNAPSHOT_HEARTBEAT),
         }
     }
 
@@ -400,7 +401,7 @@ impl<'a> Controller<'a> {
     /// a reader applying the events after `position` sees those again and
     /// counts them once, as the state does.
     async fn snapshot_if_due(&mut self) -> Result<(), ProducerError> {
-        if Instant::now() < self.snapshot_due() {
+        if self.snapshot_due().is_some_and(|due| Instant::now() < due) {
             return Ok(());
         }
         let covers = self.position;
@@ -557,7 +558,8 @@ impl<'a> Controller<'a> {
     /// Waits for an event, a command, or `until`.
     async fn wait(&mut self, until: Option<tokio::time::Instant>) -> Result<(), ProducerError> {
         // Wake for the next snapshot too: a paused campaign still has one.
-        let snapshot = tokio::time::Instant::from_std(self.snapshot_due());
+        let snapshot =
+            tokio::time::Instant::from_std(self.snapshot_due().unwrap_or_else(Instant::now));
         let until = Some(until.map_or(snapshot, |at| at.min(snapshot)));
         let sleep = async {
             match until {
