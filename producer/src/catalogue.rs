@@ -7,7 +7,7 @@
 //!   with the events-stream offset before its first event (written before
 //!   its `started` decision), and an `ended` entry with the offset of its
 //!   `completed` decision and its final state. A handful of records per
-//!   campaign, read from its start to a marker.
+//!   campaign, read whole (to the end the broker's record count gives).
 //! - `<prefix>.snapshots`: every running controller's campaign state each
 //!   second (or every few seconds when nothing changes), with the events
 //!   offset it covers, and, for campaigns with concurrency caps, the shared
@@ -22,7 +22,7 @@ use crate::state::Snapshot;
 use chrono::{DateTime, Utc};
 use flotilla_common::{
     BrokerError, Message, Publisher, Topology,
-    stream::{Marker, Offset, StreamReader},
+    stream::{self, Marker, Offset, StreamReader},
 };
 use lapin::Connection;
 use serde::{Deserialize, Serialize};
@@ -94,12 +94,9 @@ impl Lookup {
         topology: &Topology,
         campaign: &str,
     ) -> Result<Lookup, BrokerError> {
-        let mut reader =
-            StreamReader::open(connection, &topology.campaigns(), Offset::First).await?;
-        let marker = Marker::publish(connection, &topology.campaigns()).await?;
         let mut lookup = Lookup::default();
-        reader
-            .read_to(&marker, |record| match record.decode::<Entry>() {
+        let read = stream::read_whole(connection, &topology.campaigns(), |record| {
+            match record.decode::<Entry>() {
                 Ok(Entry::Created(created)) => {
                     if created.capped {
                         lookup
@@ -124,9 +121,15 @@ impl Lookup {
                 Err(error) => {
                     warn!(offset = ?record.offset, %error, "skipping a catalogue entry this build cannot read")
                 }
-            })
-            .await?;
-        Ok(lookup)
+            }
+        })
+        .await;
+        match read {
+            // A broker no controller of this version has declared the
+            // catalogue on knows no campaign yet.
+            Err(error) if is_not_found(&error) => Ok(Lookup::default()),
+            read => read.map(|()| lookup),
+        }
     }
 
     /// Where to start folding the events stream into an empty cap ledger so

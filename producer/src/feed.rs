@@ -15,7 +15,7 @@ use crate::{
 use flotilla_common::{
     Broker, BrokerError, Event, Topology,
     control::ControlMessage,
-    stream::{Marker, Offset, StreamReader},
+    stream::{self, Marker, Offset, StreamReader},
 };
 use lapin::Connection;
 use std::time::Duration;
@@ -56,9 +56,9 @@ impl EventFeed {
     }
 
     /// Reads everything written before now, handing each event to `each`.
-    /// With `expect_first`, the first record must be at that offset (the
-    /// reader was opened there): anything else means the records from it
-    /// are gone, and `gone` says whose. With `end`, stops at that offset
+    /// With `expect_first`, the record at that offset (where the reader was
+    /// opened) must still be in the stream: if it is not, the records from
+    /// it are gone, and `gone` says whose. With `end`, stops at that offset
     /// if it comes before the end. Returns the offset read up to (the
     /// marker's, or `end`).
     pub async fn catch_up(
@@ -68,19 +68,23 @@ impl EventFeed {
         end: Option<u64>,
         mut each: impl FnMut(u64, Event),
     ) -> Result<Option<u64>, ProducerError> {
+        if let Some((wanted, gone)) = expect_first {
+            // Attached past the end of a stream, a reader would wait for
+            // records that never come: learn where the stream is first.
+            match stream::extent(connection, self.reader.stream()).await? {
+                Some((first, last)) if (first..=last).contains(&wanted) => {}
+                Some((first, _)) if first > wanted => return Err(gone.error(wanted, Some(first))),
+                Some((_, last)) => return Err(gone.error(wanted, Some(last))),
+                None => return Err(gone.error(wanted, None)),
+            }
+        }
         let marker = Marker::publish(connection, self.reader.stream()).await?;
-        let mut first = expect_first;
         loop {
             let record = self
                 .reader
                 .next_any()
                 .await
                 .ok_or(BrokerError::ConnectionLost)??;
-            if let Some((wanted, gone)) = first.take()
-                && record.offset != Some(wanted)
-            {
-                return Err(gone.error(wanted, record.offset));
-            }
             match record.marker() {
                 Some(id) if marker.is(&id) => return Ok(record.offset),
                 Some(_) => continue,

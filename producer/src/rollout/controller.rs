@@ -85,7 +85,10 @@ pub async fn run_campaign(
     ready(true);
     loop {
         match controller.run(&mut observe).await {
-            Ok(()) => break,
+            Ok(()) => {
+                controller.release_lock().await;
+                break;
+            }
             Err(error) if error.is_connection_loss() => {
                 ready(false);
                 warn!(campaign = %campaign.id, %error, "lost the broker; reconnecting");
@@ -95,6 +98,7 @@ pub async fn run_campaign(
             }
             Err(error) => {
                 ready(false);
+                controller.release_lock().await;
                 return Err(error);
             }
         }
@@ -124,8 +128,9 @@ struct Controller<'a> {
     ended_recorded: bool,
     /// When the last snapshot was written, and the offset it covered.
     snapshot: Option<(Instant, u64)>,
-    // Kept so that the campaign lock (an exclusive queue) lives as long.
-    _connection: deadpool_lapin::Connection,
+    /// Holds the campaign lock (an exclusive queue) as long as it lives;
+    /// `None` only while connecting.
+    connection: Option<deadpool_lapin::Connection>,
     /// Decisions, claims, commands and snapshots, confirmed one by one.
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
@@ -155,6 +160,39 @@ impl<'a> Controller<'a> {
         let connection = broker.connection().await?;
         topology.declare(&connection).await?;
         hold_campaign_lock(&connection, topology, &campaign.id).await?;
+        let (mut controller, commands) =
+            match Self::read_in(&connection, topology, campaign, spec).await {
+                Ok(read) => read,
+                Err(error) => {
+                    release_campaign_lock(&connection, topology, &campaign.id).await;
+                    return Err(error);
+                }
+            };
+        controller.connection = Some(connection);
+        let begun = async {
+            controller.start_or_resume(spec).await?;
+            for (offset, message) in commands {
+                controller.command(offset, &message).await?;
+            }
+            Ok(())
+        };
+        match begun.await {
+            Ok(()) => Ok(controller),
+            Err(error) => {
+                controller.release_lock().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// [`Controller::connect`] once the campaign lock is held: the streams
+    /// read to their ends, and the commands to answer.
+    async fn read_in(
+        connection: &deadpool_lapin::Connection,
+        topology: &'a Topology,
+        campaign: &'a Campaign,
+        spec: &RunSpec<'_>,
+    ) -> Result<(Controller<'a>, Vec<(u64, ControlMessage)>), ProducerError> {
         let decisions = Publisher::open(&connection).await?;
         let lookup = Lookup::read(&connection, topology, &campaign.id).await?;
         let rollout = &campaign.rollout;
@@ -226,7 +264,7 @@ impl<'a> Controller<'a> {
         let mut control = ControlFeed::open(&connection, topology, Offset::First).await?;
         let commands = control.catch_up(&connection).await?;
         let jobs = TxPublisher::open(&connection).await?;
-        let mut controller = Controller {
+        let controller = Controller {
             campaign,
             topology,
             inventory: spec.inventory.to_owned(),
@@ -239,7 +277,7 @@ impl<'a> Controller<'a> {
             completed_at,
             ended_recorded: lookup.ended.is_some(),
             snapshot: None,
-            _connection: connection,
+            connection: None,
             decisions,
             jobs,
             cursor: Cursor::open(spec.inventory, spec.only.clone())?,
@@ -248,11 +286,16 @@ impl<'a> Controller<'a> {
             event_rx: forward(events),
             control_rx: forward_control(control),
         };
-        controller.start_or_resume(spec).await?;
-        for (offset, message) in commands {
-            controller.command(offset, &message).await?;
+        Ok((controller, commands))
+    }
+
+    /// Gives the campaign lock up, so that this process (whose connection
+    /// the pool keeps) may run the campaign again. Best effort: a lock on a
+    /// dead connection is gone anyway.
+    async fn release_lock(&self) {
+        if let Some(connection) = &self.connection {
+            release_campaign_lock(connection, self.topology, &self.campaign.id).await;
         }
-        Ok(controller)
     }
 
     /// Reconnects with backoff until it works or fails for another reason
@@ -289,28 +332,39 @@ impl<'a> Controller<'a> {
         let connection = broker.connection().await?;
         self.topology.declare(&connection).await?;
         hold_campaign_lock(&connection, self.topology, &self.campaign.id).await?;
-        let decisions = Publisher::open(&connection).await?;
-        let jobs = TxPublisher::open(&connection).await?;
-        let mut events =
-            EventFeed::open(&connection, self.topology, Offset::At(self.position + 1)).await?;
-        let mut read = Vec::new();
-        let position = events
-            .catch_up(&connection, None, None, |offset, event| {
-                read.push((offset, event))
-            })
-            .await?
-            .ok_or(BrokerError::ConnectionLost)?;
-        let control_from = self
-            .control_position
-            .map_or(Offset::First, |p| Offset::At(p + 1));
-        let mut control = ControlFeed::open(&connection, self.topology, control_from).await?;
-        let commands = control.catch_up(&connection).await?;
+        let (position, control_from) = (self.position, self.control_position);
+        let read_on = async {
+            let decisions = Publisher::open(&connection).await?;
+            let jobs = TxPublisher::open(&connection).await?;
+            let mut events =
+                EventFeed::open(&connection, self.topology, Offset::At(position + 1)).await?;
+            let mut read = Vec::new();
+            let position = events
+                .catch_up(&connection, None, None, |offset, event| {
+                    read.push((offset, event))
+                })
+                .await?
+                .ok_or(BrokerError::ConnectionLost)?;
+            let control_from = control_from.map_or(Offset::First, |p| Offset::At(p + 1));
+            let mut control = ControlFeed::open(&connection, self.topology, control_from).await?;
+            let commands = control.catch_up(&connection).await?;
+            Ok::<_, ProducerError>((decisions, jobs, events, read, position, control, commands))
+        };
+        let (decisions, jobs, events, read, position, control, commands) = match read_on.await {
+            Ok(read) => read,
+            Err(error) => {
+                // Another attempt may get another connection: free this
+                // one's lock if it still lives.
+                release_campaign_lock(&connection, self.topology, &self.campaign.id).await;
+                return Err(error);
+            }
+        };
 
         for (offset, event) in read {
             self.apply_read(offset, &event);
         }
         self.position = self.position.max(position);
-        self._connection = connection;
+        self.connection = Some(connection);
         self.decisions = decisions;
         self.jobs = jobs;
         self.cursor = Cursor::open(&self.inventory, self.only.clone())?;
@@ -870,6 +924,20 @@ async fn hold_campaign_lock(
             })
         }
         Err(error) => Err(BrokerError::from(error).into()),
+    }
+}
+
+async fn release_campaign_lock(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    campaign: &str,
+) {
+    let name = format!("{}.controller.{campaign}", topology.prefix());
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel
+            .queue_delete(name.as_str().into(), Default::default())
+            .await;
+        let _ = channel.close(200, "campaign lock released".into()).await;
     }
 }
 

@@ -413,3 +413,62 @@ async fn a_producer_whose_connection_the_broker_closes_reconnects_and_finishes()
     worker.stop().await;
     harness.teardown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_campaign_whose_events_are_gone_is_refused_never_started_over() {
+    let harness = Harness::new("gone").await;
+    let fleet = Fleet::start(cpes(20)).await.unwrap();
+    let worker = harness.start_worker("w1", fleet_credentials(&fleet));
+    harness.write_filler(100).await;
+    let campaign = harness.campaign("gone");
+    harness
+        .start_campaign(&campaign, fleet.devices())
+        .finished()
+        .await;
+    worker.stop().await;
+
+    // The events stream loses the campaign's records (as retention or a
+    // recreated stream would), the catalogue still knows it.
+    let connection = harness.broker.connection().await.unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            harness.topology.events().as_str().into(),
+            Default::default(),
+        )
+        .await
+        .unwrap();
+    harness.topology.declare(&connection).await.unwrap();
+
+    let (output, _) = tokio::time::timeout(
+        Duration::from_secs(30),
+        producer(&harness, &["report", &campaign.id]),
+    )
+    .await
+    .expect("report answers");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("campaign {}: its events from offset", campaign.id))
+            && stderr.contains(&harness.topology.events())
+            && stderr.contains("30D"),
+        "{stderr}"
+    );
+
+    // Run again, the campaign is refused, not started over.
+    let result = tokio::time::timeout(
+        Duration::from_secs(30),
+        harness.start_campaign(&campaign, fleet.devices()).result(),
+    )
+    .await
+    .expect("the controller answers");
+    assert!(
+        matches!(
+            result,
+            Err(flotilla_producer::ProducerError::EventsGone { .. })
+        ),
+        "{result:?}"
+    );
+    assert!(events_of(&harness, &campaign.id).await.is_empty());
+    harness.teardown().await;
+}
