@@ -193,8 +193,8 @@ impl<'a> Controller<'a> {
         campaign: &'a Campaign,
         spec: &RunSpec<'_>,
     ) -> Result<(Controller<'a>, Vec<(u64, ControlMessage)>), ProducerError> {
-        let decisions = Publisher::open(&connection).await?;
-        let lookup = Lookup::read(&connection, topology, &campaign.id).await?;
+        let decisions = Publisher::open(connection).await?;
+        let lookup = Lookup::read(connection, topology, &campaign.id).await?;
         let rollout = &campaign.rollout;
         let capped = rollout.per_host.is_some() || rollout.per_image_host.is_some();
 
@@ -202,7 +202,7 @@ impl<'a> Controller<'a> {
         // or is folded from where no capped campaign had room.
         let mut ledger = CapLedger::default();
         let (ledger_from, ledger_covers) = if capped {
-            match Recent::read(&connection, topology, &campaign.id)
+            match Recent::read(connection, topology, &campaign.id)
                 .await?
                 .ledger
             {
@@ -229,7 +229,7 @@ impl<'a> Controller<'a> {
         let mut state = CampaignState::new(&campaign.id);
         let mut completed_at = None;
         let mut events =
-            EventFeed::open(&connection, topology, from.map_or(Offset::Next, Offset::At)).await?;
+            EventFeed::open(connection, topology, from.map_or(Offset::Next, Offset::At)).await?;
         let expect = from.map(|first| {
             (
                 first,
@@ -240,7 +240,7 @@ impl<'a> Controller<'a> {
             )
         });
         let position = events
-            .catch_up(&connection, expect, None, |offset, event| {
+            .catch_up(connection, expect, None, |offset, event| {
                 note_completed(&mut completed_at, offset, &event, &campaign.id);
                 state.apply(&event);
                 if capped && ledger_covers.is_none_or(|covers| offset > covers) {
@@ -261,9 +261,9 @@ impl<'a> Controller<'a> {
             catalogue::record_created(&decisions, topology, created).await?;
         }
 
-        let mut control = ControlFeed::open(&connection, topology, Offset::First).await?;
-        let commands = control.catch_up(&connection).await?;
-        let jobs = TxPublisher::open(&connection).await?;
+        let mut control = ControlFeed::open(connection, topology, Offset::First).await?;
+        let commands = control.catch_up(connection).await?;
+        let jobs = TxPublisher::open(connection).await?;
         let controller = Controller {
             campaign,
             topology,
