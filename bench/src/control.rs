@@ -47,8 +47,9 @@ const QUICK: Sizes = Sizes {
 
 /// How often the status sampler asks.
 const STATUS_EVERY: Duration = Duration::from_millis(250);
-/// Time between one pause's resume and the next pause.
-const PAUSE_EVERY: Duration = Duration::from_secs(2);
+/// Time between one pause's resume and the next pause (and before the
+/// first).
+const PAUSE_EVERY: Duration = Duration::from_secs(1);
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     let sizes = if args.quick { QUICK } else { FULL };
@@ -95,8 +96,8 @@ async fn rollout_latency(sizes: &Sizes) -> anyhow::Result<()> {
         let (state, _) = read_status(&harness.broker, &harness.topology, &campaign.id).await?;
         status.push(asked.elapsed());
         let running = state.phase() == Phase::Running;
-        let unstarted = (state.published() as u64) < state.device_count();
-        if pause.len() < sizes.pauses && running && unstarted && Instant::now() >= next_pause {
+        let unfinished = (state.finished() as u64) < state.device_count();
+        if pause.len() < sizes.pauses && running && unfinished && Instant::now() >= next_pause {
             let (command, took_effect) = pause_and_resume(&harness, &campaign.id).await?;
             pause.push(command);
             effect.push(took_effect);
