@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::{
     Acker, Channel, Connection, Consumer,
-    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions},
+    options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
 use serde::de::DeserializeOwned;
@@ -212,27 +212,19 @@ impl StreamReader {
     }
 }
 
-/// The offsets of the oldest and the newest record of a stream (`None`
-/// when it is empty), without writing to it: the broker's record count for
-/// the stream (its declare-ok message count, RabbitMQ 3.10 to 4.x) and the
-/// offset of its oldest record. Offsets are consecutive from the oldest.
-pub async fn extent(
-    connection: &Connection,
-    stream: &str,
-) -> Result<Option<(u64, u64)>, BrokerError> {
-    let channel = connection.create_channel().await?;
-    let passive = QueueDeclareOptions {
-        passive: true,
-        ..QueueDeclareOptions::default()
-    };
-    let count = channel
-        .queue_declare(stream.into(), passive, FieldTable::default())
+/// Where a stream begins and ends now: the offset of its oldest record, and
+/// that of a marker appended for the purpose (every record confirmed before
+/// the call is below it). Offsets are consecutive, so a record at an offset
+/// in between is still there.
+pub async fn bounds(connection: &Connection, stream: &str) -> Result<(u64, u64), BrokerError> {
+    let mut tail = StreamReader::open(connection, stream, Offset::Next).await?;
+    let marker = Marker::publish(connection, stream).await?;
+    let end = tail
+        .read_to(&marker, |_| {})
         .await?
-        .message_count();
-    if count == 0 {
-        let _ = channel.close(200, "counted".into()).await;
-        return Ok(None);
-    }
+        .ok_or(BrokerError::ConnectionLost)?;
+    // The stream holds the marker at least, so its oldest record comes.
+    let channel = connection.create_channel().await?;
     channel.basic_qos(1, BasicQosOptions::default()).await?;
     let mut arguments = FieldTable::default();
     arguments.insert("x-stream-offset".into(), Offset::First.to_argument());
@@ -244,42 +236,12 @@ pub async fn extent(
             arguments,
         )
         .await?;
-    let delivery = consumer.next().await.ok_or(BrokerError::ConnectionLost)??;
+    let oldest = consumer.next().await.ok_or(BrokerError::ConnectionLost)??;
     let _ = channel.close(200, "found the oldest record".into()).await;
-    let first = headers::get_int(delivery.properties.headers().as_ref(), "x-stream-offset")
+    let oldest = headers::get_int(oldest.properties.headers().as_ref(), "x-stream-offset")
         .and_then(|o| u64::try_from(o).ok())
         .ok_or(BrokerError::ConnectionLost)?;
-    Ok(Some((first, first + u64::from(count) - 1)))
-}
-
-/// Reads a whole stream, from its oldest record to the last one written
-/// before the call, without writing to it (see [`extent`]). For small
-/// streams read often, such as the campaign catalogue, where a marker per
-/// read would soon outnumber the records.
-pub async fn read_whole(
-    connection: &Connection,
-    stream: &str,
-    mut each: impl FnMut(Record),
-) -> Result<(), BrokerError> {
-    let Some((first, last)) = extent(connection, stream).await? else {
-        return Ok(());
-    };
-    let mut reader = StreamReader::open(connection, stream, Offset::At(first)).await?;
-    loop {
-        let record = reader
-            .next_any()
-            .await
-            .ok_or(BrokerError::ConnectionLost)??;
-        let Some(offset) = record.offset else {
-            continue;
-        };
-        if record.marker().is_none() {
-            each(record);
-        }
-        if offset >= last {
-            return Ok(());
-        }
-    }
+    Ok((oldest, end))
 }
 
 /// A record a reader appends to learn when it has read everything before it.

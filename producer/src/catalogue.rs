@@ -7,7 +7,8 @@
 //!   with the events-stream offset before its first event (written before
 //!   its `started` decision), and an `ended` entry with the offset of its
 //!   `completed` decision and its final state. A handful of records per
-//!   campaign, read whole (to the end the broker's record count gives).
+//!   campaign (and a marker per lookup that is not served by a
+//!   snapshot), read from its start to a marker.
 //! - `<prefix>.snapshots`: every running controller's campaign state each
 //!   second (or every few seconds when nothing changes), with the events
 //!   offset it covers, and, for campaigns with concurrency caps, the shared
@@ -22,7 +23,7 @@ use crate::state::Snapshot;
 use chrono::{DateTime, Utc};
 use flotilla_common::{
     BrokerError, Message, Publisher, Topology,
-    stream::{self, Marker, Offset, StreamReader},
+    stream::{Marker, Offset, StreamReader},
 };
 use lapin::Connection;
 use serde::{Deserialize, Serialize};
@@ -95,7 +96,7 @@ impl Lookup {
         campaign: &str,
     ) -> Result<Lookup, BrokerError> {
         let mut lookup = Lookup::default();
-        let read = stream::read_whole(connection, &topology.campaigns(), |record| {
+        let read = read_to_end(connection, &topology.campaigns(), |record| {
             match record.decode::<Entry>() {
                 Ok(Entry::Created(created)) => {
                     if created.capped {
@@ -287,6 +288,18 @@ impl Recent {
             ledger: decode_newest(newest_ledger, "ledger"),
         })
     }
+}
+
+/// Reads a stream from its start to a marker of this reader's own.
+async fn read_to_end(
+    connection: &Connection,
+    stream: &str,
+    each: impl FnMut(flotilla_common::stream::Record),
+) -> Result<(), BrokerError> {
+    let mut reader = StreamReader::open(connection, stream, Offset::First).await?;
+    let marker = Marker::publish(connection, stream).await?;
+    reader.read_to(&marker, each).await?;
+    Ok(())
 }
 
 /// The broker has no such queue.

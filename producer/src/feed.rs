@@ -68,25 +68,40 @@ impl EventFeed {
         end: Option<u64>,
         mut each: impl FnMut(u64, Event),
     ) -> Result<Option<u64>, ProducerError> {
-        if let Some((wanted, gone)) = expect_first {
-            // Attached past the end of a stream, a reader would wait for
-            // records that never come: learn where the stream is first.
-            match stream::extent(connection, self.reader.stream()).await? {
-                Some((first, last)) if (first..=last).contains(&wanted) => {}
-                Some((first, _)) if first > wanted => return Err(gone.error(wanted, Some(first))),
-                Some((_, last)) => return Err(gone.error(wanted, Some(last))),
-                None => return Err(gone.error(wanted, None)),
+        // Where to stop: a marker of this reader's own. With `expect_first`,
+        // the stream's bounds are learnt first: attached past the end of a
+        // stream, a reader would wait for records that never come.
+        let (marker, stop_at) = match expect_first {
+            Some((wanted, gone)) => {
+                let (oldest, end) = stream::bounds(connection, self.reader.stream()).await?;
+                if wanted < oldest {
+                    return Err(gone.error(wanted, Some(oldest)));
+                }
+                if wanted > end {
+                    return Err(gone.error(wanted, Some(end)));
+                }
+                (None, Some(end))
             }
-        }
-        let marker = Marker::publish(connection, self.reader.stream()).await?;
+            None => (
+                Some(Marker::publish(connection, self.reader.stream()).await?),
+                None,
+            ),
+        };
         loop {
             let record = self
                 .reader
                 .next_any()
                 .await
                 .ok_or(BrokerError::ConnectionLost)??;
+            if let (Some(stop_at), Some(offset)) = (stop_at, record.offset)
+                && offset >= stop_at
+            {
+                return Ok(Some(stop_at));
+            }
             match record.marker() {
-                Some(id) if marker.is(&id) => return Ok(record.offset),
+                Some(id) if marker.as_ref().is_some_and(|m| m.is(&id)) => {
+                    return Ok(record.offset);
+                }
                 Some(_) => continue,
                 None => {}
             }
@@ -221,8 +236,8 @@ pub async fn read_campaign(
 }
 
 /// A campaign's counts, phase and decisions now, as cheaply as they can be
-/// had: an ended campaign's final entry; a running one's newest snapshot
-/// and the events after it; else its events from its start. With the feed
+/// had: a running one's newest snapshot and the events after it; an ended
+/// campaign's final catalogue entry; else its events from its start. With the feed
 /// the events were read from, positioned at the end, to follow (`None`
 /// once the campaign has ended or if it is unknown).
 pub async fn read_status(
@@ -231,26 +246,25 @@ pub async fn read_status(
     campaign: &str,
 ) -> Result<(CampaignState, Option<EventFeed>), ProducerError> {
     let connection = broker.connection().await?;
-    let lookup = Lookup::read(&connection, topology, campaign).await?;
-    if let Some(ended) = lookup.ended {
-        return Ok((CampaignState::from_snapshot(ended.snapshot), None));
-    }
-    let Some(created) = &lookup.created else {
-        return Ok((CampaignState::new(campaign), None));
-    };
+    // A running campaign's newest snapshot needs no catalogue lookup.
     let recent = Recent::read(&connection, topology, campaign).await?;
     debug!(
         snapshot_covers = ?recent.campaign.as_ref().map(|(covers, _)| covers),
-        first = created.events_offset,
-        "read the catalogue and recent snapshots"
+        "read the recent snapshots"
     );
     let (mut state, from, expect) = match recent.campaign {
         Some((covers, snapshot)) => (CampaignState::from_snapshot(snapshot), covers + 1, None),
-        None => (
-            CampaignState::new(campaign),
-            created.events_offset,
-            Some(created.events_offset),
-        ),
+        None => {
+            let lookup = Lookup::read(&connection, topology, campaign).await?;
+            if let Some(ended) = lookup.ended {
+                return Ok((CampaignState::from_snapshot(ended.snapshot), None));
+            }
+            let Some(created) = lookup.created else {
+                return Ok((CampaignState::new(campaign), None));
+            };
+            let first = created.events_offset;
+            (CampaignState::new(campaign), first, Some(first))
+        }
     };
     let whose = format!("campaign {campaign}");
     let mut feed = EventFeed::open(&connection, topology, Offset::At(from)).await?;
