@@ -515,3 +515,96 @@ impl CampaignState {
         &self.counts_by_kind
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::{Ending, ErrorClass, PublishedEvent, Thresholds};
+
+    fn decision(seq: u32, decision: Decision) -> Event {
+        Event::new(
+            "c",
+            EventBody::Decision(DecisionEvent {
+                seq,
+                decision,
+                reason: String::new(),
+                counts: DecisionCounts::default(),
+                thresholds: Thresholds::default(),
+                control_offset: None,
+            }),
+        )
+    }
+
+    fn published(device: &str) -> Event {
+        Event::new(
+            "c",
+            EventBody::Published(PublishedEvent {
+                device: device.into(),
+                kind: DeviceKind::Dms,
+                wave: Some(0),
+            }),
+        )
+    }
+
+    fn finished(device: &str, ending: Ending) -> Event {
+        Event::new(
+            "c",
+            EventBody::Finished(FinishedEvent {
+                device: device.into(),
+                kind: DeviceKind::Dms,
+                seq: 4,
+                last_step: "deactivate_rule".into(),
+                ending,
+                started_at: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_snapshot_and_the_events_after_it_count_as_the_whole_replay() {
+        let before = [
+            decision(
+                1,
+                Decision::Started {
+                    devices: 3,
+                    waves: vec![3],
+                    fingerprint: "f".into(),
+                    target_version: "7.2.1".into(),
+                },
+            ),
+            decision(2, Decision::WaveStarted { wave: 0 }),
+            published("d1"),
+            published("d2"),
+            finished("d1", Ending::succeeded()),
+        ];
+        let after = [
+            // Seen again (the controller applied them before reading
+            // them back), a repeated outcome, a late step.
+            published("d2"),
+            decision(2, Decision::WaveStarted { wave: 0 }),
+            finished("d1", Ending::succeeded()),
+            published("d3"),
+            finished("d2", Ending::failed(ErrorClass::Device, "refused")),
+            finished("d3", Ending::succeeded()),
+        ];
+        let mut whole = CampaignState::new("c");
+        let mut taken = CampaignState::new("c");
+        for event in &before {
+            whole.apply(event);
+            taken.apply(event);
+        }
+        let json = serde_json::to_string(&taken.snapshot()).unwrap();
+        let mut partial = CampaignState::from_snapshot(serde_json::from_str(&json).unwrap());
+        for event in &after {
+            whole.apply(event);
+            partial.apply(event);
+        }
+        assert_eq!(partial.totals(), whole.totals());
+        assert_eq!(partial.wave(0), whole.wave(0));
+        assert_eq!(partial.counts_by_kind(), whole.counts_by_kind());
+        assert_eq!(partial.decisions().len(), whole.decisions().len());
+        assert_eq!(partial.repeated_outcomes().len(), 1);
+        assert_eq!(whole.totals().succeeded, 2);
+        assert_eq!(whole.totals().failed, 1);
+    }
+}
