@@ -1,6 +1,9 @@
 //! Command-line and environment settings every Flotilla process shares.
 
-use crate::{DEFAULT_AMQP_URL, Topology, topology::DEFAULT_PREFIX};
+use crate::{
+    DEFAULT_AMQP_URL, Topology,
+    topology::{DEFAULT_PREFIX, DEFAULT_RETENTION, Retention},
+};
 use std::{net::SocketAddr, time::Duration};
 
 /// Which broker and which set of queues to use.
@@ -24,11 +27,20 @@ pub struct BrokerArgs {
         default_value = "1s,5s,30s,2m,10m"
     )]
     pub delay_tiers: Vec<Duration>,
+
+    /// How long the events, control and campaigns streams keep records
+    /// (RabbitMQ `x-max-age`: 30D, 12h, ...), applied when they are first
+    /// declared. A campaign cannot be resumed or reported on once its
+    /// first events are older than this.
+    #[arg(long, env = "FLOTILLA_RETENTION", default_value = DEFAULT_RETENTION)]
+    pub retention: Retention,
 }
 
 impl BrokerArgs {
     pub fn topology(&self) -> Topology {
-        Topology::new(&self.prefix).with_delay_tiers(self.delay_tiers.clone())
+        Topology::new(&self.prefix)
+            .with_delay_tiers(self.delay_tiers.clone())
+            .with_retention(self.retention.clone())
     }
 }
 

@@ -1,13 +1,21 @@
-//! Reading a stream (events, control) from a chosen offset.
+//! Reading a stream (events, control, the campaign catalogue) from a chosen
+//! offset, and knowing exactly when everything written before now is read.
 //!
 //! A stream keeps its records after they are read; acking a delivery only
-//! returns credit to the broker, so readers ack everything they receive.
+//! returns credit to the broker, so readers ack everything they receive
+//! (several at once: one ack per record halves a reader's speed).
+//!
+//! "Caught up" is a fact, not a quiet gap: a reader publishes a [`Marker`]
+//! of its own to the stream it reads and reads until the marker comes back.
+//! Everything confirmed before the marker was published is at a lower offset,
+//! so it has been read. Markers are records of their own AMQP type; every
+//! reader skips them, its own included, unless it asks for them.
 
-use crate::BrokerError;
+use crate::{BrokerError, Message, Publisher, headers};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::{
-    Channel, Connection, Consumer,
+    Acker, Channel, Connection, Consumer,
     options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
@@ -15,7 +23,15 @@ use serde::de::DeserializeOwned;
 use std::pin::Pin;
 
 /// Unacked records in flight to one reader; streams require a prefetch.
-const STREAM_PREFETCH: u16 = 500;
+const STREAM_PREFETCH: u16 = 2000;
+/// Records acked at once (`multiple`), well under the prefetch so the broker
+/// never runs out of credit.
+const ACK_EVERY: u32 = 250;
+
+/// The AMQP `type` of a marker record.
+pub const MARKER_MESSAGE_TYPE: &str = "flotilla.marker.v1";
+/// The header naming a marker.
+const MARKER_ID: &str = "x-flotilla-marker";
 
 /// Where a reader starts.
 #[derive(Debug, Clone, Copy)]
@@ -46,6 +62,9 @@ impl Offset {
 pub struct Record {
     /// The record's position in the stream.
     pub offset: Option<u64>,
+    /// The record's AMQP `type`.
+    pub kind: Option<String>,
+    pub headers: Option<FieldTable>,
     pub body: Vec<u8>,
 }
 
@@ -53,16 +72,36 @@ impl Record {
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.body)
     }
+
+    /// The id of the marker this record is, if it is one.
+    pub fn marker(&self) -> Option<String> {
+        if self.kind.as_deref() != Some(MARKER_MESSAGE_TYPE) {
+            return None;
+        }
+        headers::get_text(self.headers.as_ref(), MARKER_ID)
+    }
+
+    pub fn header_text(&self, name: &str) -> Option<String> {
+        headers::get_text(self.headers.as_ref(), name)
+    }
+
+    pub fn header_int(&self, name: &str) -> Option<i64> {
+        headers::get_int(self.headers.as_ref(), name)
+    }
 }
 
-/// The ack of the record handed out last, still to be sent.
+/// The ack of the records handed out so far, still to be sent.
 type PendingAck = Pin<Box<dyn Future<Output = lapin::Result<bool>> + Send>>;
 
 pub struct StreamReader {
     // Kept so the consumer's channel lives as long as the reader.
     _channel: Channel,
     consumer: Consumer,
+    stream: String,
     pending_ack: Option<PendingAck>,
+    /// Records handed out since the last ack, and the last one's acker.
+    unacked: u32,
+    last: Option<Acker>,
 }
 
 impl StreamReader {
@@ -88,37 +127,148 @@ impl StreamReader {
         Ok(StreamReader {
             _channel: channel,
             consumer,
+            stream: stream.to_owned(),
             pending_ack: None,
+            unacked: 0,
+            last: None,
         })
     }
 
-    /// The next record, waiting for one to be appended if need be. `None`
-    /// once the consumer is cancelled or its connection is gone.
+    /// The stream this reader reads.
+    pub fn stream(&self) -> &str {
+        &self.stream
+    }
+
+    /// The next record that is not a marker, waiting for one to be appended
+    /// if need be. `None` once the consumer is cancelled or its connection
+    /// is gone.
     pub async fn next(&mut self) -> Option<Result<Record, BrokerError>> {
+        loop {
+            match self.next_any().await? {
+                Ok(record) if record.marker().is_some() => continue,
+                other => return Some(other),
+            }
+        }
+    }
+
+    /// The next record, markers included.
+    pub async fn next_any(&mut self) -> Option<Result<Record, BrokerError>> {
         // Cancel-safe, as `select!` loops need: the record is returned as
-        // soon as it arrives and its ack is sent on the next call, so a
+        // soon as it arrives and its ack is sent on a later call, so a
         // dropped call loses neither a record nor a credit.
-        if let Some(ack) = self.pending_ack.as_mut() {
-            let acked = ack.await;
-            self.pending_ack = None;
-            if let Err(error) = acked {
-                return Some(Err(error.into()));
+        loop {
+            if let Some(ack) = self.pending_ack.as_mut() {
+                let acked = ack.await;
+                self.pending_ack = None;
+                if let Err(error) = acked {
+                    return Some(Err(error.into()));
+                }
+            }
+            match self.last.take() {
+                Some(acker) if self.unacked >= ACK_EVERY => {
+                    self.unacked = 0;
+                    self.pending_ack = Some(Box::pin(async move {
+                        acker.ack(BasicAckOptions { multiple: true }).await
+                    }));
+                }
+                last => {
+                    self.last = last;
+                    break;
+                }
             }
         }
         let delivery = match self.consumer.next().await? {
             Ok(delivery) => delivery,
             Err(error) => return Some(Err(error.into())),
         };
-        let acker = delivery.acker.clone();
-        self.pending_ack = Some(Box::pin(async move {
-            acker.ack(BasicAckOptions::default()).await
-        }));
-        let offset =
-            crate::headers::get_int(delivery.properties.headers().as_ref(), "x-stream-offset")
-                .and_then(|o| u64::try_from(o).ok());
+        self.unacked += 1;
+        self.last = Some(delivery.acker.clone());
+        let headers = delivery.properties.headers().clone();
+        let offset = headers::get_int(headers.as_ref(), "x-stream-offset")
+            .and_then(|o| u64::try_from(o).ok());
         Some(Ok(Record {
             offset,
+            kind: delivery.properties.kind().as_ref().map(|k| k.to_string()),
+            headers,
             body: delivery.data,
         }))
+    }
+
+    /// Reads until `marker` comes back, handing every other record (markers
+    /// of other readers skipped) to `each`. Returns the marker's offset.
+    pub async fn read_to(
+        &mut self,
+        marker: &Marker,
+        mut each: impl FnMut(Record),
+    ) -> Result<Option<u64>, BrokerError> {
+        loop {
+            let record = self.next_any().await.ok_or(BrokerError::ConnectionLost)??;
+            match record.marker() {
+                Some(id) if id == marker.id => return Ok(record.offset),
+                Some(_) => {}
+                None => each(record),
+            }
+        }
+    }
+}
+
+/// Where a stream begins and ends now: the offset of its oldest record, and
+/// that of a marker appended for the purpose (every record confirmed before
+/// the call is below it). Offsets are consecutive, so a record at an offset
+/// in between is still there.
+pub async fn bounds(connection: &Connection, stream: &str) -> Result<(u64, u64), BrokerError> {
+    let mut tail = StreamReader::open(connection, stream, Offset::Next).await?;
+    let marker = Marker::publish(connection, stream).await?;
+    let end = tail
+        .read_to(&marker, |_| {})
+        .await?
+        .ok_or(BrokerError::ConnectionLost)?;
+    // The stream holds the marker at least, so its oldest record comes.
+    let channel = connection.create_channel().await?;
+    channel.basic_qos(1, BasicQosOptions::default()).await?;
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-stream-offset".into(), Offset::First.to_argument());
+    let mut consumer = channel
+        .basic_consume(
+            stream.into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            arguments,
+        )
+        .await?;
+    let oldest = consumer.next().await.ok_or(BrokerError::ConnectionLost)??;
+    let _ = channel.close(200, "found the oldest record".into()).await;
+    let oldest = headers::get_int(oldest.properties.headers().as_ref(), "x-stream-offset")
+        .and_then(|o| u64::try_from(o).ok())
+        .ok_or(BrokerError::ConnectionLost)?;
+    Ok((oldest, end))
+}
+
+/// A record a reader appends to learn when it has read everything before it.
+#[derive(Debug, Clone)]
+pub struct Marker {
+    id: String,
+}
+
+impl Marker {
+    /// Appends a new marker to `stream`, confirmed. Publish it after the
+    /// reader that waits for it has attached: one attached at `Next` would
+    /// otherwise miss it.
+    pub async fn publish(connection: &Connection, stream: &str) -> Result<Marker, BrokerError> {
+        let id = uuid::Uuid::new_v4().to_string();
+        let publisher = Publisher::open(connection).await?;
+        publisher
+            .publish(
+                stream,
+                b"{}",
+                Message::new(MARKER_MESSAGE_TYPE).header(MARKER_ID, id.as_str()),
+            )
+            .await?;
+        Ok(Marker { id })
+    }
+
+    /// Whether a record's marker id is this marker's.
+    pub fn is(&self, id: &str) -> bool {
+        self.id == id
     }
 }

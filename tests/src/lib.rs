@@ -81,6 +81,7 @@ impl Harness {
             amqp_url: amqp_url().await,
             prefix: prefix.clone(),
             delay_tiers: TEST_DELAY_TIERS.split(',').map(parse_duration).collect(),
+            retention: Default::default(),
         };
         let broker = Broker::new(&args.amqp_url, &prefix).expect("the test AMQP URL is valid");
         let topology = args.topology();
@@ -197,6 +198,7 @@ impl Harness {
                     devices,
                     fingerprint,
                     only: None,
+                    readiness: None,
                 };
                 run_campaign(&broker, &topology, &campaign, spec, |_| {}).await
             }),
@@ -351,6 +353,64 @@ impl Harness {
             }
         }
         steps
+    }
+
+    /// Appends `count` events of an unrelated campaign to the events stream,
+    /// as fast as the broker takes them: several channels, each keeping
+    /// many publishes in flight before waiting for their confirms.
+    pub async fn write_filler(&self, count: usize) {
+        const CHANNELS: usize = 4;
+        const IN_FLIGHT: usize = 1000;
+        let event = Event::new(
+            "filler",
+            EventBody::Step(StepEvent {
+                device: "cpe-filler-000001".into(),
+                kind: flotilla_common::DeviceKind::Dms,
+                seq: 3,
+                step: "poll_result".into(),
+                attempt: 1,
+                duration_ms: 4,
+                next: Some("poll_result".into()),
+                delay_ms: Some(1000),
+                error: None,
+                note: Some("download 42%".into()),
+                worker: Some("filler".into()),
+                tls_unverified: false,
+            }),
+        );
+        let body = std::sync::Arc::new(serde_json::to_vec(&event).expect("an event serializes"));
+        let mut tasks = tokio::task::JoinSet::new();
+        for channel in 0..CHANNELS {
+            let (broker, queue, body) = (self.broker.clone(), self.topology.events(), body.clone());
+            let share = count / CHANNELS + usize::from(channel < count % CHANNELS);
+            tasks.spawn(async move {
+                let connection = broker.connection().await.expect("broker reachable");
+                let publisher = Publisher::open(&connection).await.expect("a publisher");
+                let mut pending = Vec::with_capacity(IN_FLIGHT);
+                for _ in 0..share {
+                    let confirm = publisher
+                        .send(
+                            &queue,
+                            &body,
+                            Message::new(flotilla_common::EVENT_MESSAGE_TYPE),
+                        )
+                        .await
+                        .expect("publishing filler");
+                    pending.push(confirm);
+                    if pending.len() == IN_FLIGHT {
+                        for confirm in pending.drain(..) {
+                            confirm.wait().await.expect("filler confirmed");
+                        }
+                    }
+                }
+                for confirm in pending {
+                    confirm.wait().await.expect("filler confirmed");
+                }
+            });
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.expect("a filler task did not panic");
+        }
     }
 
     /// Messages ready in a queue (not counting those held by consumers).

@@ -7,7 +7,7 @@
 //! all controllers agree on which claims won without talking to each other.
 //! A device holds its room from its admitted claim until it finishes.
 
-use crate::campaign::Rollout;
+use crate::{campaign::Rollout, catalogue::LedgerSnapshot};
 use flotilla_common::{CappedTarget, Device, Event, EventBody, Target};
 use std::collections::{HashMap, HashSet};
 
@@ -23,6 +23,35 @@ pub struct CapLedger {
 }
 
 impl CapLedger {
+    /// The devices holding room, to write down.
+    pub fn snapshot(&self) -> LedgerSnapshot {
+        let mut held: Vec<_> = self
+            .held
+            .iter()
+            .map(|((campaign, device), keys)| (campaign.clone(), device.clone(), keys.clone()))
+            .collect();
+        held.sort();
+        LedgerSnapshot { held }
+    }
+
+    /// The ledger a snapshot wrote down (verdicts of claims read before it
+    /// are not kept: each controller reads its own claims back).
+    pub fn from_snapshot(snapshot: LedgerSnapshot) -> Self {
+        let mut ledger = CapLedger::default();
+        for (campaign, device, keys) in snapshot.held {
+            let holder = (campaign, device);
+            for key in &keys {
+                ledger
+                    .in_flight
+                    .entry(key.clone())
+                    .or_default()
+                    .insert(holder.clone());
+            }
+            ledger.held.insert(holder, keys);
+        }
+        ledger
+    }
+
     /// Folds one event in, from any campaign.
     pub fn apply(&mut self, event: &Event) {
         match &event.body {
@@ -145,6 +174,21 @@ mod tests {
                 started_at: None,
             }),
         )
+    }
+
+    #[test]
+    fn a_ledger_read_back_from_its_snapshot_judges_alike() {
+        let mut ledger = CapLedger::default();
+        for event in [claim("a", "1", 2), claim("b", "1", 2), finished("a", "1")] {
+            ledger.apply(&event);
+        }
+        let mut restored = CapLedger::from_snapshot(ledger.snapshot());
+        assert_eq!(restored.count("host:dms:7557"), 1);
+        for event in [claim("c", "1", 2), claim("c", "2", 2)] {
+            restored.apply(&event);
+        }
+        assert_eq!(restored.verdict("c", "1"), Some(true));
+        assert_eq!(restored.verdict("c", "2"), Some(false));
     }
 
     #[test]

@@ -18,7 +18,8 @@ use super::{
 };
 use crate::{
     Campaign, ProducerError,
-    feed::{CAUGHT_UP, ControlFeed, EventFeed},
+    catalogue::{self, Created, Ended, Lookup, Recent, SNAPSHOT_EVERY, SNAPSHOT_HEARTBEAT},
+    feed::{ControlFeed, EventFeed, Gone},
     state::{CampaignState, Phase},
 };
 use chrono::Utc;
@@ -27,13 +28,16 @@ use flotilla_common::{
     Event, EventBody, FinishedEvent, JOB_MESSAGE_TYPE, Job, Message, PauseCause, PublishedEvent,
     Publisher, Thresholds, Topology, TxPublisher,
     control::{self, Command, ControlMessage},
+    ops::Readiness,
+    stream::Offset,
     telemetry,
 };
 use lapin::types::FieldTable;
 use std::{
     collections::{HashMap, HashSet, VecDeque},
-    path::Path,
-    time::Instant,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::{Duration, Instant},
 };
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn};
@@ -53,11 +57,18 @@ pub struct RunSpec<'a> {
     pub fingerprint: String,
     /// Only these devices (a retry of another campaign's failures).
     pub only: Option<HashSet<String>>,
+    /// Set while the controller is connected to the broker (`/readyz`).
+    pub readiness: Option<Arc<Readiness>>,
 }
 
 /// Runs the campaign until every device has finished (or it is cancelled
 /// and the devices in flight have finished). `observe` is called whenever
 /// the state may have changed, for progress displays.
+///
+/// Once started, a lost broker connection does not end the run: the
+/// controller reconnects with backoff, reads on from where it was to a
+/// marker of its own (so every device it published is known, even one whose
+/// commit was in flight), and goes on.
 pub async fn run_campaign(
     broker: &Broker,
     topology: &Topology,
@@ -65,74 +76,30 @@ pub async fn run_campaign(
     spec: RunSpec<'_>,
     mut observe: impl FnMut(&CampaignState),
 ) -> Result<CampaignState, ProducerError> {
-    let connection = broker.connection().await?;
-    topology.declare(&connection).await?;
-    hold_campaign_lock(&connection, topology, &campaign.id).await?;
-
-    // Replay both streams before deciding anything.
-    let mut state = CampaignState::new(&campaign.id);
-    let mut ledger = CapLedger::default();
-    // One connection for the controller's readers and publishers: the
-    // broker's pool is shared with every other campaign in the process.
-    let mut events = EventFeed::open(&connection, topology).await?;
-    while let Some(event) = events.next_within(CAUGHT_UP).await? {
-        state.apply(&event);
-        ledger.apply(&event);
-    }
-    let mut control = ControlFeed::open(&connection, topology).await?;
-    let mut commands = Vec::new();
-    while let Some(command) = control.next_within(CAUGHT_UP).await? {
-        commands.push(command);
-    }
-
-    let mut controller = Controller {
-        campaign,
-        topology,
-        state,
-        ledger,
-        decisions: Publisher::open(&connection).await?,
-        jobs: TxPublisher::open(&connection).await?,
-        cursor: Cursor::open(spec.inventory, spec.only.clone())?,
-        held: VecDeque::new(),
-        pacer: campaign.rollout.rate.clone().map(Pacer::new),
-        event_rx: forward(events),
-        control_rx: forward_control(control),
+    let ready = |ready: bool| {
+        if let Some(readiness) = &spec.readiness {
+            readiness.set(ready);
+        }
     };
-    controller.start_or_resume(&spec).await?;
-    for (offset, message) in commands {
-        controller.command(offset, &message).await?;
-    }
-
+    let mut controller = Controller::connect(broker, topology, campaign, &spec).await?;
+    ready(true);
     loop {
-        controller.drain().await?;
-        observe(&controller.state);
-        match decide::next(&controller.state, &campaign.rollout, Utc::now()) {
-            Next::Done => break,
-            Next::Decide {
-                decision,
-                reason,
-                thresholds,
-            } => {
-                controller
-                    .decide(decision, reason, thresholds, None)
-                    .await?
+        match controller.run(&mut observe).await {
+            Ok(()) => {
+                controller.release_lock().await;
+                break;
             }
-            Next::Start(wanted) => {
-                let started = controller.start(wanted).await?;
-                if started == 0 {
-                    let until = controller.pacer.as_ref().and_then(Pacer::next_at);
-                    controller
-                        .wait(until.map(tokio::time::Instant::from_std))
-                        .await?;
-                }
+            Err(error) if error.is_connection_loss() => {
+                ready(false);
+                warn!(campaign = %campaign.id, %error, "lost the broker; reconnecting");
+                controller.reconnect(broker).await?;
+                info!(campaign = %campaign.id, published = controller.state.published(), "reconnected; carrying on");
+                ready(true);
             }
-            Next::CancelUnstarted => controller.cancel_unstarted().await?,
-            Next::Wait(until) => {
-                let until = until.map(|at| {
-                    let from_now = (at - Utc::now()).to_std().unwrap_or_default();
-                    tokio::time::Instant::now() + from_now
-                });
-                controller.wait(until).await?;
+            Err(error) => {
+                ready(false);
+                controller.release_lock().await;
+                return Err(error);
             }
         }
     }
@@ -143,10 +110,28 @@ pub async fn run_campaign(
 struct Controller<'a> {
     campaign: &'a Campaign,
     topology: &'a Topology,
+    inventory: PathBuf,
+    only: Option<HashSet<String>>,
+    /// Whether the campaign claims room behind shared caps (and so keeps
+    /// the ledger).
+    capped: bool,
     state: CampaignState,
     /// Room behind capped targets, across all campaigns.
     ledger: CapLedger,
-    /// Decisions, claims and commands, confirmed one by one.
+    /// The events-stream offset up to which everything has been applied.
+    position: u64,
+    /// The control-stream offset of the last command read.
+    control_position: Option<u64>,
+    /// The offset of the campaign's `completed` decision, once read back.
+    completed_at: Option<u64>,
+    /// Whether the catalogue has the campaign's `ended` entry.
+    ended_recorded: bool,
+    /// When the last snapshot was written, and the offset it covered.
+    snapshot: Option<(Instant, u64)>,
+    /// Holds the campaign lock (an exclusive queue) as long as it lives;
+    /// `None` only while connecting.
+    connection: Option<deadpool_lapin::Connection>,
+    /// Decisions, claims, commands and snapshots, confirmed one by one.
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
     jobs: TxPublisher,
@@ -154,11 +139,346 @@ struct Controller<'a> {
     /// Devices of the current wave read ahead of starting them.
     held: VecDeque<(u64, Device)>,
     pacer: Option<Pacer>,
-    event_rx: mpsc::Receiver<Result<Event, BrokerError>>,
+    event_rx: mpsc::Receiver<Result<(u64, Event), BrokerError>>,
     control_rx: mpsc::Receiver<Result<(u64, ControlMessage), BrokerError>>,
 }
 
-impl Controller<'_> {
+/// What a reconnect waits between attempts.
+const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
+const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+
+impl<'a> Controller<'a> {
+    /// Connects, reads the campaign (and, if capped, the cap ledger) to the
+    /// end of the events stream, and writes the `started` decision or
+    /// checks a resumed run uses the campaign's files.
+    async fn connect(
+        broker: &Broker,
+        topology: &'a Topology,
+        campaign: &'a Campaign,
+        spec: &RunSpec<'_>,
+    ) -> Result<Controller<'a>, ProducerError> {
+        let connection = broker.connection().await?;
+        topology.declare(&connection).await?;
+        hold_campaign_lock(&connection, topology, &campaign.id).await?;
+        let (mut controller, commands) =
+            match Self::read_in(&connection, topology, campaign, spec).await {
+                Ok(read) => read,
+                Err(error) => {
+                    release_campaign_lock(&connection, topology, &campaign.id).await;
+                    return Err(error);
+                }
+            };
+        controller.connection = Some(connection);
+        let begun = async {
+            controller.start_or_resume(spec).await?;
+            for (offset, message) in commands {
+                controller.command(offset, &message).await?;
+            }
+            Ok(())
+        };
+        match begun.await {
+            Ok(()) => Ok(controller),
+            Err(error) => {
+                controller.release_lock().await;
+                Err(error)
+            }
+        }
+    }
+
+    /// [`Controller::connect`] once the campaign lock is held: the streams
+    /// read to their ends, and the commands to answer.
+    async fn read_in(
+        connection: &deadpool_lapin::Connection,
+        topology: &'a Topology,
+        campaign: &'a Campaign,
+        spec: &RunSpec<'_>,
+    ) -> Result<(Controller<'a>, Vec<(u64, ControlMessage)>), ProducerError> {
+        let decisions = Publisher::open(connection).await?;
+        let lookup = Lookup::read(connection, topology, &campaign.id).await?;
+        let rollout = &campaign.rollout;
+        let capped = rollout.per_host.is_some() || rollout.per_image_host.is_some();
+
+        // The ledger comes from a recent snapshot of any capped controller,
+        // or is folded from where no capped campaign had room.
+        let mut ledger = CapLedger::default();
+        let (ledger_from, ledger_covers) = if capped {
+            match Recent::read(connection, topology, &campaign.id)
+                .await?
+                .ledger
+            {
+                Some((covers, snapshot)) => {
+                    ledger = CapLedger::from_snapshot(snapshot);
+                    (Some(covers + 1), Some(covers))
+                }
+                None => (lookup.ledger_start(), None),
+            }
+        } else {
+            (None, None)
+        };
+        let campaign_from = lookup.created.as_ref().map(|c| c.events_offset);
+        let from = match (campaign_from, ledger_from) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let whose = if from.is_some() && from == campaign_from {
+            format!("campaign {}", campaign.id)
+        } else {
+            "the concurrency-cap ledger".to_owned()
+        };
+
+        let mut state = CampaignState::new(&campaign.id);
+        let mut completed_at = None;
+        let mut events =
+            EventFeed::open(connection, topology, from.map_or(Offset::Next, Offset::At)).await?;
+        let expect = from.map(|first| {
+            (
+                first,
+                Gone {
+                    whose: &whose,
+                    topology,
+                },
+            )
+        });
+        let position = events
+            .catch_up(connection, expect, None, |offset, event| {
+                note_completed(&mut completed_at, offset, &event, &campaign.id);
+                state.apply(&event);
+                if capped && ledger_covers.is_none_or(|covers| offset > covers) {
+                    ledger.apply(&event);
+                }
+            })
+            .await?
+            .ok_or(BrokerError::ConnectionLost)?;
+        if lookup.created.is_none() {
+            // Before the `started` decision: every campaign that has one
+            // can be found.
+            let created = Created {
+                campaign: campaign.id.clone(),
+                at: Utc::now(),
+                events_offset: position,
+                capped,
+            };
+            catalogue::record_created(&decisions, topology, created).await?;
+        }
+
+        let mut control = ControlFeed::open(connection, topology, Offset::First).await?;
+        let commands = control.catch_up(connection).await?;
+        let jobs = TxPublisher::open(connection).await?;
+        let controller = Controller {
+            campaign,
+            topology,
+            inventory: spec.inventory.to_owned(),
+            only: spec.only.clone(),
+            capped,
+            state,
+            ledger,
+            position,
+            control_position: commands.last().map(|(offset, _)| *offset),
+            completed_at,
+            ended_recorded: lookup.ended.is_some(),
+            snapshot: None,
+            connection: None,
+            decisions,
+            jobs,
+            cursor: Cursor::open(spec.inventory, spec.only.clone())?,
+            held: VecDeque::new(),
+            pacer: campaign.rollout.rate.clone().map(Pacer::new),
+            event_rx: forward(events),
+            control_rx: forward_control(control),
+        };
+        Ok((controller, commands))
+    }
+
+    /// Gives the campaign lock up, so that this process (whose connection
+    /// the pool keeps) may run the campaign again. Best effort: a lock on a
+    /// dead connection is gone anyway.
+    async fn release_lock(&self) {
+        if let Some(connection) = &self.connection {
+            release_campaign_lock(connection, self.topology, &self.campaign.id).await;
+        }
+    }
+
+    /// Reconnects with backoff until it works or fails for another reason
+    /// than the broker being away.
+    async fn reconnect(&mut self, broker: &Broker) -> Result<(), ProducerError> {
+        let mut backoff = RECONNECT_BACKOFF_MIN;
+        loop {
+            tokio::time::sleep(backoff).await;
+            match self.reattach(broker).await {
+                Ok(()) => return Ok(()),
+                // The broker may not have noticed yet that the old
+                // connection, which held the campaign lock, is gone.
+                Err(error @ ProducerError::AlreadyRunning { .. }) => {
+                    warn!(%error, retry_in = ?backoff, "the old connection still holds the campaign lock")
+                }
+                Err(error) if error.is_connection_loss() => {
+                    warn!(%error, retry_in = ?backoff, "reconnecting to the broker")
+                }
+                Err(error) => return Err(error),
+            }
+            backoff = (backoff * 2).min(RECONNECT_BACKOFF_MAX);
+        }
+    }
+
+    /// A new connection, the streams read on from where they were to their
+    /// end, and the inventory walked again from the top (devices that were
+    /// being published are skipped if the stream has them).
+    async fn reattach(&mut self, broker: &Broker) -> Result<(), ProducerError> {
+        while let Ok(Ok((offset, event))) = self.event_rx.try_recv() {
+            self.apply_read(offset, &event);
+        }
+        // Commands received but not applied are read again: the control
+        // feed reopens after the last one applied.
+        let connection = broker.connection().await?;
+        self.topology.declare(&connection).await?;
+        hold_campaign_lock(&connection, self.topology, &self.campaign.id).await?;
+        let (position, control_from) = (self.position, self.control_position);
+        let read_on = async {
+            let decisions = Publisher::open(&connection).await?;
+            let jobs = TxPublisher::open(&connection).await?;
+            let mut events =
+                EventFeed::open(&connection, self.topology, Offset::At(position + 1)).await?;
+            let mut read = Vec::new();
+            let position = events
+                .catch_up(&connection, None, None, |offset, event| {
+                    read.push((offset, event))
+                })
+                .await?
+                .ok_or(BrokerError::ConnectionLost)?;
+            let control_from = control_from.map_or(Offset::First, |p| Offset::At(p + 1));
+            let mut control = ControlFeed::open(&connection, self.topology, control_from).await?;
+            let commands = control.catch_up(&connection).await?;
+            Ok::<_, ProducerError>((decisions, jobs, events, read, position, control, commands))
+        };
+        let (decisions, jobs, events, read, position, control, commands) = match read_on.await {
+            Ok(read) => read,
+            Err(error) => {
+                // Another attempt may get another connection: free this
+                // one's lock if it still lives.
+                release_campaign_lock(&connection, self.topology, &self.campaign.id).await;
+                return Err(error);
+            }
+        };
+
+        for (offset, event) in read {
+            self.apply_read(offset, &event);
+        }
+        self.position = self.position.max(position);
+        self.connection = Some(connection);
+        self.decisions = decisions;
+        self.jobs = jobs;
+        self.cursor = Cursor::open(&self.inventory, self.only.clone())?;
+        self.held.clear();
+        self.event_rx = forward(events);
+        self.control_rx = forward_control(control);
+        for (offset, message) in commands {
+            self.command(offset, &message).await?;
+        }
+        Ok(())
+    }
+
+    /// The campaign's loop, to its end: decide, start devices, wait.
+    async fn run(&mut self, observe: &mut impl FnMut(&CampaignState)) -> Result<(), ProducerError> {
+        loop {
+            self.drain().await?;
+            self.snapshot_if_due().await?;
+            observe(&self.state);
+            match decide::next(&self.state, &self.campaign.rollout, Utc::now()) {
+                Next::Done => break,
+                Next::Decide {
+                    decision,
+                    reason,
+                    thresholds,
+                } => self.decide(decision, reason, thresholds, None).await?,
+                Next::Start(wanted) => {
+                    let started = self.start(wanted).await?;
+                    if started == 0 {
+                        let until = self.pacer.as_ref().and_then(Pacer::next_at);
+                        self.wait(until.map(tokio::time::Instant::from_std)).await?;
+                    }
+                }
+                Next::CancelUnstarted => self.cancel_unstarted().await?,
+                Next::Wait(until) => {
+                    let until = until.map(|at| {
+                        let from_now = (at - Utc::now()).to_std().unwrap_or_default();
+                        tokio::time::Instant::now() + from_now
+                    });
+                    self.wait(until).await?;
+                }
+            }
+        }
+        self.finish().await
+    }
+
+    /// Records the campaign's end in the catalogue, once its `completed`
+    /// decision is read back (its offset is where readers stop).
+    async fn finish(&mut self) -> Result<(), ProducerError> {
+        self.read_until(|c| c.completed_at.is_some()).await?;
+        if !self.ended_recorded
+            && let Some(events_offset) = self.completed_at
+        {
+            let ended = Ended {
+                campaign: self.campaign.id.clone(),
+                at: Utc::now(),
+                events_offset,
+                snapshot: self.state.snapshot(),
+            };
+            catalogue::record_ended(&self.decisions, self.topology, ended).await?;
+            self.ended_recorded = true;
+        }
+        Ok(())
+    }
+
+    /// Applies an event read from the stream at `offset`.
+    fn apply_read(&mut self, offset: u64, event: &Event) {
+        note_completed(&mut self.completed_at, offset, event, &self.campaign.id);
+        self.state.apply(event);
+        if self.capped {
+            self.ledger.apply(event);
+        }
+        self.position = self.position.max(offset);
+    }
+
+    /// When the next snapshot is due (`None`: now, there is none yet): soon
+    /// after a change, else a heartbeat.
+    fn snapshot_due(&self) -> Option<Instant> {
+        match self.snapshot {
+            None => None,
+            Some((at, covers)) if covers != self.position => Some(at + SNAPSHOT_EVERY),
+            Some((at, _)) => Some(at + SNAPSHOT_HEARTBEAT),
+        }
+    }
+
+    /// Writes the campaign's state (and the ledger, if capped) as of the
+    /// events read so far, when due. What the controller applied before
+    /// reading it back (its own publications and decisions) is in it too:
+    /// a reader applying the events after `position` sees those again and
+    /// counts them once, as the state does.
+    async fn snapshot_if_due(&mut self) -> Result<(), ProducerError> {
+        if self.snapshot_due().is_some_and(|due| Instant::now() < due) {
+            return Ok(());
+        }
+        let covers = self.position;
+        catalogue::write_snapshot(
+            &self.decisions,
+            self.topology,
+            covers,
+            &self.state.snapshot(),
+        )
+        .await?;
+        if self.capped {
+            catalogue::write_ledger(
+                &self.decisions,
+                self.topology,
+                covers,
+                &self.ledger.snapshot(),
+            )
+            .await?;
+        }
+        self.snapshot = Some((Instant::now(), covers));
+        Ok(())
+    }
+
     /// Writes the `started` decision, or checks a restarted run uses the
     /// files the campaign started with.
     async fn start_or_resume(&mut self, spec: &RunSpec<'_>) -> Result<(), ProducerError> {
@@ -278,12 +598,12 @@ impl Controller<'_> {
     /// Applies every event and command already received.
     async fn drain(&mut self) -> Result<(), ProducerError> {
         while let Ok(event) = self.event_rx.try_recv() {
-            let event = event?;
-            self.state.apply(&event);
-            self.ledger.apply(&event);
+            let (offset, event) = event?;
+            self.apply_read(offset, &event);
         }
         while let Ok(command) = self.control_rx.try_recv() {
             let (offset, message) = command?;
+            self.control_position = Some(offset);
             self.command(offset, &message).await?;
         }
         Ok(())
@@ -291,6 +611,10 @@ impl Controller<'_> {
 
     /// Waits for an event, a command, or `until`.
     async fn wait(&mut self, until: Option<tokio::time::Instant>) -> Result<(), ProducerError> {
+        // Wake for the next snapshot too: a paused campaign still has one.
+        let snapshot =
+            tokio::time::Instant::from_std(self.snapshot_due().unwrap_or_else(Instant::now));
+        let until = Some(until.map_or(snapshot, |at| at.min(snapshot)));
         let sleep = async {
             match until {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -299,12 +623,12 @@ impl Controller<'_> {
         };
         tokio::select! {
             event = self.event_rx.recv() => {
-                let event = event.ok_or(BrokerError::ConnectionLost)??;
-                self.state.apply(&event);
-                self.ledger.apply(&event);
+                let (offset, event) = event.ok_or(BrokerError::ConnectionLost)??;
+                self.apply_read(offset, &event);
             }
             command = self.control_rx.recv() => {
                 let (offset, message) = command.ok_or(BrokerError::ConnectionLost)??;
+                self.control_position = Some(offset);
                 self.command(offset, &message).await?;
             }
             _ = sleep => {}
@@ -503,7 +827,7 @@ impl Controller<'_> {
                         device: device.id.clone(),
                         kind: device.kind,
                         seq: 0,
-                        last_step: "not_started".to_owned(),
+                        last_step: crate::state::NOT_STARTED.to_owned(),
                         ending: Ending {
                             error: Some(
                                 "the campaign was cancelled before this device started".to_owned(),
@@ -546,13 +870,12 @@ impl Controller<'_> {
     /// Follows the events stream until `done` holds.
     async fn read_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), ProducerError> {
         while !done(self) {
-            let event = self
+            let (offset, event) = self
                 .event_rx
                 .recv()
                 .await
                 .ok_or(BrokerError::ConnectionLost)??;
-            self.state.apply(&event);
-            self.ledger.apply(&event);
+            self.apply_read(offset, &event);
         }
         Ok(())
     }
@@ -604,8 +927,34 @@ async fn hold_campaign_lock(
     }
 }
 
+async fn release_campaign_lock(
+    connection: &lapin::Connection,
+    topology: &Topology,
+    campaign: &str,
+) {
+    let name = format!("{}.controller.{campaign}", topology.prefix());
+    if let Ok(channel) = connection.create_channel().await {
+        let _ = channel
+            .queue_delete(name.as_str().into(), Default::default())
+            .await;
+        let _ = channel.close(200, "campaign lock released".into()).await;
+    }
+}
+
+/// Notes the offset of the campaign's `completed` decision.
+fn note_completed(completed_at: &mut Option<u64>, offset: u64, event: &Event, campaign: &str) {
+    if event.campaign == campaign
+        && let EventBody::Decision(DecisionEvent {
+            decision: Decision::Completed,
+            ..
+        }) = &event.body
+    {
+        completed_at.get_or_insert(offset);
+    }
+}
+
 /// Reads the events stream in the background.
-fn forward(mut feed: EventFeed) -> mpsc::Receiver<Result<Event, BrokerError>> {
+fn forward(mut feed: EventFeed) -> mpsc::Receiver<Result<(u64, Event), BrokerError>> {
     let (tx, rx) = mpsc::channel(4096);
     tokio::spawn(async move {
         loop {

@@ -1,0 +1,43 @@
+//! `flotilla-bench`: measurements of a whole Flotilla (real broker, in-process
+//! workers and controllers, the simulated fleet), one subcommand a scenario.
+//! Figures, not pass/fail: the README quotes them.
+//!
+//! - [`control`]: how fast `status` and `pause` answer during a large rollout,
+//!   and how long a producer takes to start against a long events history.
+//!
+//! Uses the broker at `AMQP_URL` (or a container, as the tests do), each run
+//! in queues of its own, deleted afterwards.
+
+mod control;
+mod stats;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "flotilla-bench", about = "Benchmarks of a whole Flotilla.")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Subcommand)]
+enum Scenario {
+    /// Status and pause latency during a rollout, and producer start time
+    /// against the size of the events stream.
+    Control(control::Args),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    // Two worker threads, as the tests use: the machine runs the broker,
+    // the fleet and the workers too.
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        match cli.scenario {
+            Scenario::Control(args) => control::run(args).await,
+        }
+    })
+}
