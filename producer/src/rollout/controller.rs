@@ -4,10 +4,14 @@
 //! it) to that stream.
 //!
 //! It keeps no state of its own that the stream does not have: started
-//! again after a crash with the same files, it replays the stream and
-//! carries on, never publishing a device twice nor repeating a decision.
-//! A device's job and the event recording its publication are published in
-//! one transaction, so a crash cannot separate them.
+//! again after a crash with the same files, it replays its campaign's span
+//! of the stream (from the catalogue's offset to a marker of its own) and
+//! carries on, never publishing a device twice nor repeating a decision;
+//! after a lost connection it reads on from where it was. A device's job
+//! and the event recording its publication are published in one
+//! transaction, so a crash cannot separate them. Every second it writes a
+//! snapshot of its campaign (and of the cap ledger, if capped) for cheap
+//! readers (see `catalogue`).
 
 use super::{
     caps::{CapLedger, targets_of},
