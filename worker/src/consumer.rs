@@ -163,6 +163,12 @@ async fn session(
             TopologyError::Broker { source, .. } => SessionError::Broker(source.into()),
             mismatch => SessionError::Topology(mismatch),
         })?;
+    // Counted once connected, not once every slot is open: opening them
+    // takes a round trip each, and a connection can drop before the last.
+    if *connected_before {
+        shared.metrics.reconnected();
+    }
+    *connected_before = true;
     // Know every campaign's mode before taking a job, so no step of a
     // paused or cancelled campaign runs.
     let mut control =
@@ -183,10 +189,6 @@ async fn session(
         let slot = Slot::open(&connection, &jobs).await?;
         slots.spawn(slot.run(shared.clone(), stop_taking.clone()));
     }
-    if *connected_before {
-        shared.metrics.reconnected();
-    }
-    *connected_before = true;
     readiness.set(true);
     info!(queue = %jobs, concurrency = config.concurrency, "consuming");
 
