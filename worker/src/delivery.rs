@@ -291,6 +291,9 @@ fn trace_headers(incoming: Option<&FieldTable>) -> FieldTable {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
