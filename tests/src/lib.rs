@@ -66,6 +66,12 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(test: &str) -> Harness {
+        Harness::on(test, amqp_url().await).await
+    }
+
+    /// A harness on another broker than the test process's (a cluster's
+    /// nodes, say).
+    pub async fn on(test: &str, amqp_url: String) -> Harness {
         flotilla_common::ensure_crypto_provider();
         // `RUST_LOG=info cargo nextest run ...` shows what the in-process
         // workers and controllers did, for a failing test.
@@ -78,7 +84,7 @@ impl Harness {
         let suffix: u32 = rand::rng().random();
         let prefix = format!("test-{test}-{suffix:08x}");
         let args = BrokerArgs {
-            amqp_url: amqp_url().await,
+            amqp_url,
             prefix: prefix.clone(),
             delay_tiers: TEST_DELAY_TIERS.split(',').map(parse_duration).collect(),
         };

@@ -7,6 +7,7 @@
 
 mod appliance_readings;
 mod campaign_control;
+mod cluster;
 mod dms_campaigns;
 mod observability;
 mod operator_cli;
