@@ -218,7 +218,7 @@ async fn a_campaign_completes_when_the_node_its_producer_is_on_stops() {
             |state| state.finished() >= 10,
         )
         .await;
-    let on_node_1 = cluster(&["ctl", "1", "-q", "list_connections", "name"]);
+    let on_node_1 = cluster(&["ctl", "1", "-q", "list_connections", "client_properties"]);
     assert!(on_node_1.contains("flotilla-producer"), "{on_node_1}");
     assert!(
         on_node_1.contains("flotilla-worker cluster-w1"),
