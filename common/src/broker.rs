@@ -553,11 +553,7 @@ mod tests {
         assert!(error.is_unreachable(), "{error}");
         let text = error.to_string();
         assert!(text.contains("no node answered"), "{text}");
-        assert_eq!(
-            text.matches("Connection refused").count(),
-            2,
-            "{text}"
-        );
+        assert_eq!(text.matches("Connection refused").count(), 2, "{text}");
         assert!(!text.contains("s3cret"), "{text}");
     }
 
