@@ -2,9 +2,10 @@
 //! gone, at start and mid-campaign.
 //!
 //! The first test runs on the test broker with a dead node listed before
-//! it. The second needs the three-node cluster of `scripts/cluster` (heavy
-//! on two cores, so it is ignored unless asked for; README, "A RabbitMQ
-//! cluster"):
+//! it. The others need the three-node cluster of `scripts/cluster` (heavy
+//! on two cores, so they are ignored unless asked for; README, "A RabbitMQ
+//! cluster"): a campaign that loses a node, and one run by the users of
+//! deploy/rabbitmq/definitions.json, which that test creates there.
 //!
 //! ```sh
 //! scripts/cluster && export FLOTILLA_CLUSTER_URL=$(scripts/cluster url)
@@ -269,5 +270,101 @@ async fn a_campaign_completes_when_the_node_its_producer_is_on_stops() {
         harness.broker.connection().await.is_ok()
     })
     .await;
+    harness.teardown().await;
+}
+
+/// Whether `result` is RabbitMQ's 403 ACCESS_REFUSED.
+fn refused<T: std::fmt::Debug>(result: Result<T, lapin::Error>) -> bool {
+    matches!(&result, Err(error) if matches!(error.kind(), lapin::ErrorKind::ProtocolError(e) if e.get_id() == 403))
+}
+
+#[tokio::test]
+#[ignore = "needs the three-node cluster of scripts/cluster and FLOTILLA_CLUSTER_URL"]
+async fn each_component_runs_as_its_own_broker_user_and_no_more() {
+    use lapin::options::{BasicGetOptions, QueueDeclareOptions};
+    let url = std::env::var("FLOTILLA_CLUSTER_URL")
+        .expect("FLOTILLA_CLUSTER_URL lists the nodes of scripts/cluster");
+    // Creates the users on the test's own cluster, never on a shared
+    // broker.
+    let definitions = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../deploy/rabbitmq/definitions.json")
+        .canonicalize()
+        .unwrap();
+    cluster(&[
+        "ctl",
+        "1",
+        "-q",
+        "import_definitions",
+        definitions.to_str().unwrap(),
+    ]);
+    let as_user = |user: &str| {
+        url.replace(
+            "guest:guest",
+            &format!("flotilla-{user}:{user}-demo-password"),
+        )
+    };
+    // The definitions name the default prefix's queues.
+    let harness = Harness::on_prefix(url.clone(), "flotilla".to_owned()).await;
+    let fleet = fleet(10).await;
+    let inventory = harness.write_inventory("devices.csv", fleet.devices());
+    let campaign = harness.dir().join("campaign.toml");
+    std::fs::write(
+        &campaign,
+        CAMPAIGN.replace("cluster-campaign", "least-privilege"),
+    )
+    .unwrap();
+    let log = harness.dir().join("producer.log");
+
+    let mut worker = spawn_worker(&harness, &fleet, &as_user("worker"), "least-w").await;
+    let status = spawn_producer(&harness, &as_user("producer"), &campaign, &inventory, &log)
+        .await
+        .wait()
+        .await
+        .unwrap();
+    let output = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{output}");
+    worker.kill().await.unwrap();
+    assert_completed_once(
+        &harness,
+        &fleet,
+        &harness.all_events("least-privilege").await,
+    )
+    .await;
+
+    let topology = &harness.topology;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    for (user, queue, may_read) in [
+        ("keda", topology.jobs(), false),
+        ("producer", topology.jobs(), false),
+        ("producer", topology.dead(), true),
+        ("worker", topology.dead(), false),
+        ("worker", topology.jobs(), true),
+    ] {
+        let broker = flotilla_common::Broker::new(&as_user(user), "least-privilege").unwrap();
+        let connection = broker.connection().await.unwrap();
+        // A passive declare (KEDA's count) needs no permission.
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_declare(queue.as_str().into(), passive, Default::default())
+            .await
+            .unwrap_or_else(|e| panic!("{user} cannot look at {queue}: {e}"));
+        let got = channel
+            .basic_get(queue.as_str().into(), BasicGetOptions::default())
+            .await;
+        assert_eq!(!refused(got), may_read, "{user} reading {queue}");
+        // Nobody declares outside the topology.
+        let channel = connection.create_channel().await.unwrap();
+        let other = channel
+            .queue_declare(
+                "other.jobs".into(),
+                QueueDeclareOptions::default(),
+                Default::default(),
+            )
+            .await;
+        assert!(refused(other), "{user} declared other.jobs");
+    }
     harness.teardown().await;
 }
