@@ -200,7 +200,7 @@ impl Broker {
 
 impl Node {
     fn new(url: &str, name: &str) -> Result<Self, BrokerError> {
-        let display_url = redact_url(url);
+        let display_url = redact_one(url).unwrap_or_else(|| UNPARSEABLE.to_owned());
         // The pool parses the URL only when it first connects, which would
         // report a typo as an unreachable broker.
         let parsed: AMQPUri = url.parse().map_err(|reason| BrokerError::BadUrl {
@@ -295,24 +295,47 @@ fn split_urls(urls: &str) -> Vec<&str> {
 
 /// Masks the passwords of an AMQP URL, or of a comma-separated list of
 /// them, so it can be logged.
+///
+/// A password with an unescaped comma splits its URL in two, and the part
+/// after the comma may parse as a URL of its own (`a:rest-of-password@`);
+/// so only AMQP URLs with a host are shown, and a list with any other part
+/// is not shown at all.
 pub fn redact_url(urls: &str) -> String {
-    split_urls(urls)
-        .into_iter()
-        .map(redact_one)
-        .collect::<Vec<_>>()
-        .join(",")
+    let shown: Option<Vec<String>> = split_urls(urls).into_iter().map(redact_one).collect();
+    match shown {
+        Some(shown) => shown.join(","),
+        None => UNPARSEABLE.to_owned(),
+    }
 }
 
-fn redact_one(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Cannot fail: the URL already has a password, so it has a host.
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable AMQP URL>".to_owned(),
+const UNPARSEABLE: &str = "<unparseable AMQP URL>";
+
+/// An AMQP URL as messages show it: scheme, user, host, port and vhost,
+/// never the password, nor a query or fragment (a `?` or `#` in an
+/// unescaped password puts its tail there), nor a path holding an `@` (a
+/// `/` in the password puts its tail there).
+fn redact_one(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed.host_str()?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return None;
     }
+    let mut shown = format!("{}://", parsed.scheme());
+    match (parsed.username(), parsed.password()) {
+        ("", None) => {}
+        (user, None) => shown.push_str(&format!("{user}@")),
+        (user, Some(_)) => shown.push_str(&format!("{user}:***@")),
+    }
+    shown.push_str(host);
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    match parsed.path() {
+        path if path.contains('@') => shown.push_str("/…"),
+        "/" | "" => {}
+        path => shown.push_str(path),
+    }
+    Some(shown)
 }
 
 /// A channel in confirm mode, owned by one publishing task.
@@ -562,8 +585,13 @@ mod tests {
         use proptest::prelude::*;
 
         proptest! {
-            // Quick: no connection is made.
-            #![proptest_config(ProptestConfig { cases: 256, failure_persistence: None, ..ProptestConfig::default() })]
+            // Quick (no connection is made): 256 cases unless
+            // PROPTEST_CASES says otherwise.
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256),
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
 
             /// Whatever a password holds and whatever surrounds it,
             /// well-formed or not, neither an error nor the displayed URL
@@ -572,7 +600,7 @@ mod tests {
             fn no_message_shows_a_password(
                 scheme in "(amqps?|http|)",
                 user in "[a-z@.:-]{0,6}",
-                inside in "[a-z/:@%?#,\\[\\] ]{0,3}",
+                inside in "[a-z0-9/:@%?#,\\[\\] ]{0,4}",
                 after in "[a-zA-Z0-9:/%@.?#\\[\\] -]{0,16}",
                 others in "(,amqp://u:p@h){0,2}",
             ) {
