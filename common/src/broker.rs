@@ -12,7 +12,14 @@ use lapin::{
     types::FieldTable,
     uri::AMQPUri,
 };
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+use tracing::warn;
 
 /// The broker every command uses unless told otherwise.
 pub const DEFAULT_AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -81,10 +88,26 @@ impl BrokerError {
     }
 }
 
-/// A handle on one RabbitMQ broker; cheap to clone. Connections come from a
-/// small pool that replaces a dropped connection on the next request.
+/// A handle on a RabbitMQ broker, one node or a cluster's; cheap to clone.
+///
+/// `AMQP_URL` may list several nodes of one cluster, comma-separated. A
+/// connection goes to the node that answered last; when that node is gone
+/// (refused or silent), the next in the list is tried, round the list once,
+/// and the first that answers becomes the node every clone uses. Queues and
+/// streams are replicated across the cluster (see [`crate::topology`]), so
+/// any node serves them.
 #[derive(Clone)]
 pub struct Broker {
+    nodes: Arc<[Node]>,
+    /// The node connections go to, an index into `nodes`.
+    current: Arc<AtomicUsize>,
+    /// Every node's URL with its password masked, for messages.
+    display_url: String,
+}
+
+/// One node's pool. Connections come from a small pool that replaces a
+/// dropped connection on the next request.
+struct Node {
     pool: Pool,
     /// The URL with its password masked, for messages.
     display_url: String,
@@ -102,9 +125,90 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
-    /// `name` shows in RabbitMQ's connection list (say which process it is).
+    /// `url` is one AMQP URL or several, comma-separated (a comma inside a
+    /// password is written `%2C`). `name` shows in RabbitMQ's connection
+    /// list (say which process it is).
     pub fn new(url: &str, name: &str) -> Result<Self, BrokerError> {
-        let display_url = redact_url(url);
+        let urls = split_urls(url);
+        if urls.is_empty() {
+            return Err(BrokerError::BadUrl {
+                url: String::new(),
+                reason: "no AMQP URL given".to_owned(),
+            });
+        }
+        let nodes = urls
+            .iter()
+            .map(|url| Node::new(url, name))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(Broker {
+            display_url: redact_url(url),
+            nodes: nodes.into(),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    /// The broker URL (every node's) with passwords masked.
+    pub fn display_url(&self) -> &str {
+        &self.display_url
+    }
+
+    /// The node connections go to now, its password masked.
+    pub fn current_node(&self) -> &str {
+        &self.nodes[self.current.load(Ordering::Relaxed) % self.nodes.len()].display_url
+    }
+
+    /// A live connection: a pooled one, or a new one if the last has
+    /// dropped, on the current node or, when it is gone, the next that
+    /// answers. A refused login is returned at once: a cluster's nodes
+    /// share their users, so another node would refuse it too.
+    pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+        let first = self.current.load(Ordering::Relaxed);
+        let mut failures = Vec::new();
+        for step in 0..self.nodes.len() {
+            let index = (first + step) % self.nodes.len();
+            let node = &self.nodes[index];
+            match node.connection().await {
+                Ok(connection) => {
+                    if step > 0 {
+                        // Another clone may have moved on already; either
+                        // node answers.
+                        self.current.store(index, Ordering::Relaxed);
+                        warn!(node = %node.display_url, "connected to the next RabbitMQ node");
+                    }
+                    return Ok(connection);
+                }
+                Err(error @ BrokerError::Refused { .. }) => return Err(error),
+                Err(error) => {
+                    if self.nodes.len() > 1 {
+                        warn!(node = %node.display_url, %error, "RabbitMQ node unavailable; trying the next");
+                    }
+                    failures.push(error);
+                }
+            }
+        }
+        Err(match failures.len() {
+            1 => failures.remove(0),
+            _ => BrokerError::Unreachable {
+                url: self.display_url.clone(),
+                reason: format!(
+                    "no node answered ({})",
+                    failures
+                        .iter()
+                        .map(|failure| match failure {
+                            BrokerError::Unreachable { url, reason } => format!("{url}: {reason}"),
+                            other => other.to_string(),
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
+            },
+        })
+    }
+}
+
+impl Node {
+    fn new(url: &str, name: &str) -> Result<Self, BrokerError> {
+        let display_url = redact_one(url).unwrap_or_else(|| UNPARSEABLE.to_owned());
         // The pool parses the URL only when it first connects, which would
         // report a typo as an unreachable broker.
         let parsed: AMQPUri = url.parse().map_err(|reason| BrokerError::BadUrl {
@@ -132,7 +236,7 @@ impl Broker {
                 url: display_url.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Broker {
+        Ok(Node {
             pool,
             display_url,
             user: parsed.authority.userinfo.username,
@@ -140,13 +244,7 @@ impl Broker {
         })
     }
 
-    /// The broker URL with its password masked.
-    pub fn display_url(&self) -> &str {
-        &self.display_url
-    }
-
-    /// A live connection: a pooled one, or a new one if the last has dropped.
-    pub async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
+    async fn connection(&self) -> Result<deadpool_lapin::Connection, BrokerError> {
         self.pool.get().await.map_err(|e| match e {
             deadpool_lapin::PoolError::Backend(e) => self.connect_error(&e),
             deadpool_lapin::PoolError::Timeout(_) => {
@@ -195,17 +293,57 @@ impl Broker {
 const ACCESS_REFUSED: u16 = 403;
 const NOT_ALLOWED: u16 = 530;
 
-/// Masks the password of an AMQP URL so it can be logged.
-pub fn redact_url(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            // Cannot fail: the URL already has a password, so it has a host.
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(parsed) => parsed.to_string(),
-        Err(_) => "<unparseable AMQP URL>".to_owned(),
+/// The URLs of a comma-separated list, blanks dropped.
+fn split_urls(urls: &str) -> Vec<&str> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|url| !url.is_empty())
+        .collect()
+}
+
+/// Masks the passwords of an AMQP URL, or of a comma-separated list of
+/// them, so it can be logged.
+///
+/// A password with an unescaped comma splits its URL in two, and the part
+/// after the comma may parse as a URL of its own (`a:rest-of-password@`);
+/// so only AMQP URLs with a host are shown, and a list with any other part
+/// is not shown at all.
+pub fn redact_url(urls: &str) -> String {
+    let shown: Option<Vec<String>> = split_urls(urls).into_iter().map(redact_one).collect();
+    match shown {
+        Some(shown) => shown.join(","),
+        None => UNPARSEABLE.to_owned(),
     }
+}
+
+const UNPARSEABLE: &str = "<unparseable AMQP URL>";
+
+/// An AMQP URL as messages show it: scheme, user, host, port and vhost,
+/// never the password, nor a query or fragment (a `?` or `#` in an
+/// unescaped password puts its tail there), nor a path holding an `@` (a
+/// `/` in the password puts its tail there).
+fn redact_one(url: &str) -> Option<String> {
+    let parsed = url::Url::parse(url).ok()?;
+    let host = parsed.host_str()?;
+    if !matches!(parsed.scheme(), "amqp" | "amqps") {
+        return None;
+    }
+    let mut shown = format!("{}://", parsed.scheme());
+    match (parsed.username(), parsed.password()) {
+        ("", None) => {}
+        (user, None) => shown.push_str(&format!("{user}@")),
+        (user, Some(_)) => shown.push_str(&format!("{user}:***@")),
+    }
+    shown.push_str(host);
+    if let Some(port) = parsed.port() {
+        shown.push_str(&format!(":{port}"));
+    }
+    match parsed.path() {
+        path if path.contains('@') => shown.push_str("/…"),
+        "/" | "" => {}
+        path => shown.push_str(path),
+    }
+    Some(shown)
 }
 
 /// A channel in confirm mode, owned by one publishing task.
@@ -413,11 +551,102 @@ mod tests {
     #[tokio::test]
     async fn refusals_name_the_user_and_the_decoded_vhost() {
         let broker = Broker::new("amqp://ops:pw@127.0.0.1:5672/%2fx", "test").unwrap();
-        assert_eq!((broker.user.as_str(), broker.vhost.as_str()), ("ops", "/x"));
+        let node = &broker.nodes[0];
+        assert_eq!((node.user.as_str(), node.vhost.as_str()), ("ops", "/x"));
         let broker = Broker::new("amqp://127.0.0.1", "test").unwrap();
+        let node = &broker.nodes[0];
+        assert_eq!((node.user.as_str(), node.vhost.as_str()), ("guest", "/"));
+    }
+
+    #[tokio::test]
+    async fn a_list_names_every_node_without_its_password() {
+        let broker = Broker::new(
+            " amqp://ops:pw1@rabbit-1:5672/%2f , amqp://ops:pw2@rabbit-2:5672/%2f,",
+            "test",
+        )
+        .unwrap();
+        assert_eq!(broker.nodes.len(), 2);
         assert_eq!(
-            (broker.user.as_str(), broker.vhost.as_str()),
-            ("guest", "/")
+            broker.display_url(),
+            "amqp://ops:***@rabbit-1:5672/%2f,amqp://ops:***@rabbit-2:5672/%2f"
         );
+        assert_eq!(broker.current_node(), "amqp://ops:***@rabbit-1:5672/%2f");
+        assert!(matches!(
+            Broker::new(" , ", "test").unwrap_err(),
+            BrokerError::BadUrl { .. }
+        ));
+        // A bad node anywhere in the list is refused up front, named
+        // without its password.
+        let error = Broker::new(
+            "amqp://ops:pw1@rabbit-1,amqp://ops:pw2@rabbit-2:99999",
+            "test",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(!error.contains("pw2") && !error.contains("pw1"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn every_node_is_tried_and_named_when_none_answers() {
+        // Two ports nothing listens on, refused at once: both are tried,
+        // each named, and the answer is an outage, not a refused login.
+        // (tests/tests/integration/cluster.rs has a live node behind them.)
+        let dead = |port| {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            let addr = listener.local_addr().unwrap();
+            drop(listener);
+            format!("amqp://ops:s3cret@{addr}/%2f{port}")
+        };
+        let urls = format!("{},{}", dead(1), dead(2));
+        let broker = Broker::new(&urls, "test").unwrap();
+        let error = broker.connection().await.unwrap_err();
+        assert!(error.is_unreachable(), "{error}");
+        let text = error.to_string();
+        assert!(text.contains("no node answered"), "{text}");
+        assert_eq!(text.matches("Connection refused").count(), 2, "{text}");
+        assert!(!text.contains("s3cret"), "{text}");
+    }
+
+    mod hostile_urls {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            // Quick (no connection is made): 256 cases unless
+            // PROPTEST_CASES says otherwise.
+            #![proptest_config(ProptestConfig {
+                cases: std::env::var("PROPTEST_CASES").ok().and_then(|n| n.parse().ok()).unwrap_or(256),
+                failure_persistence: None,
+                ..ProptestConfig::default()
+            })]
+
+            /// Whatever a password holds and whatever surrounds it,
+            /// well-formed or not, neither an error nor the displayed URL
+            /// shows it (nor, when a comma in it splits the list, a part).
+            #[test]
+            fn no_message_shows_a_password(
+                scheme in "(amqps?|http|)",
+                user in "[a-z@.:-]{0,6}",
+                inside in "[a-z0-9/:@%?#,\\[\\] ]{0,4}",
+                after in "[a-zA-Z0-9:/%@.?#\\[\\] -]{0,16}",
+                others in "(,amqp://u:p@h){0,2}",
+            ) {
+                let (head, tail) = ("Zq7s3", "cretXy");
+                let url = format!("{scheme}://{user}:{head}{inside}{tail}@{after}{others}");
+                let shown = |text: &str| text.contains(head) || text.contains(tail);
+                prop_assert!(!shown(&redact_url(&url)), "{}", redact_url(&url));
+                let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+                let _guard = runtime.enter();
+                match Broker::new(&url, "test") {
+                    Ok(broker) => {
+                        prop_assert!(!shown(broker.display_url()));
+                        prop_assert!(!shown(broker.current_node()));
+                        let debug = format!("{broker:?}");
+                        prop_assert!(!shown(&debug));
+                    }
+                    Err(error) => prop_assert!(!shown(&error.to_string()), "{error}"),
+                }
+            }
+        }
     }
 }

@@ -66,6 +66,19 @@ pub struct Harness {
 
 impl Harness {
     pub async fn new(test: &str) -> Harness {
+        Harness::on(test, amqp_url().await).await
+    }
+
+    /// A harness on another broker than the test process's (a cluster's
+    /// nodes, say).
+    pub async fn on(test: &str, amqp_url: String) -> Harness {
+        let suffix: u32 = rand::rng().random();
+        Harness::on_prefix(amqp_url, format!("test-{test}-{suffix:08x}")).await
+    }
+
+    /// A harness with a fixed prefix (only on a broker of the test's own:
+    /// two tests with one prefix see each other's messages).
+    pub async fn on_prefix(amqp_url: String, prefix: String) -> Harness {
         flotilla_common::ensure_crypto_provider();
         // `RUST_LOG=info cargo nextest run ...` shows what the in-process
         // workers and controllers did, for a failing test.
@@ -75,10 +88,8 @@ impl Harness {
                 .with_test_writer()
                 .try_init();
         }
-        let suffix: u32 = rand::rng().random();
-        let prefix = format!("test-{test}-{suffix:08x}");
         let args = BrokerArgs {
-            amqp_url: amqp_url().await,
+            amqp_url,
             prefix: prefix.clone(),
             delay_tiers: TEST_DELAY_TIERS.split(',').map(parse_duration).collect(),
             retention: Default::default(),

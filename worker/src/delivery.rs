@@ -315,6 +315,9 @@ fn trace_headers(incoming: Option<&FieldTable>) -> FieldTable {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

@@ -7,6 +7,7 @@
 
 mod appliance_readings;
 mod campaign_control;
+mod cluster;
 mod control_at_scale;
 mod dms_campaigns;
 mod hardening;

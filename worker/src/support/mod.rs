@@ -13,6 +13,8 @@
 
 pub(crate) mod baseline;
 pub(crate) mod clock;
+#[cfg(test)]
+pub(crate) mod hostile;
 pub(crate) mod image;
 pub(crate) mod lenient;
 pub(crate) mod login;

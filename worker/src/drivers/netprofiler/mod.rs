@@ -51,6 +51,8 @@
 //! answers, `report` the verdict and its per-gateway report.
 
 mod answers;
+#[cfg(test)]
+mod fuzz;
 mod backups;
 mod report;
 mod status;

@@ -65,6 +65,8 @@
 
 mod answers;
 mod baseline;
+#[cfg(test)]
+mod fuzz;
 mod images;
 
 use super::riverbed::{self, auth::Login};

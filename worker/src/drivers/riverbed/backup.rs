@@ -326,6 +326,9 @@ fn parse_run(run: &Map<String, Value>) -> Result<Run, String> {
 }
 
 #[cfg(test)]
+mod fuzz;
+
+#[cfg(test)]
 mod tests {
     use super::*;
 

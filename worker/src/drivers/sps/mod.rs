@@ -59,6 +59,8 @@
 //! to the `POST` remain open.
 
 mod answers;
+#[cfg(test)]
+mod fuzz;
 mod session;
 
 use crate::{
