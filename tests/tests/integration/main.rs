@@ -7,6 +7,7 @@
 
 mod appliance_readings;
 mod campaign_control;
+mod dead_letters;
 mod dms_campaigns;
 mod hardening;
 mod observability;
