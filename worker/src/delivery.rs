@@ -389,6 +389,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_dead_letter_ends_the_device_its_body_names_however_broken() {
+        let rejection = |data: &[u8]| decode(data).unwrap_err();
+        // Not a job (no policy, no step), but its campaign and device read.
+        let data = br#"{"v":1,"campaign":"c","seq":3,"device":{"id":"d1","kind":"toaster"}}"#;
+        let event = terminal_event(data, &rejection(data)).unwrap();
+        assert_eq!(event.campaign, "c");
+        match event.body {
+            EventBody::DeadLettered(dead) => {
+                assert_eq!(dead.device, "d1");
+                assert_eq!(dead.kind, None);
+                assert_eq!(dead.seq, Some(3));
+                assert_eq!(dead.reason, "unknown_kind");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for nameless in [
+            &b"\x00 not json"[..],
+            br#"{"v":1,"campaign":"c"}"#,
+            br#"{"v":1,"device":{"id":"d1","kind":"dms"}}"#,
+        ] {
+            assert_eq!(terminal_event(nameless, &rejection(nameless)), None);
+        }
+    }
+
+    #[test]
     fn rejections_name_what_is_wrong() {
         let reason = |data: &[u8]| decode(data).unwrap_err().reason;
         assert_eq!(reason(b"\x00\x01garbage"), "undecodable");
