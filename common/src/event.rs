@@ -37,6 +37,7 @@ impl Event {
             EventBody::Step(s) => Some(&s.device),
             EventBody::Finished(f) => Some(&f.device),
             EventBody::Claim(c) => Some(&c.device),
+            EventBody::DeadLettered(d) => Some(&d.device),
             EventBody::Decision(_) => None,
         }
     }
@@ -56,6 +57,11 @@ pub enum EventBody {
     /// A controller asks for room for a device behind shared targets
     /// (concurrency caps); see [`ClaimEvent`].
     Claim(ClaimEvent),
+    /// A worker sent a device's job to the dead-letter queue: the device's
+    /// terminal event, read as a `finished` one with the outcome
+    /// `dead_lettered`. Its own type because the worker may not know the
+    /// device's kind (a kind newer than the worker).
+    DeadLettered(DeadLetteredEvent),
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -220,6 +226,20 @@ pub struct FinishedEvent {
     pub ending: Ending,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub started_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DeadLetteredEvent {
+    pub device: String,
+    /// The kind the job named, if this worker knows it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<DeviceKind>,
+    /// The job's step counter, if it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u32>,
+    /// The dead-letter reason (`unknown_step`, `return_limit`, ...).
+    pub reason: String,
+    pub detail: String,
 }
 
 #[cfg(test)]

@@ -13,6 +13,12 @@ pub const DEAD_REASON: &str = "x-flotilla-dead-reason";
 pub const DEAD_DETAIL: &str = "x-flotilla-dead-detail";
 /// The queue a dead-lettered message was taken from.
 pub const DEAD_FROM: &str = "x-flotilla-dead-from";
+/// How often workers returned a job to the queue by republishing it (after
+/// a panicking step), counted by the workers themselves: RabbitMQ 4.3 no
+/// longer counts a `nack` toward the delivery limit.
+pub const RETURNS: &str = "x-flotilla-returns";
+/// How often the broker redelivered a message, set by quorum queues.
+pub const DELIVERY_COUNT: &str = "x-delivery-count";
 /// W3C trace context, so one device's rollout is one trace.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";
@@ -50,6 +56,15 @@ pub fn set(table: &mut FieldTable, name: &str, value: impl Into<Value>) {
     table.insert(name.into(), value);
 }
 
+/// Removes the headers `names` from `table`.
+pub fn remove(table: &mut FieldTable, names: &[&str]) {
+    let mut map = table.inner().clone();
+    for name in names {
+        map.remove(*name);
+    }
+    *table = map.into();
+}
+
 pub fn get_int(table: Option<&FieldTable>, name: &str) -> Option<i64> {
     match table?.inner().get(name)? {
         AMQPValue::LongLongInt(i) => Some(*i),
@@ -85,5 +100,8 @@ mod tests {
         );
         assert_eq!(get_text(Some(&table), "missing"), None);
         assert_eq!(get_int(None, DUE_AT_MS), None);
+        remove(&mut table, &[DUE_AT_MS, RETURNS]);
+        assert_eq!(get_int(Some(&table), DUE_AT_MS), None);
+        assert!(get_text(Some(&table), DEAD_REASON).is_some());
     }
 }

@@ -32,8 +32,8 @@ pub mod topology;
 
 pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher, TxPublisher};
 pub use event::{
-    CappedTarget, ClaimEvent, Decision, DecisionCounts, DecisionEvent, Event, EventBody,
-    FinishedEvent, PauseCause, PublishedEvent, StepEvent, Thresholds,
+    CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts, DecisionEvent, Event,
+    EventBody, FinishedEvent, PauseCause, PublishedEvent, StepEvent, Thresholds,
 };
 pub use job::{Device, JOB_VERSION, Job, JobPolicy, RetryPolicy, Target};
 pub use kind::DeviceKind;

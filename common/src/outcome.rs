@@ -13,14 +13,20 @@ pub enum Outcome {
     TimedOut,
     /// An operator cancelled the campaign; the driver's cleanup ran.
     Cancelled,
+    /// No worker could process the device's job (undecodable, of a kind or
+    /// step this worker does not know, or returned too often); it lies in
+    /// the dead-letter queue, from where `dead redrive` re-queues it. No
+    /// cleanup ran.
+    DeadLettered,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 4] = [
+    pub const ALL: [Outcome; 5] = [
         Outcome::Succeeded,
         Outcome::Failed,
         Outcome::TimedOut,
         Outcome::Cancelled,
+        Outcome::DeadLettered,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -29,6 +35,7 @@ impl Outcome {
             Outcome::Failed => "failed",
             Outcome::TimedOut => "timed_out",
             Outcome::Cancelled => "cancelled",
+            Outcome::DeadLettered => "dead_lettered",
         }
     }
 }
@@ -135,6 +142,16 @@ impl Ending {
     pub fn cancelled() -> Self {
         Ending {
             outcome: Outcome::Cancelled,
+            ..Ending::succeeded()
+        }
+    }
+
+    /// Dead-lettered for `reason` (a dead-letter reason such as
+    /// `unknown_step`), with what exactly was wrong.
+    pub fn dead_lettered(reason: &str, detail: &str) -> Self {
+        Ending {
+            outcome: Outcome::DeadLettered,
+            error: Some(format!("{reason}: {detail}")),
             ..Ending::succeeded()
         }
     }

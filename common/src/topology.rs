@@ -154,6 +154,10 @@ impl Topology {
         self
     }
 
+    pub fn delivery_limit(&self) -> u32 {
+        self.delivery_limit
+    }
+
     pub fn prefix(&self) -> &str {
         &self.prefix
     }

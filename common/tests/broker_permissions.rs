@@ -114,8 +114,15 @@ fn the_producer_declares_publishes_and_reads_what_it_must() {
         // The lock that keeps two controllers off one campaign.
         let lock = format!("{}.controller.cpe-fw-7.2.1", topology.prefix());
         assert!(producer.configure.is_match(&lock), "{lock}");
-        // Campaign state and commands; dead letters to list and redrive.
-        for queue in [topology.events(), topology.control(), topology.dead()] {
+        // Campaign state, its catalogue and snapshots, and commands; dead
+        // letters to list and redrive.
+        for queue in [
+            topology.events(),
+            topology.control(),
+            topology.campaigns(),
+            topology.snapshots(),
+            topology.dead(),
+        ] {
             assert!(producer.read.is_match(&queue), "read {queue}");
         }
         // Jobs are the workers' to take.
@@ -140,9 +147,15 @@ fn workers_take_jobs_and_tail_commands_but_never_read_dead_letters() {
         for queue in topology.queue_names() {
             assert!(worker.configure.is_match(&queue), "declare {queue}");
         }
-        // Jobs to consume; the control stream to tail; the events stream
+        // Jobs to consume; the control stream to tail; every stream
         // because declaring waits until a reader can attach to it.
-        for queue in [topology.jobs(), topology.control(), topology.events()] {
+        for queue in [
+            topology.jobs(),
+            topology.control(),
+            topology.events(),
+            topology.campaigns(),
+            topology.snapshots(),
+        ] {
             assert!(worker.read.is_match(&queue), "read {queue}");
         }
         assert!(!worker.read.is_match(&topology.dead()));

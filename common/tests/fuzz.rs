@@ -173,7 +173,7 @@ fn job() -> impl Strategy<Value = Job> {
         (any::<u32>(), any::<u32>()),
         proptest::option::of(time()),
         proptest::option::of(time()),
-        proptest::option::of(time()),
+        (proptest::option::of(time()), proptest::option::of(time())),
         proptest::option::of(ending()),
     )
         .prop_map(
@@ -183,7 +183,7 @@ fn job() -> impl Strategy<Value = Job> {
                 (attempt, seq),
                 published_at,
                 started_at,
-                deadline,
+                (deadline, parked_at),
                 ending,
             )| Job {
                 v: flotilla_common::JOB_VERSION,
@@ -199,6 +199,7 @@ fn job() -> impl Strategy<Value = Job> {
                 published_at,
                 started_at,
                 deadline,
+                parked_at,
                 ending,
             },
         )

@@ -15,10 +15,12 @@
 //! - [`status_view`]: a campaign's pace and ETA, and `status --format json`;
 //! - [`progress`]: what `run` and `status --watch` print as a campaign moves;
 //! - [`exit`]: the exit statuses;
+//! - [`dead`]: `dead list` and `dead redrive`;
 //! - [`metrics`]: what `run` exports to Prometheus.
 
 pub mod campaign;
 pub mod catalogue;
+pub mod dead;
 pub mod exit;
 pub mod feed;
 pub mod inventory_check;

@@ -111,6 +111,9 @@ enum Command {
     Resume(ControlArgs),
     /// Clean up every job of the campaign and end it `cancelled`.
     Cancel(ControlArgs),
+    /// Inspect (`list`) or re-queue (`redrive`) dead-lettered jobs.
+    #[command(subcommand)]
+    Dead(flotilla_producer::dead::DeadCommand),
     /// Print a shell completion script, e.g. `flotilla-producer completions
     /// bash > /etc/bash_completion.d/flotilla-producer`.
     Completions { shell: clap_complete::Shell },
@@ -259,6 +262,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => control(args, ControlCommand::Pause).await,
         Command::Resume(args) => control(args, ControlCommand::Resume).await,
         Command::Cancel(args) => control(args, ControlCommand::Cancel).await,
+        Command::Dead(command) => {
+            command.run().await?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Completions { shell } => {
             // Into a buffer first: clap_complete panics on a closed pipe.
             let mut script = Vec::new();

@@ -151,6 +151,7 @@ impl ProducerMetrics {
             ("failed", outcome(Outcome::Failed)),
             ("timed_out", outcome(Outcome::TimedOut)),
             ("cancelled", outcome(Outcome::Cancelled)),
+            ("dead_lettered", outcome(Outcome::DeadLettered)),
         ] {
             self.devices
                 .with_label_values(&[id, label])

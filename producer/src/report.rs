@@ -289,6 +289,9 @@ pub fn history(device: &str, events: &[Event]) -> String {
                 }
                 line
             }
+            EventBody::DeadLettered(d) => {
+                format!("DEAD-LETTERED {}: {}", d.reason, d.detail)
+            }
             EventBody::Decision(_) => continue,
         };
         let _ = writeln!(out, "{at}  {line}");

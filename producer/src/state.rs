@@ -12,8 +12,8 @@
 use crate::pace_log::PaceLog;
 use chrono::{DateTime, Utc};
 use flotilla_common::{
-    Decision, DecisionCounts, DecisionEvent, DeviceKind, Event, EventBody, FinishedEvent, Outcome,
-    PauseCause, StepEvent,
+    DeadLetteredEvent, Decision, DecisionCounts, DecisionEvent, DeviceKind, Ending, Event,
+    EventBody, FinishedEvent, Outcome, PauseCause, StepEvent,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -39,7 +39,8 @@ pub struct Tally {
     pub published: u64,
     pub finished: u64,
     pub succeeded: u64,
-    /// Failed or timed out.
+    /// Failed, timed out or dead-lettered: each counts against the
+    /// failure budgets.
     pub failed: u64,
     pub cancelled: u64,
 }
@@ -49,9 +50,19 @@ impl Tally {
         self.finished += 1;
         match outcome {
             Outcome::Succeeded => self.succeeded += 1,
-            Outcome::Failed | Outcome::TimedOut => self.failed += 1,
+            Outcome::Failed | Outcome::TimedOut | Outcome::DeadLettered => self.failed += 1,
             Outcome::Cancelled => self.cancelled += 1,
         }
+    }
+
+    fn uncount(&mut self, outcome: Outcome) {
+        self.finished = self.finished.saturating_sub(1);
+        let count = match outcome {
+            Outcome::Succeeded => &mut self.succeeded,
+            Outcome::Failed | Outcome::TimedOut | Outcome::DeadLettered => &mut self.failed,
+            Outcome::Cancelled => &mut self.cancelled,
+        };
+        *count = count.saturating_sub(1);
     }
 }
 
@@ -273,6 +284,11 @@ impl CampaignState {
             }
             EventBody::Step(step) => self.apply_step(step, event.at),
             EventBody::Finished(finished) => self.apply_finished(finished, event.at),
+            EventBody::DeadLettered(dead) => {
+                if let Some(finished) = self.dead_lettered_as_finished(dead) {
+                    self.apply_finished(&finished, event.at);
+                }
+            }
             EventBody::Decision(decision) => self.apply_decision(decision),
             EventBody::Claim(_) => {}
         }
@@ -308,14 +324,33 @@ impl CampaignState {
             return;
         }
         let record = self.devices.entry(finished.device.clone()).or_default();
-        if record.finished.is_some() {
-            self.repeated.push(finished.clone());
-            return;
+        match &record.finished {
+            // A redriven job's own outcome replaces its dead letter.
+            Some(first)
+                if first.ending.outcome == Outcome::DeadLettered
+                    && finished.ending.outcome != Outcome::DeadLettered =>
+            {
+                let (kind, wave) = (first.kind, record.wave);
+                self.totals.uncount(Outcome::DeadLettered);
+                if let Some(tally) = wave.and_then(|w| self.waves.get_mut(w as usize)) {
+                    tally.uncount(Outcome::DeadLettered);
+                }
+                if let Some(count) = self.counts_by_kind.get_mut(&(kind, Outcome::DeadLettered)) {
+                    *count = count.saturating_sub(1);
+                }
+            }
+            Some(_) => {
+                self.repeated.push(finished.clone());
+                return;
+            }
+            None => {
+                if record.published_at.is_none() {
+                    self.finished_unpublished += 1;
+                }
+            }
         }
+        let record = self.devices.entry(finished.device.clone()).or_default();
         record.kind = Some(finished.kind);
-        if record.published_at.is_none() {
-            self.finished_unpublished += 1;
-        }
         record.finished = Some(finished.clone());
         record.finished_at = Some(at);
         self.pace.finished(at);
@@ -328,6 +363,25 @@ impl CampaignState {
             .counts_by_kind
             .entry((finished.kind, outcome))
             .or_default() += 1;
+    }
+
+    /// A dead letter of a device this campaign published, as its terminal
+    /// event. One of a device it never published (a forged or stray job)
+    /// ends nothing.
+    fn dead_lettered_as_finished(&self, dead: &DeadLetteredEvent) -> Option<FinishedEvent> {
+        let record = self.devices.get(&dead.device)?;
+        record.published_at?;
+        Some(FinishedEvent {
+            device: dead.device.clone(),
+            kind: dead.kind.or(record.kind)?,
+            seq: dead.seq.unwrap_or(0),
+            last_step: record
+                .last_step
+                .clone()
+                .unwrap_or_else(|| "not_started".to_owned()),
+            ending: Ending::dead_lettered(&dead.reason, &dead.detail),
+            started_at: None,
+        })
     }
 
     fn apply_decision(&mut self, event: &DecisionEvent) {
@@ -578,6 +632,19 @@ mod tests {
         )
     }
 
+    fn dead(device: &str) -> Event {
+        Event::new(
+            "c",
+            EventBody::DeadLettered(DeadLetteredEvent {
+                device: device.into(),
+                kind: None,
+                seq: None,
+                reason: "unknown_kind".into(),
+                detail: "no driver for device kind \"toaster\"".into(),
+            }),
+        )
+    }
+
     #[test]
     fn a_snapshot_and_the_events_after_it_count_as_the_whole_replay() {
         let before = [
@@ -624,5 +691,54 @@ mod tests {
         assert_eq!(partial.repeated_outcomes().len(), 1);
         assert_eq!(whole.totals().succeeded, 2);
         assert_eq!(whole.totals().failed, 1);
+    }
+
+    #[test]
+    fn a_dead_letter_ends_its_device_until_a_redriven_job_finishes_it() {
+        let mut state = CampaignState::new("c");
+        state.apply(&published("d1"));
+        state.apply(&dead("d1"));
+        // A stray job's dead letter, of a device never published here.
+        state.apply(&dead("ghost"));
+        let ending = &state.outcome_of("d1").unwrap().ending;
+        assert_eq!(ending.outcome, Outcome::DeadLettered);
+        assert!(
+            ending
+                .error
+                .as_deref()
+                .unwrap()
+                .starts_with("unknown_kind: ")
+        );
+        assert_eq!(state.outcome_of("d1").unwrap().kind, DeviceKind::Dms);
+        assert_eq!(state.outcome_of("ghost"), None);
+        assert_eq!((state.totals().finished, state.totals().failed), (1, 1));
+
+        state.apply(&Event::new(
+            "c",
+            EventBody::Finished(FinishedEvent {
+                device: "d1".into(),
+                kind: DeviceKind::Dms,
+                seq: 5,
+                last_step: "verify".into(),
+                ending: Ending::succeeded(),
+                started_at: None,
+            }),
+        ));
+        assert_eq!(
+            state.outcome_of("d1").unwrap().ending.outcome,
+            Outcome::Succeeded
+        );
+        let totals = state.totals();
+        assert_eq!(
+            (totals.finished, totals.succeeded, totals.failed),
+            (1, 1, 0)
+        );
+        assert_eq!(
+            state
+                .counts_by_kind()
+                .get(&(DeviceKind::Dms, Outcome::DeadLettered)),
+            Some(&0)
+        );
+        assert!(state.repeated_outcomes().is_empty());
     }
 }

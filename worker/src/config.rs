@@ -43,6 +43,19 @@ pub struct WorkerConfig {
     #[arg(long, env = "FLOTILLA_MAX_ANSWER_SIZE", default_value = "1MiB", value_parser = parse_size)]
     pub max_answer_size: u64,
 
+    /// How often a job whose step panicked is returned to the queue before
+    /// it is dead-lettered (`return_limit`). Counted by the workers in a
+    /// header; keep it below the queue's delivery limit (20), which stays
+    /// as a backstop.
+    #[arg(long, env = "FLOTILLA_RETURN_LIMIT", default_value_t = 5)]
+    pub return_limit: u32,
+
+    /// Test hook: every step of this device's job panics, as a driver bug
+    /// would. Not a
+    /// flag or a setting.
+    #[arg(skip)]
+    pub panic_for_device: Option<String>,
+
     /// Where to serve /metrics, /healthz and /readyz; "off" to serve none.
     #[arg(long, env = "FLOTILLA_METRICS_ADDR", default_value = "0.0.0.0:9464", value_parser = parse_listen)]
     pub metrics_addr: Listen,
@@ -80,6 +93,8 @@ impl WorkerConfig {
             http_timeout: Duration::from_secs(30),
             max_answer_size: DEFAULT_MAX_ANSWER_SIZE,
             consumer_timeout: Duration::from_secs(30 * 60),
+            return_limit: 5,
+            panic_for_device: None,
             metrics_addr: Listen::Off,
             name: None,
         }

@@ -17,17 +17,19 @@ use crate::{
     WorkerError,
     config::WorkerConfig,
     delivery::{self, Shared},
+    driver::Rejection,
 };
 use flotilla_common::{
-    Broker, BrokerError, TopologyError, TxPublisher,
+    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, TopologyError, TxPublisher,
     control::ControlMessage,
+    headers,
     ops::Readiness,
     stream::{Offset, Record, StreamReader},
 };
 use futures::{FutureExt, StreamExt};
 use lapin::{
     Consumer,
-    options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions},
+    options::{BasicConsumeOptions, BasicQosOptions},
     types::FieldTable,
 };
 use std::{panic::AssertUnwindSafe, sync::Arc, time::Duration};
@@ -326,26 +328,56 @@ async fn run_delivery(
     publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
-    let acker = delivery.acker.clone();
-    let handled = AssertUnwindSafe(delivery::handle(delivery, publisher, shared))
+    let handled = AssertUnwindSafe(delivery::handle(&delivery, publisher, shared))
         .catch_unwind()
         .await;
     match handled {
         Ok(result) => result,
         Err(_) => {
-            // A driver bug. Requeue it: the queue's delivery limit
-            // dead-letters a message that keeps crashing workers.
-            error!("a step panicked; requeueing its message");
             publisher.rollback().await?;
-            acker
-                .nack(BasicNackOptions {
-                    requeue: true,
-                    ..BasicNackOptions::default()
-                })
-                .await?;
-            publisher.commit().await
+            return_panicked(&delivery, publisher, shared).await
         }
     }
+}
+
+/// A driver bug: the step panicked. The job goes back to the queue by
+/// republishing it with its return counted in a header, and is
+/// dead-lettered once it has come back `return_limit` times. Counted here,
+/// not by the broker: from RabbitMQ 4.3 a `nack` no longer counts toward
+/// the queue's delivery limit, so a job that crashes every step would
+/// circle for ever.
+async fn return_panicked(
+    delivery: &lapin::message::Delivery,
+    publisher: &TxPublisher,
+    shared: &Shared,
+) -> Result<(), BrokerError> {
+    let mut table = delivery.properties.headers().clone().unwrap_or_default();
+    let returns = headers::get_int(Some(&table), headers::RETURNS).unwrap_or(0) + 1;
+    if returns > i64::from(shared.return_limit) {
+        let rejection = Rejection {
+            reason: "return_limit",
+            detail: format!(
+                "its step panicked {returns} times (FLOTILLA_RETURN_LIMIT is {})",
+                shared.return_limit
+            ),
+        };
+        return delivery::dead_letter(delivery, publisher, shared, rejection).await;
+    }
+    error!(
+        returns,
+        "a step panicked; returning its message to the queue"
+    );
+    headers::set(&mut table, headers::RETURNS, returns);
+    // The broker's count belongs to the delivery, not to the new message.
+    headers::remove(&mut table, &[headers::DELIVERY_COUNT]);
+    let mut message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    if let Some(id) = delivery.properties.message_id() {
+        message = message.id(id.as_str());
+    }
+    publisher
+        .send(&shared.topology.jobs(), &delivery.data, message)
+        .await?;
+    delivery::commit(delivery, publisher).await
 }
 
 /// Lets the slots finish their steps within `grace`, keeping each open.

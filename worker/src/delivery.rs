@@ -21,8 +21,8 @@ use crate::{
 use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
-    BrokerError, DeviceKind, EVENT_MESSAGE_TYPE, EventBody, JOB_MESSAGE_TYPE, JOB_VERSION, Job,
-    Message, Topology, TxPublisher, headers, telemetry,
+    BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
+    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -45,6 +45,12 @@ pub(crate) struct Shared {
     pub worker: String,
     /// The longest step the broker's consumer timeout leaves room for.
     pub step_limit: Duration,
+    /// How often a job may be returned to the queue (after a panicking
+    /// step) before it is dead-lettered.
+    pub return_limit: u32,
+    /// Test hook: every step of this device's job panics, as a driver bug
+    /// would.
+    pub panic_for_device: Option<String>,
 }
 
 impl Shared {
@@ -70,7 +76,7 @@ impl Shared {
 /// transaction is left open: the caller closes the channel, which discards
 /// it and returns the delivery to the queue.
 pub(crate) async fn handle(
-    delivery: Delivery,
+    delivery: &Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
@@ -79,6 +85,19 @@ pub(crate) async fn handle(
         Ok(job) => job,
         Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
     };
+    // The last delivery the broker's limit allows: dead-letter it here,
+    // with its terminal event, rather than let the broker dead-letter it
+    // unseen after one more crash.
+    let limit = shared.topology.delivery_limit();
+    if let Some(count) = headers::get_int(incoming, headers::DELIVERY_COUNT)
+        && count >= i64::from(limit)
+    {
+        let rejection = Rejection {
+            reason: "delivery_limit",
+            detail: format!("delivered {count} times before (the queue's limit is {limit})"),
+        };
+        return dead_letter(delivery, publisher, shared, rejection).await;
+    }
 
     if let Some(due_ms) = headers::get_int(incoming, headers::DUE_AT_MS) {
         let early_ms = due_ms - Utc::now().timestamp_millis();
@@ -97,7 +116,7 @@ pub(crate) async fn handle(
                     message.header(headers::DUE_AT_MS, due_ms),
                 )
                 .await?;
-            return commit(&delivery, publisher).await;
+            return commit(delivery, publisher).await;
         }
         shared
             .metrics
@@ -120,7 +139,7 @@ pub(crate) async fn handle(
             .header(headers::DUE_AT_MS, due);
         let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
         publisher.send(&queue, &body, message).await?;
-        commit(&delivery, publisher).await?;
+        commit(delivery, publisher).await?;
         shared.metrics.parked();
         return Ok(());
     }
@@ -148,13 +167,16 @@ pub(crate) async fn handle(
         attempt = attempt,
     );
     telemetry::continue_trace(&span, incoming);
+    if shared.panic_for_device.as_deref() == Some(device.as_str()) {
+        panic!("test hook: the steps of {device} panic");
+    }
     let incoming = incoming.cloned();
     async move {
         let executed = match run_step(prepared, mode == Mode::Cancelled, shared).await {
             Ok(executed) => executed,
             Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
         };
-        hand_off(executed, &delivery, incoming.as_ref(), publisher, shared).await
+        hand_off(executed, delivery, incoming.as_ref(), publisher, shared).await
     }
     .instrument(span)
     .await
@@ -249,8 +271,11 @@ fn decode(data: &[u8]) -> Result<Job, Rejection> {
     serde_json::from_value(value).map_err(|e| undecodable(format!("not a job envelope: {e}")))
 }
 
-async fn dead_letter(
-    delivery: Delivery,
+/// Sends the delivery to the dead-letter queue with its reason and, when
+/// the job names its campaign and device, the device's terminal event, so
+/// its campaign, a cancel and the concurrency caps do not wait for it.
+pub(crate) async fn dead_letter(
+    delivery: &Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
     rejection: Rejection,
@@ -258,15 +283,57 @@ async fn dead_letter(
     warn!(reason = rejection.reason, detail = %rejection.detail, "dead-lettering a message");
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
-    headers::set(&mut table, headers::DEAD_DETAIL, rejection.detail);
+    headers::set(&mut table, headers::DEAD_DETAIL, rejection.detail.as_str());
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
     let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
     publisher
         .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
-    commit(&delivery, publisher).await?;
+    let event = terminal_event(&delivery.data, &rejection);
+    if let Some(event) = &event {
+        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
+        let message = Message::new(EVENT_MESSAGE_TYPE);
+        publisher
+            .send(&shared.topology.events(), &body, message)
+            .await?;
+    }
+    commit(delivery, publisher).await?;
     shared.metrics.dead_lettered(rejection.reason);
+    if let Some(Event {
+        campaign,
+        body:
+            EventBody::DeadLettered(DeadLetteredEvent {
+                kind: Some(kind), ..
+            }),
+        ..
+    }) = &event
+    {
+        let ending = Ending::dead_lettered(rejection.reason, &rejection.detail);
+        shared.metrics.job_finished(campaign, *kind, &ending);
+    }
     Ok(())
+}
+
+/// The terminal event of a dead-lettered job, if its body names a campaign
+/// and a device, read field by field: the body may be no valid job.
+fn terminal_event(data: &[u8], rejection: &Rejection) -> Option<Event> {
+    let value: serde_json::Value = serde_json::from_slice(data).ok()?;
+    let text = |pointer: &str| value.pointer(pointer).and_then(serde_json::Value::as_str);
+    let campaign = text("/campaign")?;
+    let device = text("/device/id")?;
+    Some(Event::new(
+        campaign,
+        EventBody::DeadLettered(DeadLetteredEvent {
+            device: device.to_owned(),
+            kind: text("/device/kind").and_then(|kind| kind.parse().ok()),
+            seq: value
+                .get("seq")
+                .and_then(serde_json::Value::as_u64)
+                .and_then(|seq| u32::try_from(seq).ok()),
+            reason: rejection.reason.to_owned(),
+            detail: rejection.detail.clone(),
+        }),
+    ))
 }
 
 /// Commits everything sent for the delivery, then acks it in a second
@@ -280,7 +347,10 @@ async fn dead_letter(
 /// then is the delivery acked. A worker that dies between the two commits
 /// leaves its delivery to be redelivered with its hand-off already
 /// published, as with publisher confirms: that window is still open.
-async fn commit(delivery: &Delivery, publisher: &TxPublisher) -> Result<(), BrokerError> {
+pub(crate) async fn commit(
+    delivery: &Delivery,
+    publisher: &TxPublisher,
+) -> Result<(), BrokerError> {
     publisher.commit().await?;
     delivery.acker.ack(BasicAckOptions::default()).await?;
     publisher.commit().await?;
@@ -320,6 +390,31 @@ mod fuzz;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dead_letter_ends_the_device_its_body_names_however_broken() {
+        let rejection = |data: &[u8]| decode(data).unwrap_err();
+        // Not a job (no policy, no step), but its campaign and device read.
+        let data = br#"{"v":1,"campaign":"c","seq":3,"device":{"id":"d1","kind":"toaster"}}"#;
+        let event = terminal_event(data, &rejection(data)).unwrap();
+        assert_eq!(event.campaign, "c");
+        match event.body {
+            EventBody::DeadLettered(dead) => {
+                assert_eq!(dead.device, "d1");
+                assert_eq!(dead.kind, None);
+                assert_eq!(dead.seq, Some(3));
+                assert_eq!(dead.reason, "unknown_kind");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        for nameless in [
+            &b"\x00 not json"[..],
+            br#"{"v":1,"campaign":"c"}"#,
+            br#"{"v":1,"device":{"id":"d1","kind":"dms"}}"#,
+        ] {
+            assert_eq!(terminal_event(nameless, &rejection(nameless)), None);
+        }
+    }
 
     #[test]
     fn rejections_name_what_is_wrong() {

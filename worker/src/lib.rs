@@ -113,6 +113,8 @@ pub async fn run(
         metrics,
         worker: name,
         step_limit: config.consumer_timeout.saturating_sub(HANDOFF_ROOM),
+        return_limit: config.return_limit,
+        panic_for_device: config.panic_for_device.clone(),
     });
     let result = consumer::run_sessions(&config, &broker, shared, &readiness, &token).await;
     token.cancel();

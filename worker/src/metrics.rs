@@ -13,11 +13,13 @@ use std::time::Duration;
 /// Step result labels, besides the device's own step names.
 pub const STEP_RESULTS: [&str; 3] = ["ok", "retry", "error"];
 /// Reasons a worker dead-letters a message.
-pub const DEAD_LETTER_REASONS: [&str; 4] = [
+pub const DEAD_LETTER_REASONS: [&str; 6] = [
     "undecodable",
     "unsupported_version",
     "unknown_kind",
     "unknown_step",
+    "return_limit",
+    "delivery_limit",
 ];
 const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
 /// Bucket bounds, in seconds, of the duration histograms: fine below a

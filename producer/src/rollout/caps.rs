@@ -8,7 +8,9 @@
 //! A device holds its room from its admitted claim until it finishes.
 
 use crate::{campaign::Rollout, catalogue::LedgerSnapshot};
-use flotilla_common::{CappedTarget, Device, Event, EventBody, Target};
+use flotilla_common::{
+    CappedTarget, DeadLetteredEvent, Device, Event, EventBody, FinishedEvent, Target,
+};
 use std::collections::{HashMap, HashSet};
 
 /// A campaign and a device: what holds room.
@@ -79,8 +81,9 @@ impl CapLedger {
                 }
                 self.verdicts.insert(holder, admitted);
             }
-            EventBody::Finished(finished) => {
-                let holder = (event.campaign.clone(), finished.device.clone());
+            EventBody::Finished(FinishedEvent { device, .. })
+            | EventBody::DeadLettered(DeadLetteredEvent { device, .. }) => {
+                let holder = (event.campaign.clone(), device.clone());
                 for key in self.held.remove(&holder).unwrap_or_default() {
                     if let Some(holders) = self.in_flight.get_mut(&key) {
                         holders.remove(&holder);
@@ -147,7 +150,7 @@ fn host_key(url: &url::Url) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use flotilla_common::{ClaimEvent, Ending, FinishedEvent};
+    use flotilla_common::{ClaimEvent, Ending};
 
     fn claim(campaign: &str, device: &str, cap: u32) -> Event {
         Event::new(

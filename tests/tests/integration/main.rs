@@ -9,6 +9,7 @@ mod appliance_readings;
 mod campaign_control;
 mod cluster;
 mod control_at_scale;
+mod dead_letters;
 mod dms_campaigns;
 mod hardening;
 mod observability;
