@@ -322,13 +322,13 @@ fn print_summary(tracker: &CampaignState) {
     }
     print!("{:<12}", "kind");
     for outcome in Outcome::ALL {
-        print!("{:>11}", outcome.as_str());
+        print!("{:>14}", outcome.as_str());
     }
     println!();
     for (kind, outcomes) in &table {
         print!("{:<12}", kind.as_str());
         for outcome in Outcome::ALL {
-            print!("{:>11}", outcomes.get(&outcome).copied().unwrap_or(0));
+            print!("{:>14}", outcomes.get(&outcome).copied().unwrap_or(0));
         }
         println!();
     }
