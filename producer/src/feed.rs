@@ -10,7 +10,7 @@
 use crate::{
     ProducerError,
     catalogue::{Lookup, Recent},
-    state::CampaignState,
+    state::{CampaignState, Phase},
 };
 use flotilla_common::{
     Broker, BrokerError, Event, Topology,
@@ -253,6 +253,10 @@ pub async fn read_status(
         "read the recent snapshots"
     );
     let (mut state, from, expect) = match recent.campaign {
+        // Its controller's last word: nothing after it changes the counts.
+        Some((_, snapshot)) if snapshot.phase() == Phase::Completed => {
+            return Ok((CampaignState::from_snapshot(snapshot), None));
+        }
         Some((covers, snapshot)) => (CampaignState::from_snapshot(snapshot), covers + 1, None),
         None => {
             let lookup = Lookup::read(&connection, topology, campaign).await?;

@@ -153,6 +153,12 @@ pub struct Snapshot {
     pace: PaceLog,
 }
 
+impl Snapshot {
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+}
+
 impl CampaignState {
     pub fn new(campaign: impl Into<String>) -> Self {
         CampaignState {

@@ -429,6 +429,11 @@ impl<'a> Controller<'a> {
             };
             catalogue::record_ended(&self.decisions, self.topology, ended).await?;
             self.ended_recorded = true;
+            // A last snapshot, completed: `status` within the lookback
+            // would otherwise start from an older one and read every event
+            // written since, however many other campaigns wrote.
+            self.snapshot = None;
+            self.snapshot_if_due().await?;
         }
         Ok(())
     }
