@@ -1,6 +1,7 @@
 //! Rolling a campaign out: the producer as campaign controller.
 //!
-//! - the loop that starts devices and writes decisions: [`controller`];
+//! - the controller on the broker (its lock, reading events and commands,
+//!   publishing jobs, decisions and snapshots): [`controller`];
 //! - the loop's deciding parts, apart from the broker, and the loop
 //!   itself over a [`steer::Fleet`] (the broker, or a forecast's virtual
 //!   one): [`steer`];
