@@ -73,14 +73,8 @@ impl Held {
 
     /// Takes up to `n` devices in inventory order among the hosts that have
     /// room behind their capped targets (`ledger`, plus the devices taken
-    /// so far) and that `allow` lets start one more (given how many of its
-    /// devices this call took already).
-    pub fn take(
-        &mut self,
-        n: usize,
-        ledger: &CapLedger,
-        mut allow: impl FnMut(&str, usize) -> bool,
-    ) -> Vec<Device> {
+    /// so far).
+    pub fn take(&mut self, n: usize, ledger: &CapLedger) -> Vec<Device> {
         let mut heads: BinaryHeap<Reverse<(u64, String)>> = self
             .hosts
             .iter()
@@ -91,7 +85,6 @@ impl Held {
             })
             .collect();
         let mut pending: HashMap<String, usize> = HashMap::new();
-        let mut taken_per_host: HashMap<String, usize> = HashMap::new();
         let mut chosen = Vec::new();
         while chosen.len() < n {
             let Some(Reverse((_, name))) = heads.pop() else {
@@ -101,16 +94,14 @@ impl Held {
                 .hosts
                 .get_mut(&name)
                 .expect("every head is of a held host");
-            let taken = taken_per_host.entry(name.clone()).or_default();
             // Room only shrinks within one call: a host passed over stays so.
-            if !ledger.has_room(&host.targets, &pending) || !allow(&name, *taken) {
+            if !ledger.has_room(&host.targets, &pending) {
                 continue;
             }
             let (_, device) = host
                 .devices
                 .pop_front()
                 .expect("a host with a head has a device");
-            *taken += 1;
             self.len -= 1;
             for target in &host.targets {
                 *pending.entry(target.key.clone()).or_default() += 1;
@@ -165,21 +156,23 @@ mod tests {
         }
         let ledger = CapLedger::default();
         // "a" has room for two: d0, d1, then d2 of b; d3 waits behind a's cap.
-        let ids: Vec<String> = held
-            .take(4, &ledger, |_, _| true)
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
+        let ids: Vec<String> = held.take(4, &ledger).into_iter().map(|d| d.id).collect();
         assert_eq!(ids, ["d0", "d1", "d2", "d4"]);
         assert_eq!(held.len(), 2);
-        // A host `allow` refuses is passed over.
-        let ids: Vec<String> = held
-            .take(4, &ledger, |host, _| host != "a")
-            .into_iter()
-            .map(|d| d.id)
-            .collect();
-        assert_eq!(ids, ["d5"]);
-        assert_eq!(held.drain().len(), 1);
+        // The ledger's room counts too: "b" is full once one of its
+        // devices is in flight behind a cap of one.
+        let mut full = CapLedger::default();
+        full.apply(&flotilla_common::Event::new(
+            "c",
+            flotilla_common::EventBody::Claim(flotilla_common::ClaimEvent {
+                device: "d2".into(),
+                targets: capped("b", 1),
+            }),
+        ));
+        let mut one = Held::default();
+        one.push(5, device("d5", "b"), "b".into(), capped("b", 1));
+        assert!(one.take(4, &full).is_empty());
+        assert_eq!(held.drain().len(), 2);
         assert!(held.is_empty());
     }
 }

@@ -179,7 +179,7 @@ impl<'a> Steering<'a> {
         }
         let wave = self.state.current_wave().unwrap_or(0);
         self.read_ahead(wave)?;
-        let devices = self.held.take(allowed, &self.ledger, |_, _| true);
+        let devices = self.held.take(allowed, &self.ledger);
         if devices.is_empty() {
             if self.held.is_empty() {
                 return Err(ProducerError::InventoryChanged(format!(
