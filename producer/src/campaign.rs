@@ -770,6 +770,7 @@ mod tests {
             "campaign.toml",
             "riverbed-campaign.toml",
             "sps-campaign.toml",
+            "cpe-night-campaign.toml",
         ] {
             let campaign = Campaign::load(&examples.join(name)).unwrap();
             assert!(!campaign.id.is_empty());

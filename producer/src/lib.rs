@@ -3,6 +3,7 @@
 //! failure budget, every decision written to the events stream.
 //!
 //! - [`campaign`]: the campaign file;
+//! - [`forecast`]: `plan`, the timeline the controller would follow;
 //! - [`inventory_check`]: every problem of an inventory, in constant memory;
 //! - [`rollout`]: the controller;
 //! - [`state`]: a campaign as its events tell it;
@@ -23,6 +24,7 @@ pub mod catalogue;
 pub mod dead;
 pub mod exit;
 pub mod feed;
+pub mod forecast;
 pub mod inventory_check;
 pub mod metrics;
 pub mod pace_log;

@@ -1,7 +1,7 @@
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand};
 use flotilla_common::{
-    Broker, Event,
+    Broker, DeviceKind, Event,
     cli::{BrokerArgs, Listen, parse_listen},
     control::Command as ControlCommand,
     inventory::RowError,
@@ -12,7 +12,7 @@ use flotilla_producer::{
     Campaign, CampaignState, InventorySummary, ProducerError, RunSpec, check_inventory,
     exit::{BadInput, Exit},
     feed::read_events,
-    fingerprint,
+    fingerprint, forecast,
     metrics::ProducerMetrics,
     progress::Progress,
     read_campaign, read_status,
@@ -23,7 +23,7 @@ use flotilla_producer::{
 };
 use std::{
     cell::Cell,
-    collections::HashSet,
+    collections::{BTreeMap, HashSet},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::ExitCode,
@@ -72,6 +72,21 @@ enum Command {
     Check {
         #[command(flatten)]
         files: CampaignFiles,
+        /// Print the campaign's forecast too, as `plan` does.
+        #[arg(long)]
+        forecast: bool,
+        #[command(flatten)]
+        assumed: ForecastArgs,
+    },
+    /// Check the campaign and the inventory, then print the timeline the
+    /// controller would follow: waves, devices in flight per host against
+    /// the caps, windows waited for, budget pauses, the end. Publishes
+    /// nothing.
+    Plan {
+        #[command(flatten)]
+        files: CampaignFiles,
+        #[command(flatten)]
+        assumed: ForecastArgs,
     },
     /// Show a campaign's progress per wave and outcome, and its decisions.
     Status {
@@ -126,6 +141,37 @@ enum StatusFormat {
     Json,
 }
 
+/// What a forecast assumes.
+#[derive(clap::Args)]
+struct ForecastArgs {
+    /// Time from a device's start to its outcome, per kind:
+    /// `dms=90s,npm=20m`. Overrides what `--like` measured.
+    #[arg(long, value_parser = flotilla_producer::forecast::parse_durations)]
+    duration: Option<BTreeMap<DeviceKind, Duration>>,
+    /// Measure each kind's duration from this past campaign's events (the
+    /// mean of its devices that succeeded); needs the broker.
+    #[arg(long)]
+    like: Option<String>,
+    /// Share of the devices assumed to fail, spread evenly (0.03 = 3%).
+    #[arg(long, default_value_t = 0.0, value_parser = parse_ratio)]
+    failure_ratio: f64,
+    /// When the campaign would start (RFC 3339, `2026-12-02T22:00:00Z`);
+    /// default now.
+    #[arg(long)]
+    start: Option<chrono::DateTime<chrono::Utc>>,
+    #[arg(long, value_enum, default_value = "text")]
+    format: StatusFormat,
+    #[command(flatten)]
+    broker: BrokerArgs,
+}
+
+fn parse_ratio(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!("{text:?} is not a ratio between 0 and 1")),
+    }
+}
+
 #[derive(clap::Args)]
 struct ProgressArgs {
     /// When the output is not a terminal: the longest wait between two
@@ -171,7 +217,11 @@ async fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Check { files } => {
+        Command::Check {
+            files,
+            forecast,
+            assumed,
+        } => {
             let (campaign, summary) = check(&files, None)?;
             println!(
                 "{}: campaign {} is valid; {} device(s) ready ({})",
@@ -180,6 +230,14 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 summary.devices,
                 by_kind(&summary)
             );
+            if forecast {
+                print_forecast(&files, &campaign, &summary, assumed).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plan { files, assumed } => {
+            let (campaign, summary) = check(&files, None)?;
+            print_forecast(&files, &campaign, &summary, assumed).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
@@ -275,6 +333,53 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Works out and prints the campaign's forecast.
+async fn print_forecast(
+    files: &CampaignFiles,
+    campaign: &Campaign,
+    summary: &InventorySummary,
+    args: ForecastArgs,
+) -> anyhow::Result<()> {
+    let mut durations = BTreeMap::new();
+    if let Some(like) = &args.like {
+        let connection = Broker::new(&args.broker.amqp_url, "flotilla-producer plan")?;
+        let state = read_campaign(&connection, &args.broker.topology(), like).await?;
+        if state.phase() == Phase::New {
+            return Err(BadInput(format!("--like {like}: no such campaign on this broker")).into());
+        }
+        durations = forecast::measured_durations(&state);
+    }
+    durations.extend(args.duration.unwrap_or_default());
+    let assumptions = forecast::Assumptions {
+        durations,
+        failure_ratio: args.failure_ratio,
+        start: args.start.unwrap_or_else(chrono::Utc::now),
+    };
+    assumptions
+        .check_kinds(summary.by_kind.keys())
+        .map_err(BadInput)?;
+    let timeline = forecast::forecast(
+        campaign,
+        &files.inventory,
+        summary.devices,
+        None,
+        &assumptions,
+    )
+    .await?;
+    match args.format {
+        StatusFormat::Text => print!(
+            "{}",
+            forecast::timeline::text(&campaign.id, summary.devices, &timeline, &assumptions)
+        ),
+        StatusFormat::Json => {
+            let json =
+                forecast::ForecastJson::of(&campaign.id, summary.devices, &timeline, &assumptions);
+            println!("{}", serde_json::to_string_pretty(&json)?);
+        }
+    }
+    Ok(())
 }
 
 /// How `run` runs, besides the files and the broker.

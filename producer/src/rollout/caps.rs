@@ -126,17 +126,28 @@ pub fn targets_of(device: &Device, target: &Target, rollout: &Rollout) -> Vec<Ca
     let mut targets = Vec::new();
     if let Some(cap) = rollout.per_host {
         targets.push(CappedTarget {
-            key: format!("host:{}", host_key(&device.address)),
+            key: format!("host:{}", api_host(device)),
             cap,
         });
     }
     if let Some(cap) = rollout.per_image_host {
         targets.push(CappedTarget {
-            key: format!("image:{}", host_key(&target.image_url)),
+            key: format!("image:{}", image_host(target)),
             cap,
         });
     }
     targets
+}
+
+/// The API host a device's calls go to (`host:port`): a DMS for CPEs, the
+/// appliance itself otherwise.
+pub fn api_host(device: &Device) -> String {
+    host_key(&device.address)
+}
+
+/// The server a campaign's image is fetched from (`host:port`).
+pub fn image_host(target: &Target) -> String {
+    host_key(&target.image_url)
 }
 
 fn host_key(url: &url::Url) -> String {

@@ -1,7 +1,13 @@
 //! Rolling a campaign out: the producer as campaign controller.
 //!
-//! - the loop that starts devices and writes decisions: [`controller`];
+//! - the controller on the broker (its lock, reading events and commands,
+//!   publishing jobs, decisions and snapshots): [`controller`];
+//! - the loop's deciding parts, apart from the broker, and the loop
+//!   itself over a [`steer::Fleet`] (the broker, or a forecast's virtual
+//!   one): [`steer`];
 //! - what to do next, a pure function of the campaign's state: [`decide`];
+//! - the two clocks it reads: [`clock`];
+//! - devices read ahead, by API host: [`held`];
 //! - waves: [`plan`];
 //! - the start rate and its ramp: [`pacer`];
 //! - the maintenance window: [`window`];
@@ -9,9 +15,12 @@
 //! - walking the inventory in order: [`cursor`].
 
 pub mod caps;
+pub mod clock;
 pub mod controller;
 pub mod cursor;
 pub mod decide;
+pub mod held;
 pub mod pacer;
 pub mod plan;
+pub mod steer;
 pub mod window;

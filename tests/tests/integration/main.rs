@@ -11,6 +11,7 @@ mod cluster;
 mod control_at_scale;
 mod dead_letters;
 mod dms_campaigns;
+mod forecast;
 mod hardening;
 mod observability;
 mod operator_cli;

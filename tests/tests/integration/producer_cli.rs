@@ -262,3 +262,74 @@ fn a_bad_campaign_file_is_refused_with_its_problems() {
     );
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_forecasts_from_a_past_campaign_and_refuses_without_durations() {
+    let harness = Harness::new("plan").await;
+    let (fleet, devices) = devices(6).await;
+    let worker = harness.start_worker("w1", fleet_credentials(&fleet));
+    let past = harness.campaign("plan-past");
+    let state = harness.start_campaign(&past, &devices).finished().await;
+    worker.stop().await;
+    assert_eq!(state.totals().succeeded, 6);
+
+    let inventory = harness.write_inventory("plan.csv", &devices);
+    let campaign = harness.dir().join("campaign.toml");
+    std::fs::write(
+        &campaign,
+        format!("{CAMPAIGN}\n[concurrency]\nper_host = 2\n"),
+    )
+    .unwrap();
+    let plan = |extra: &[&str]| {
+        let mut command = std::process::Command::new(binary_blocking("flotilla-producer"));
+        command
+            .args(["plan", "--campaign"])
+            .arg(&campaign)
+            .arg("--inventory")
+            .arg(&inventory)
+            .args(extra)
+            .env("AMQP_URL", &harness.args.amqp_url)
+            .env("FLOTILLA_PREFIX", &harness.args.prefix);
+        command.output().expect("running flotilla-producer plan")
+    };
+
+    let refused = plan(&[]);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--duration dms=<time>"), "{stderr}");
+
+    let output = plan(&["--like", "plan-past", "--format", "json"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let json: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // The past campaign's own mean, measured from its events.
+    let durations: Vec<f64> = state
+        .devices()
+        .map(|(_, r)| {
+            (r.finished_at.unwrap() - r.published_at.unwrap())
+                .num_microseconds()
+                .unwrap() as f64
+                / 1e6
+        })
+        .collect();
+    let mean = durations.iter().sum::<f64>() / durations.len() as f64;
+    let assumed = json["assumed_seconds"]["dms"].as_f64().unwrap();
+    assert!((assumed - mean).abs() < 0.01, "{assumed} against {mean}");
+    assert_eq!(json["devices"], 6);
+    // One DMS host at two a time: three rounds.
+    let host = &json["in_flight"][0];
+    assert_eq!(
+        (host["peak"].as_u64(), host["binds"].as_bool()),
+        (Some(2), Some(true))
+    );
+    let took = json["duration_seconds"].as_f64().unwrap();
+    assert!(
+        (took - 3.0 * assumed).abs() <= 1.0,
+        "{took}s for 3 rounds of {assumed}s"
+    );
+    harness.teardown().await;
+}

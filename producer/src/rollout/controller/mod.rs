@@ -14,11 +14,11 @@
 //! readers (see `catalogue`).
 
 use super::{
-    caps::{CapLedger, targets_of},
+    caps::CapLedger,
+    clock::Moment,
     cursor::Cursor,
-    decide::{self, Next},
-    pacer::Pacer,
     plan,
+    steer::{self, Fleet, Steering},
 };
 use crate::{
     Campaign, ProducerError,
@@ -38,10 +38,10 @@ use flotilla_common::{
 };
 use lapin::types::FieldTable;
 use std::{
-    collections::{HashMap, HashSet, VecDeque},
+    collections::HashSet,
     path::{Path, PathBuf},
     sync::Arc,
-    time::{Duration, Instant},
+    time::Instant,
 };
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn};
@@ -50,11 +50,8 @@ mod session;
 
 use session::note_completed;
 
-/// Devices started in one transaction at most.
-const BATCH: u64 = 200;
-/// Devices of the current wave read ahead, so one full host does not hold
-/// up devices behind the others.
-const LOOKAHEAD: usize = 10_000;
+/// Devices recorded cancelled in one transaction at most.
+const BATCH: usize = 200;
 
 /// What a run needs besides the campaign.
 pub struct RunSpec<'a> {
@@ -89,10 +86,15 @@ pub async fn run_campaign(
             readiness.set(ready);
         }
     };
-    let mut controller = Controller::connect(broker, topology, campaign, &spec).await?;
+    let (mut controller, mut steering) =
+        Controller::connect(broker, topology, campaign, &spec, &mut observe).await?;
     ready(true);
     loop {
-        match controller.run(&mut observe).await {
+        let run = async {
+            steer::drive(&mut controller, &mut steering).await?;
+            controller.finish(&mut steering).await
+        };
+        match run.await {
             Ok(()) => {
                 controller.release_lock().await;
                 break;
@@ -100,8 +102,8 @@ pub async fn run_campaign(
             Err(error) if error.is_connection_loss() => {
                 ready(false);
                 warn!(campaign = %campaign.id, %error, "lost the broker; reconnecting");
-                controller.reconnect(broker).await?;
-                info!(campaign = %campaign.id, published = controller.state.published(), "reconnected; carrying on");
+                controller.reconnect(broker, &mut steering).await?;
+                info!(campaign = %campaign.id, published = steering.state.published(), "reconnected; carrying on");
                 ready(true);
             }
             Err(error) => {
@@ -111,11 +113,14 @@ pub async fn run_campaign(
             }
         }
     }
-    observe(&controller.state);
-    Ok(controller.state)
+    (controller.observe)(&steering.state);
+    Ok(steering.state)
 }
 
-struct Controller<'a> {
+/// The controller's hold on the broker: what it publishes with, what it
+/// reads, and where it is in the streams. What it decides is in
+/// [`Steering`].
+struct Controller<'a, O> {
     campaign: &'a Campaign,
     topology: &'a Topology,
     inventory: PathBuf,
@@ -123,9 +128,6 @@ struct Controller<'a> {
     /// Whether the campaign claims room behind shared caps (and so keeps
     /// the ledger).
     capped: bool,
-    state: CampaignState,
-    /// Room behind capped targets, across all campaigns.
-    ledger: CapLedger,
     /// The events-stream offset up to which everything has been applied.
     position: u64,
     /// The control-stream offset of the last command read.
@@ -143,393 +145,75 @@ struct Controller<'a> {
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
     jobs: TxPublisher,
-    cursor: Cursor,
-    /// Devices of the current wave read ahead of starting them.
-    held: VecDeque<(u64, Device)>,
-    pacer: Option<Pacer>,
     event_rx: mpsc::Receiver<Result<(u64, Event), BrokerError>>,
     control_rx: mpsc::Receiver<Result<(u64, ControlMessage), BrokerError>>,
+    /// Told whenever the state may have changed.
+    observe: O,
 }
 
 /// What a reconnect waits between attempts.
-const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
-const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(10);
+const RECONNECT_BACKOFF_MIN: std::time::Duration = std::time::Duration::from_millis(250);
+const RECONNECT_BACKOFF_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
-impl<'a> Controller<'a> {
-    /// The campaign's loop, to its end: decide, start devices, wait.
-    async fn run(&mut self, observe: &mut impl FnMut(&CampaignState)) -> Result<(), ProducerError> {
-        loop {
-            self.drain().await?;
-            self.snapshot_if_due().await?;
-            observe(&self.state);
-            match decide::next(&self.state, &self.campaign.rollout, Utc::now()) {
-                Next::Done => break,
-                Next::Decide {
-                    decision,
-                    reason,
-                    thresholds,
-                } => self.decide(decision, reason, thresholds, None).await?,
-                Next::Start(wanted) => {
-                    let started = self.start(wanted).await?;
-                    if started == 0 {
-                        let until = self.pacer.as_ref().and_then(Pacer::next_at);
-                        self.wait(until.map(tokio::time::Instant::from_std)).await?;
-                    }
-                }
-                Next::CancelUnstarted => self.cancel_unstarted().await?,
-                Next::Wait(until) => {
-                    let until = until.map(|at| {
-                        let from_now = (at - Utc::now()).to_std().unwrap_or_default();
-                        tokio::time::Instant::now() + from_now
-                    });
-                    self.wait(until).await?;
-                }
-            }
-        }
-        self.finish().await
+impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
+    fn now(&self) -> Moment {
+        Moment::now()
     }
 
-    /// Records the campaign's end in the catalogue, once its `completed`
-    /// decision is read back (its offset is where readers stop).
-    async fn finish(&mut self) -> Result<(), ProducerError> {
-        self.read_until(|c| c.completed_at.is_some()).await?;
-        if !self.ended_recorded
-            && let Some(events_offset) = self.completed_at
-        {
-            let ended = Ended {
-                campaign: self.campaign.id.clone(),
-                at: Utc::now(),
-                events_offset,
-                snapshot: self.state.snapshot(),
-            };
-            catalogue::record_ended(&self.decisions, self.topology, ended).await?;
-            self.ended_recorded = true;
-            // A last snapshot, completed: `status` within the lookback
-            // would otherwise start from an older one and read every event
-            // written since, however many other campaigns wrote.
-            self.snapshot = None;
-            self.snapshot_if_due().await?;
-        }
+    async fn settle(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        self.drain(steering).await?;
+        self.snapshot_if_due(steering).await?;
+        (self.observe)(&steering.state);
         Ok(())
     }
 
-    /// Applies an event read from the stream at `offset`.
-    fn apply_read(&mut self, offset: u64, event: &Event) {
-        note_completed(&mut self.completed_at, offset, event, &self.campaign.id);
-        self.state.apply(event);
-        if self.capped {
-            self.ledger.apply(event);
-        }
-        self.position = self.position.max(offset);
-    }
-
-    /// When the next snapshot is due (`None`: now, there is none yet): soon
-    /// after a change, else a heartbeat.
-    fn snapshot_due(&self) -> Option<Instant> {
-        match self.snapshot {
-            None => None,
-            Some((at, covers)) if covers != self.position => Some(at + SNAPSHOT_EVERY),
-            Some((at, _)) => Some(at + SNAPSHOT_HEARTBEAT),
-        }
-    }
-
-    /// Writes the campaign's state (and the ledger, if capped) as of the
-    /// events read so far, when due. What the controller applied before
-    /// reading it back (its own publications and decisions) is in it too:
-    /// a reader applying the events after `position` sees those again and
-    /// counts them once, as the state does.
-    async fn snapshot_if_due(&mut self) -> Result<(), ProducerError> {
-        if self.snapshot_due().is_some_and(|due| Instant::now() < due) {
-            return Ok(());
-        }
-        let covers = self.position;
-        catalogue::write_snapshot(
-            &self.decisions,
-            self.topology,
-            covers,
-            &self.state.snapshot(),
-        )
-        .await?;
-        if self.capped {
-            catalogue::write_ledger(
-                &self.decisions,
-                self.topology,
-                covers,
-                &self.ledger.snapshot(),
-            )
-            .await?;
-        }
-        self.snapshot = Some((Instant::now(), covers));
-        Ok(())
-    }
-
-    /// Writes the `started` decision, or checks a restarted run uses the
-    /// files the campaign started with.
-    async fn start_or_resume(&mut self, spec: &RunSpec<'_>) -> Result<(), ProducerError> {
-        match self.state.plan() {
-            Some(plan) if plan.fingerprint != spec.fingerprint => Err(ProducerError::Mismatch {
-                campaign: self.campaign.id.clone(),
-            }),
-            Some(_) => {
-                info!(campaign = %self.campaign.id, published = self.state.published(), finished = self.state.finished(), "resuming the campaign from its events");
-                Ok(())
-            }
-            None => {
-                let waves = plan::wave_ends(&self.campaign.rollout.waves, spec.devices)
-                    .map_err(ProducerError::Plan)?;
-                let reason = format!(
-                    "{} devices in {} wave(s): {waves:?}",
-                    spec.devices,
-                    waves.len()
-                );
-                let decision = Decision::Started {
-                    devices: spec.devices,
-                    waves,
-                    fingerprint: spec.fingerprint.clone(),
-                    target_version: self.campaign.target.version.clone(),
-                };
-                self.decide(decision, reason, Thresholds::default(), None)
-                    .await
-            }
-        }
-    }
-
-    /// Writes a decision, applies it, and tells the workers when it changes
-    /// what they should do.
     async fn decide(
         &mut self,
+        steering: &mut Steering<'_>,
         decision: Decision,
         reason: String,
         thresholds: Thresholds,
-        control_offset: Option<u64>,
     ) -> Result<(), ProducerError> {
-        info!(campaign = %self.campaign.id, ?decision, %reason, "decision");
-        let worker_command = match &decision {
-            Decision::Paused { .. } => Some(Command::Pause),
-            Decision::Resumed => Some(Command::Resume),
-            Decision::Cancelled => Some(Command::Cancel),
-            _ => None,
-        };
-        let event = Event::new(
-            &self.campaign.id,
-            EventBody::Decision(DecisionEvent {
-                seq: self.state.next_decision_seq(),
-                decision,
-                reason: reason.clone(),
-                counts: self.state.counts(),
-                thresholds,
-                control_offset,
-            }),
-        );
-        self.append(&event).await?;
-        self.state.apply(&event);
-        // Workers follow the control stream, not decisions; the controller
-        // restates its own pauses and resumes there, so the last word in
-        // the stream is always the controller's.
-        if let Some(command) = worker_command {
-            let message =
-                ControlMessage::new(&self.campaign.id, command, "controller", Some(reason));
-            let body = serde_json::to_vec(&message).expect("a control message serializes to JSON");
-            self.decisions
-                .publish(
-                    &self.topology.control(),
-                    &body,
-                    Message::new(control::CONTROL_MESSAGE_TYPE),
-                )
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// An operator's command, at `offset` in the control stream.
-    async fn command(
-        &mut self,
-        offset: u64,
-        message: &ControlMessage,
-    ) -> Result<(), ProducerError> {
-        if message.campaign != self.campaign.id
-            || message.by == "controller"
-            || self.state.control_done().is_some_and(|done| offset <= done)
-        {
-            return Ok(());
-        }
-        let by = match &message.reason {
-            Some(reason) => format!("{} ({reason})", message.by),
-            None => message.by.clone(),
-        };
-        let decision = match (message.command, self.state.phase()) {
-            (Command::Pause, Phase::Running) => Some((
-                Decision::Paused {
-                    cause: PauseCause::Operator,
-                },
-                format!("paused by {by}"),
-            )),
-            (Command::Resume, Phase::Paused(_)) => {
-                Some((Decision::Resumed, format!("resumed by {by}")))
-            }
-            (Command::Cancel, Phase::New | Phase::Running | Phase::Paused(_)) => {
-                Some((Decision::Cancelled, format!("cancelled by {by}")))
-            }
-            _ => None,
-        };
-        if let Some((decision, reason)) = decision {
-            self.decide(decision, reason, Thresholds::default(), Some(offset))
-                .await?;
-        }
-        Ok(())
-    }
-
-    /// Applies every event and command already received.
-    async fn drain(&mut self) -> Result<(), ProducerError> {
-        while let Ok(event) = self.event_rx.try_recv() {
-            let (offset, event) = event?;
-            self.apply_read(offset, &event);
-        }
-        while let Ok(command) = self.control_rx.try_recv() {
-            let (offset, message) = command?;
-            self.control_position = Some(offset);
-            self.command(offset, &message).await?;
-        }
-        Ok(())
-    }
-
-    /// Waits for an event, a command, or `until`.
-    async fn wait(&mut self, until: Option<tokio::time::Instant>) -> Result<(), ProducerError> {
-        // Wake for the next snapshot too: a paused campaign still has one.
-        let snapshot =
-            tokio::time::Instant::from_std(self.snapshot_due().unwrap_or_else(Instant::now));
-        let until = Some(until.map_or(snapshot, |at| at.min(snapshot)));
-        let sleep = async {
-            match until {
-                Some(at) => tokio::time::sleep_until(at).await,
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            event = self.event_rx.recv() => {
-                let (offset, event) = event.ok_or(BrokerError::ConnectionLost)??;
-                self.apply_read(offset, &event);
-            }
-            command = self.control_rx.recv() => {
-                let (offset, message) = command.ok_or(BrokerError::ConnectionLost)??;
-                self.control_position = Some(offset);
-                self.command(offset, &message).await?;
-            }
-            _ = sleep => {}
-        }
-        Ok(())
-    }
-
-    /// Starts up to `wanted` devices of the current wave, as the rate and
-    /// the caps allow. Returns how many started.
-    async fn start(&mut self, wanted: u64) -> Result<u64, ProducerError> {
-        let wanted = wanted.min(BATCH) as usize;
-        let allowed = match &mut self.pacer {
-            Some(pacer) => pacer.take(Instant::now(), wanted, self.state.totals().succeeded),
-            None => wanted,
-        };
-        if allowed == 0 {
-            return Ok(0);
-        }
-        let wave = self.state.current_wave().unwrap_or(0);
-        self.read_ahead(wave)?;
-        let chosen = self.choose(allowed);
-        if chosen.is_empty() {
-            if self.held.is_empty() {
-                return Err(ProducerError::InventoryChanged(format!(
-                    "the inventory ended before wave {} was complete",
-                    wave + 1
-                )));
-            }
-            return Ok(0);
-        }
-        let admitted = self.claim(chosen).await?;
-        let started = admitted.len() as u64;
-        self.publish(admitted, wave).await?;
-        Ok(started)
-    }
-
-    /// Fills the read-ahead with devices of `wave` not yet started.
-    fn read_ahead(&mut self, wave: u32) -> Result<(), ProducerError> {
-        let wave_end = self
-            .state
-            .plan()
-            .and_then(|plan| plan.wave_ends.get(wave as usize).copied())
-            .unwrap_or(0);
-        while self.held.len() < LOOKAHEAD {
-            match self.cursor.peek()? {
-                Some((index, _)) if *index < wave_end => {}
-                _ => break,
-            }
-            let (index, device) = self
-                .cursor
-                .next_device()?
-                .expect("a device was just peeked");
-            if !self.state.is_handled(&device.id) {
-                self.held.push_back((index, device));
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes up to `n` held devices, in order, that have room behind their
-    /// capped targets.
-    fn choose(&mut self, n: usize) -> Vec<Device> {
-        let rollout = &self.campaign.rollout;
-        let mut pending: HashMap<String, usize> = HashMap::new();
-        let mut chosen = Vec::new();
-        let mut kept = VecDeque::with_capacity(self.held.len());
-        while let Some((index, device)) = self.held.pop_front() {
-            if chosen.len() >= n {
-                kept.push_back((index, device));
-                continue;
-            }
-            let targets = targets_of(&device, &self.campaign.target, rollout);
-            if self.ledger.has_room(&targets, &pending) {
-                for target in &targets {
-                    *pending.entry(target.key.clone()).or_default() += 1;
-                }
-                chosen.push(device);
-            } else {
-                kept.push_back((index, device));
-            }
-        }
-        self.held = kept;
-        chosen
+        self.record(steering, decision, reason, thresholds, None)
+            .await
     }
 
     /// With caps, claims room for each device and keeps those admitted
     /// (the others go back to wait); without, admits all.
-    async fn claim(&mut self, devices: Vec<Device>) -> Result<Vec<Device>, ProducerError> {
-        let rollout = &self.campaign.rollout;
-        if rollout.per_host.is_none() && rollout.per_image_host.is_none() {
+    async fn claim(
+        &mut self,
+        steering: &mut Steering<'_>,
+        devices: Vec<Device>,
+    ) -> Result<Vec<Device>, ProducerError> {
+        if !steering.capped() {
             return Ok(devices);
         }
         for device in &devices {
-            self.ledger.forget(&self.campaign.id, &device.id);
+            steering.ledger.forget(&self.campaign.id, &device.id);
             let event = Event::new(
                 &self.campaign.id,
                 EventBody::Claim(ClaimEvent {
                     device: device.id.clone(),
-                    targets: targets_of(device, &self.campaign.target, rollout),
+                    targets: steering.targets(device),
                 }),
             );
             self.append(&event).await?;
         }
         // Verdicts come from reading the claims back in stream order.
-        self.read_until(|c| {
+        let campaign = self.campaign.id.clone();
+        self.read_until(steering, |s| {
             devices
                 .iter()
-                .all(|d| c.ledger.verdict(&c.campaign.id, &d.id).is_some())
+                .all(|d| s.ledger.verdict(&campaign, &d.id).is_some())
         })
         .await?;
         let mut admitted = Vec::new();
         for device in devices.into_iter().rev() {
-            if self.ledger.verdict(&self.campaign.id, &device.id) == Some(true) {
+            if steering.ledger.verdict(&self.campaign.id, &device.id) == Some(true) {
                 admitted.push(device);
             } else {
                 // Lost the race for the last room; try again later.
-                self.held.push_front((0, device));
+                steering.hold_again(device);
             }
         }
         admitted.reverse();
@@ -538,10 +222,12 @@ impl<'a> Controller<'a> {
 
     /// Publishes the devices' jobs and `published` events in one
     /// transaction.
-    async fn publish(&mut self, devices: Vec<Device>, wave: u32) -> Result<(), ProducerError> {
-        if devices.is_empty() {
-            return Ok(());
-        }
+    async fn publish(
+        &mut self,
+        steering: &mut Steering<'_>,
+        devices: Vec<Device>,
+        wave: u32,
+    ) -> Result<(), ProducerError> {
         let mut published = Vec::with_capacity(devices.len());
         for device in devices {
             let mut job = Job::new(
@@ -588,22 +274,46 @@ impl<'a> Controller<'a> {
         }
         self.jobs.commit().await?;
         for event in &published {
-            self.state.apply(event);
+            steering.state.apply(event);
+        }
+        Ok(())
+    }
+
+    /// Waits for an event, a command, or `until`.
+    async fn wait(
+        &mut self,
+        steering: &mut Steering<'_>,
+        until: Option<Moment>,
+    ) -> Result<(), ProducerError> {
+        // Wake for the next snapshot too: a paused campaign still has one.
+        let snapshot = self.snapshot_due().unwrap_or_else(Instant::now);
+        let until = until.map_or(snapshot, |at| at.instant.min(snapshot));
+        tokio::select! {
+            event = self.event_rx.recv() => {
+                let (offset, event) = event.ok_or(BrokerError::ConnectionLost)??;
+                self.apply_read(steering, offset, &event);
+            }
+            command = self.control_rx.recv() => {
+                let (offset, message) = command.ok_or(BrokerError::ConnectionLost)??;
+                self.control_position = Some(offset);
+                self.command(steering, offset, &message).await?;
+            }
+            _ = tokio::time::sleep_until(until.into()) => {}
         }
         Ok(())
     }
 
     /// Records every device never started as cancelled, so each device of
     /// the campaign ends with one outcome.
-    async fn cancel_unstarted(&mut self) -> Result<(), ProducerError> {
-        let mut unstarted: Vec<Device> = self.held.drain(..).map(|(_, d)| d).collect();
-        while let Some((_, device)) = self.cursor.next_device()? {
-            if !self.state.is_handled(&device.id) {
+    async fn cancel_unstarted(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        let mut unstarted = steering.release_held();
+        while let Some((_, device)) = steering.cursor.next_device()? {
+            if !steering.state.is_handled(&device.id) {
                 unstarted.push(device);
             }
         }
         info!(campaign = %self.campaign.id, devices = unstarted.len(), "recording unstarted devices as cancelled");
-        for chunk in unstarted.chunks(BATCH as usize) {
+        for chunk in unstarted.chunks(BATCH) {
             for device in chunk {
                 let event = Event::new(
                     &self.campaign.id,
@@ -627,13 +337,215 @@ impl<'a> Controller<'a> {
         }
         // Counted as they come back from the stream, the one record: counting
         // them here too would end each of these devices twice.
-        self.read_until(|c| unstarted.iter().all(|d| c.state.is_handled(&d.id)))
-            .await?;
-        if self.state.unstarted() > 0 {
-            warn!(campaign = %self.campaign.id, missing = self.state.unstarted(), "devices of the plan are missing from the inventory");
+        self.read_until(steering, |s| {
+            unstarted.iter().all(|d| s.state.is_handled(&d.id))
+        })
+        .await?;
+        if steering.state.unstarted() > 0 {
+            warn!(campaign = %self.campaign.id, missing = steering.state.unstarted(), "devices of the plan are missing from the inventory");
             return Err(ProducerError::InventoryChanged(
                 "the inventory has fewer devices than when the campaign started".to_owned(),
             ));
+        }
+        Ok(())
+    }
+}
+
+impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
+    /// Records the campaign's end in the catalogue, once its `completed`
+    /// decision is read back (its offset is where readers stop).
+    async fn finish(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        self.read_until_completed(steering).await?;
+        if !self.ended_recorded
+            && let Some(events_offset) = self.completed_at
+        {
+            let ended = Ended {
+                campaign: self.campaign.id.clone(),
+                at: Utc::now(),
+                events_offset,
+                snapshot: steering.state.snapshot(),
+            };
+            catalogue::record_ended(&self.decisions, self.topology, ended).await?;
+            self.ended_recorded = true;
+            // A last snapshot, completed: `status` within the lookback
+            // would otherwise start from an older one and read every event
+            // written since, however many other campaigns wrote.
+            self.snapshot = None;
+            self.snapshot_if_due(steering).await?;
+        }
+        Ok(())
+    }
+
+    /// Applies an event read from the stream at `offset`.
+    fn apply_read(&mut self, steering: &mut Steering<'_>, offset: u64, event: &Event) {
+        note_completed(&mut self.completed_at, offset, event, &self.campaign.id);
+        steering.state.apply(event);
+        if self.capped {
+            steering.ledger.apply(event);
+        }
+        self.position = self.position.max(offset);
+    }
+
+    /// When the next snapshot is due (`None`: now, there is none yet): soon
+    /// after a change, else a heartbeat.
+    fn snapshot_due(&self) -> Option<Instant> {
+        match self.snapshot {
+            None => None,
+            Some((at, covers)) if covers != self.position => Some(at + SNAPSHOT_EVERY),
+            Some((at, _)) => Some(at + SNAPSHOT_HEARTBEAT),
+        }
+    }
+
+    /// Writes the campaign's state (and the ledger, if capped) as of the
+    /// events read so far, when due. What the controller applied before
+    /// reading it back (its own publications and decisions) is in it too:
+    /// a reader applying the events after `position` sees those again and
+    /// counts them once, as the state does.
+    async fn snapshot_if_due(&mut self, steering: &Steering<'_>) -> Result<(), ProducerError> {
+        if self.snapshot_due().is_some_and(|due| Instant::now() < due) {
+            return Ok(());
+        }
+        let covers = self.position;
+        catalogue::write_snapshot(
+            &self.decisions,
+            self.topology,
+            covers,
+            &steering.state.snapshot(),
+        )
+        .await?;
+        if self.capped {
+            catalogue::write_ledger(
+                &self.decisions,
+                self.topology,
+                covers,
+                &steering.ledger.snapshot(),
+            )
+            .await?;
+        }
+        self.snapshot = Some((Instant::now(), covers));
+        Ok(())
+    }
+
+    /// Writes the `started` decision, or checks a restarted run uses the
+    /// files the campaign started with.
+    async fn start_or_resume(
+        &mut self,
+        steering: &mut Steering<'_>,
+        spec: &RunSpec<'_>,
+    ) -> Result<(), ProducerError> {
+        match steering.state.plan() {
+            Some(plan) if plan.fingerprint != spec.fingerprint => Err(ProducerError::Mismatch {
+                campaign: self.campaign.id.clone(),
+            }),
+            Some(_) => {
+                info!(campaign = %self.campaign.id, published = steering.state.published(), finished = steering.state.finished(), "resuming the campaign from its events");
+                Ok(())
+            }
+            None => {
+                let (decision, reason) =
+                    started(self.campaign, spec.devices, spec.fingerprint.clone())?;
+                self.record(steering, decision, reason, Thresholds::default(), None)
+                    .await
+            }
+        }
+    }
+
+    /// Writes a decision, applies it, and tells the workers when it changes
+    /// what they should do.
+    async fn record(
+        &mut self,
+        steering: &mut Steering<'_>,
+        decision: Decision,
+        reason: String,
+        thresholds: Thresholds,
+        control_offset: Option<u64>,
+    ) -> Result<(), ProducerError> {
+        info!(campaign = %self.campaign.id, ?decision, %reason, "decision");
+        let worker_command = match &decision {
+            Decision::Paused { .. } => Some(Command::Pause),
+            Decision::Resumed => Some(Command::Resume),
+            Decision::Cancelled => Some(Command::Cancel),
+            _ => None,
+        };
+        let event = steering.decision_event(decision, reason.clone(), thresholds, control_offset);
+        self.append(&event).await?;
+        steering.state.apply(&event);
+        // Workers follow the control stream, not decisions; the controller
+        // restates its own pauses and resumes there, so the last word in
+        // the stream is always the controller's.
+        if let Some(command) = worker_command {
+            let message =
+                ControlMessage::new(&self.campaign.id, command, "controller", Some(reason));
+            let body = serde_json::to_vec(&message).expect("a control message serializes to JSON");
+            self.decisions
+                .publish(
+                    &self.topology.control(),
+                    &body,
+                    Message::new(control::CONTROL_MESSAGE_TYPE),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// An operator's command, at `offset` in the control stream.
+    async fn command(
+        &mut self,
+        steering: &mut Steering<'_>,
+        offset: u64,
+        message: &ControlMessage,
+    ) -> Result<(), ProducerError> {
+        if message.campaign != self.campaign.id
+            || message.by == "controller"
+            || steering
+                .state
+                .control_done()
+                .is_some_and(|done| offset <= done)
+        {
+            return Ok(());
+        }
+        let by = match &message.reason {
+            Some(reason) => format!("{} ({reason})", message.by),
+            None => message.by.clone(),
+        };
+        let decision = match (message.command, steering.state.phase()) {
+            (Command::Pause, Phase::Running) => Some((
+                Decision::Paused {
+                    cause: PauseCause::Operator,
+                },
+                format!("paused by {by}"),
+            )),
+            (Command::Resume, Phase::Paused(_)) => {
+                Some((Decision::Resumed, format!("resumed by {by}")))
+            }
+            (Command::Cancel, Phase::New | Phase::Running | Phase::Paused(_)) => {
+                Some((Decision::Cancelled, format!("cancelled by {by}")))
+            }
+            _ => None,
+        };
+        if let Some((decision, reason)) = decision {
+            self.record(
+                steering,
+                decision,
+                reason,
+                Thresholds::default(),
+                Some(offset),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    /// Applies every event and command already received.
+    async fn drain(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        while let Ok(event) = self.event_rx.try_recv() {
+            let (offset, event) = event?;
+            self.apply_read(steering, offset, &event);
+        }
+        while let Ok(command) = self.control_rx.try_recv() {
+            let (offset, message) = command?;
+            self.control_position = Some(offset);
+            self.command(steering, offset, &message).await?;
         }
         Ok(())
     }
@@ -652,14 +564,35 @@ impl<'a> Controller<'a> {
     }
 
     /// Follows the events stream until `done` holds.
-    async fn read_until(&mut self, done: impl Fn(&Self) -> bool) -> Result<(), ProducerError> {
-        while !done(self) {
+    async fn read_until(
+        &mut self,
+        steering: &mut Steering<'_>,
+        done: impl Fn(&Steering<'_>) -> bool,
+    ) -> Result<(), ProducerError> {
+        while !done(steering) {
             let (offset, event) = self
                 .event_rx
                 .recv()
                 .await
                 .ok_or(BrokerError::ConnectionLost)??;
-            self.apply_read(offset, &event);
+            self.apply_read(steering, offset, &event);
+        }
+        Ok(())
+    }
+
+    /// Follows the events stream until the campaign's `completed` decision
+    /// has come back.
+    async fn read_until_completed(
+        &mut self,
+        steering: &mut Steering<'_>,
+    ) -> Result<(), ProducerError> {
+        while self.completed_at.is_none() {
+            let (offset, event) = self
+                .event_rx
+                .recv()
+                .await
+                .ok_or(BrokerError::ConnectionLost)??;
+            self.apply_read(steering, offset, &event);
         }
         Ok(())
     }
@@ -676,6 +609,23 @@ impl<'a> Controller<'a> {
             .await?;
         Ok(())
     }
+}
+
+/// The `started` decision of a new campaign of `devices`.
+pub fn started(
+    campaign: &Campaign,
+    devices: u64,
+    fingerprint: String,
+) -> Result<(Decision, String), ProducerError> {
+    let waves = plan::wave_ends(&campaign.rollout.waves, devices).map_err(ProducerError::Plan)?;
+    let reason = format!("{devices} devices in {} wave(s): {waves:?}", waves.len());
+    let decision = Decision::Started {
+        devices,
+        waves,
+        fingerprint,
+        target_version: campaign.target.version.clone(),
+    };
+    Ok((decision, reason))
 }
 
 /// Sends an operator's command for `campaign`.

@@ -4,7 +4,7 @@
 
 use super::*;
 
-impl<'a> Controller<'a> {
+impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
     /// Connects, reads the campaign (and, if capped, the cap ledger) to the
     /// end of the events stream, and writes the `started` decision or
     /// checks a resumed run uses the campaign's files.
@@ -13,12 +13,13 @@ impl<'a> Controller<'a> {
         topology: &'a Topology,
         campaign: &'a Campaign,
         spec: &RunSpec<'_>,
-    ) -> Result<Controller<'a>, ProducerError> {
+        observe: O,
+    ) -> Result<(Controller<'a, O>, Steering<'a>), ProducerError> {
         let connection = broker.connection().await?;
         topology.declare(&connection).await?;
         hold_campaign_lock(&connection, topology, &campaign.id).await?;
-        let (mut controller, commands) =
-            match Self::read_in(&connection, topology, campaign, spec).await {
+        let (mut controller, mut steering, commands) =
+            match Self::read_in(&connection, topology, campaign, spec, observe).await {
                 Ok(read) => read,
                 Err(error) => {
                     release_campaign_lock(&connection, topology, &campaign.id).await;
@@ -27,14 +28,14 @@ impl<'a> Controller<'a> {
             };
         controller.connection = Some(connection);
         let begun = async {
-            controller.start_or_resume(spec).await?;
+            controller.start_or_resume(&mut steering, spec).await?;
             for (offset, message) in commands {
-                controller.command(offset, &message).await?;
+                controller.command(&mut steering, offset, &message).await?;
             }
             Ok(())
         };
         match begun.await {
-            Ok(()) => Ok(controller),
+            Ok(()) => Ok((controller, steering)),
             Err(error) => {
                 controller.release_lock().await;
                 Err(error)
@@ -49,7 +50,8 @@ impl<'a> Controller<'a> {
         topology: &'a Topology,
         campaign: &'a Campaign,
         spec: &RunSpec<'_>,
-    ) -> Result<(Controller<'a>, Vec<(u64, ControlMessage)>), ProducerError> {
+        observe: O,
+    ) -> Result<(Controller<'a, O>, Steering<'a>, Vec<(u64, ControlMessage)>), ProducerError> {
         let decisions = Publisher::open(connection).await?;
         let lookup = Lookup::read(connection, topology, &campaign.id).await?;
         let rollout = &campaign.rollout;
@@ -127,8 +129,6 @@ impl<'a> Controller<'a> {
             inventory: spec.inventory.to_owned(),
             only: spec.only.clone(),
             capped,
-            state,
-            ledger,
             position,
             control_position: commands.last().map(|(offset, _)| *offset),
             completed_at,
@@ -137,13 +137,13 @@ impl<'a> Controller<'a> {
             connection: None,
             decisions,
             jobs,
-            cursor: Cursor::open(spec.inventory, spec.only.clone())?,
-            held: VecDeque::new(),
-            pacer: campaign.rollout.rate.clone().map(Pacer::new),
             event_rx: forward(events),
             control_rx: forward_control(control),
+            observe,
         };
-        Ok((controller, commands))
+        let cursor = Cursor::open(spec.inventory, spec.only.clone())?;
+        let steering = Steering::new(campaign, state, ledger, cursor);
+        Ok((controller, steering, commands))
     }
 
     /// Gives the campaign lock up, so that this process (whose connection
@@ -157,11 +157,15 @@ impl<'a> Controller<'a> {
 
     /// Reconnects with backoff until it works or fails for another reason
     /// than the broker being away.
-    pub(super) async fn reconnect(&mut self, broker: &Broker) -> Result<(), ProducerError> {
+    pub(super) async fn reconnect(
+        &mut self,
+        broker: &Broker,
+        steering: &mut Steering<'_>,
+    ) -> Result<(), ProducerError> {
         let mut backoff = RECONNECT_BACKOFF_MIN;
         loop {
             tokio::time::sleep(backoff).await;
-            match self.reattach(broker).await {
+            match self.reattach(broker, steering).await {
                 Ok(()) => return Ok(()),
                 // The broker may not have noticed yet that the old
                 // connection, which held the campaign lock, is gone.
@@ -180,9 +184,13 @@ impl<'a> Controller<'a> {
     /// A new connection, the streams read on from where they were to their
     /// end, and the inventory walked again from the top (devices that were
     /// being published are skipped if the stream has them).
-    pub(super) async fn reattach(&mut self, broker: &Broker) -> Result<(), ProducerError> {
+    pub(super) async fn reattach(
+        &mut self,
+        broker: &Broker,
+        steering: &mut Steering<'_>,
+    ) -> Result<(), ProducerError> {
         while let Ok(Ok((offset, event))) = self.event_rx.try_recv() {
-            self.apply_read(offset, &event);
+            self.apply_read(steering, offset, &event);
         }
         // Commands received but not applied are read again: the control
         // feed reopens after the last one applied.
@@ -218,18 +226,17 @@ impl<'a> Controller<'a> {
         };
 
         for (offset, event) in read {
-            self.apply_read(offset, &event);
+            self.apply_read(steering, offset, &event);
         }
         self.position = self.position.max(position);
         self.connection = Some(connection);
         self.decisions = decisions;
         self.jobs = jobs;
-        self.cursor = Cursor::open(&self.inventory, self.only.clone())?;
-        self.held.clear();
+        steering.reread(Cursor::open(&self.inventory, self.only.clone())?);
         self.event_rx = forward(events);
         self.control_rx = forward_control(control);
         for (offset, message) in commands {
-            self.command(offset, &message).await?;
+            self.command(steering, offset, &message).await?;
         }
         Ok(())
     }
