@@ -4,11 +4,14 @@
 //!
 //! - [`control`]: how fast `status` and `pause` answer during a large rollout,
 //!   and how long a producer takes to start against a long events history.
+//! - [`poison`]: real jobs among a thousand poison messages, against a
+//!   clean run.
 //!
 //! Uses the broker at `AMQP_URL` (or a container, as the tests do), each run
 //! in queues of its own, deleted afterwards.
 
 mod control;
+mod poison;
 mod stats;
 
 use clap::{Parser, Subcommand};
@@ -25,6 +28,9 @@ enum Scenario {
     /// Status and pause latency during a rollout, and producer start time
     /// against the size of the events stream.
     Control(control::Args),
+    /// Real jobs' rate among a thousand poison messages, against a clean
+    /// run.
+    Poison(poison::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.scenario {
             Scenario::Control(args) => control::run(args).await,
+            Scenario::Poison(args) => poison::run(args).await,
         }
     })
 }
