@@ -514,6 +514,14 @@ impl Message {
         self
     }
 
+    /// Signs the message as a job whose body is `body` (see
+    /// [`crate::signing`]). Call it last: a due-at header set after it is
+    /// not covered, and the job would not verify.
+    pub fn signed(mut self, keyring: &crate::signing::Keyring, body: &[u8]) -> Self {
+        keyring.sign(body, &mut self.headers);
+        self
+    }
+
     fn into_properties(self) -> BasicProperties {
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
