@@ -179,10 +179,12 @@ pub enum KeyringError {
         "job key {id:?} in {} is {len} bytes; a key needs at least {MIN_KEY_BYTES} \
          (`openssl rand -hex 32` writes 64)", path.display()
     )]
-    TooShort { id: String, path: PathBuf, len: usize },
-    #[error(
-        "{ENV_SIGNING_KEY_ID} names key {id:?}, which is not among the job keys ({known})"
-    )]
+    TooShort {
+        id: String,
+        path: PathBuf,
+        len: usize,
+    },
+    #[error("{ENV_SIGNING_KEY_ID} names key {id:?}, which is not among the job keys ({known})")]
     UnknownSigningKey { id: String, known: String },
     #[error("several job keys ({known}): set {ENV_SIGNING_KEY_ID} to the one to sign with")]
     SigningKeyRequired { known: String },
@@ -372,7 +374,8 @@ mod tests {
         headers::set(&mut table, headers::DUE_AT_MS, 1_700_000_000_123);
         keyring.sign(body, &mut table);
 
-        let mut expected = b"flotilla-job-signature-v1\nkey-id: k1\nx-flotilla-due-ms: 1700000000123\n\n".to_vec();
+        let mut expected =
+            b"flotilla-job-signature-v1\nkey-id: k1\nx-flotilla-due-ms: 1700000000123\n\n".to_vec();
         expected.extend_from_slice(body);
         let mut mac = HmacSha256::new_from_slice(&key(b'a')).unwrap();
         mac.update(&expected);
@@ -381,13 +384,17 @@ mod tests {
             headers::get_text(Some(&table), SIGNATURE).as_deref(),
             Some(expected.as_str())
         );
-        assert_eq!(headers::get_text(Some(&table), KEY_ID).as_deref(), Some("k1"));
+        assert_eq!(
+            headers::get_text(Some(&table), KEY_ID).as_deref(),
+            Some("k1")
+        );
         assert_eq!(keyring.verify(body, Some(&table)), Ok("k1"));
 
         // Without a due-at header the line reads "none".
         let mut table = FieldTable::default();
         keyring.sign(body, &mut table);
-        let mut expected = b"flotilla-job-signature-v1\nkey-id: k1\nx-flotilla-due-ms: none\n\n".to_vec();
+        let mut expected =
+            b"flotilla-job-signature-v1\nkey-id: k1\nx-flotilla-due-ms: none\n\n".to_vec();
         expected.extend_from_slice(body);
         let mut mac = HmacSha256::new_from_slice(&key(b'a')).unwrap();
         mac.update(&expected);
@@ -482,8 +489,14 @@ mod tests {
                 ("b.2".to_owned(), PathBuf::from("/run/b"))
             ]
         );
-        assert!(matches!(parse_key_list("a"), Err(KeyringError::BadEntry(_))));
-        assert!(matches!(parse_key_list("a="), Err(KeyringError::BadEntry(_))));
+        assert!(matches!(
+            parse_key_list("a"),
+            Err(KeyringError::BadEntry(_))
+        ));
+        assert!(matches!(
+            parse_key_list("a="),
+            Err(KeyringError::BadEntry(_))
+        ));
         assert!(matches!(parse_key_list("=/x"), Err(KeyringError::BadId(_))));
         assert!(matches!(
             parse_key_list("a b=/x"),
@@ -528,7 +541,10 @@ mod tests {
         let short = args(format!("s={}", dir.join("short").display()), None)
             .keyring()
             .unwrap_err();
-        assert!(matches!(short, KeyringError::TooShort { len: 7, .. }), "{short}");
+        assert!(
+            matches!(short, KeyringError::TooShort { len: 7, .. }),
+            "{short}"
+        );
         assert!(!short.to_string().contains("hunter2"), "{short}");
         let missing = args(format!("m={}", dir.join("missing").display()), None)
             .keyring()

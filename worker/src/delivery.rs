@@ -8,7 +8,9 @@
 //! acting. A failed hand-off fails the channel the delivery came on, so
 //! the delivery goes back to the queue at once. A message that cannot be
 //! processed goes to the dead-letter queue with its reason, in the same
-//! way; it is never dropped.
+//! way; it is never dropped. A message that does not verify (see
+//! [`flotilla_common::signing`]) is dead-lettered before anything of it is
+//! read, and ends no device: its body is a stranger's word.
 
 use crate::{
     credentials::CredentialStore,
@@ -22,7 +24,8 @@ use chrono::Utc;
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
-    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, telemetry,
+    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, signing,
+    telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -40,6 +43,10 @@ pub(crate) struct Shared {
     pub registry: Registry,
     pub http: HttpClients,
     pub credentials: CredentialStore,
+    /// Verifies every delivery and signs every job this worker publishes.
+    pub keyring: signing::Keyring,
+    /// Where `file:` images may be (canonical), if anywhere.
+    pub image_dir: Option<std::path::PathBuf>,
     pub metrics: WorkerMetrics,
     /// This worker's name, recorded in step events.
     pub worker: String,
@@ -65,6 +72,7 @@ impl Shared {
         StepEnv {
             http: &self.http,
             credentials: &self.credentials,
+            image_dir: self.image_dir.as_deref(),
             metrics: &self.metrics,
             worker: &self.worker,
             step_limit: self.step_limit,
@@ -81,6 +89,14 @@ pub(crate) async fn handle(
     shared: &Shared,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
+    // Before any of it is read: the body and even its headers are a
+    // stranger's until they verify.
+    match shared.keyring.verify(&delivery.data, incoming) {
+        Ok(key) => shared.metrics.verified(key),
+        Err(unverified) => {
+            return dead_letter_unverified(delivery, publisher, shared, unverified).await;
+        }
+    }
     let job = match decode(&delivery.data) {
         Ok(job) => job,
         Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
@@ -108,14 +124,10 @@ pub(crate) async fn handle(
                 .delay_queue(shared.topology.tier_for(remaining));
             let message = Message::new(JOB_MESSAGE_TYPE)
                 .id(message_id(&job))
-                .headers(carried_headers(incoming));
-            publisher
-                .send(
-                    &queue,
-                    &delivery.data,
-                    message.header(headers::DUE_AT_MS, due_ms),
-                )
-                .await?;
+                .headers(carried_headers(incoming))
+                .header(headers::DUE_AT_MS, due_ms)
+                .signed(&shared.keyring, &delivery.data);
+            publisher.send(&queue, &delivery.data, message).await?;
             return commit(delivery, publisher).await;
         }
         shared
@@ -133,11 +145,12 @@ pub(crate) async fn handle(
         let now = Utc::now();
         job.park(now);
         let due = (now + delay).timestamp_millis();
+        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
         let message = Message::new(JOB_MESSAGE_TYPE)
             .id(message_id(&job))
             .headers(carried_headers(incoming))
-            .header(headers::DUE_AT_MS, due);
-        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
+            .header(headers::DUE_AT_MS, due)
+            .signed(&shared.keyring, &body);
         publisher.send(&queue, &body, message).await?;
         commit(delivery, publisher).await?;
         shared.metrics.parked();
@@ -216,6 +229,7 @@ async fn hand_off(
             }
             None => shared.topology.jobs(),
         };
+        let message = message.signed(&shared.keyring, &body);
         publisher.send(&queue, &body, message).await?;
     }
     for event in &executed.events {
@@ -280,6 +294,36 @@ pub(crate) async fn dead_letter(
     shared: &Shared,
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
+    let event = terminal_event(&delivery.data, &rejection);
+    bury(delivery, publisher, shared, rejection, event).await
+}
+
+/// Sends a message that does not verify to the dead-letter queue, as it
+/// came (its signature headers too, so `dead redrive` cannot launder it),
+/// and writes no event: whatever campaign and device its body names, a
+/// forger must not be able to end them.
+async fn dead_letter_unverified(
+    delivery: &Delivery,
+    publisher: &TxPublisher,
+    shared: &Shared,
+    unverified: signing::Unverified,
+) -> Result<(), BrokerError> {
+    let rejection = Rejection {
+        reason: unverified.reason(),
+        detail: unverified.to_string(),
+    };
+    bury(delivery, publisher, shared, rejection, None).await
+}
+
+/// Dead-letters the delivery with `event`, the device's terminal event if
+/// it has one, in one hand-off.
+async fn bury(
+    delivery: &Delivery,
+    publisher: &TxPublisher,
+    shared: &Shared,
+    rejection: Rejection,
+    event: Option<Event>,
+) -> Result<(), BrokerError> {
     warn!(reason = rejection.reason, detail = %rejection.detail, "dead-lettering a message");
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
@@ -289,7 +333,6 @@ pub(crate) async fn dead_letter(
     publisher
         .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
-    let event = terminal_event(&delivery.data, &rejection);
     if let Some(event) = &event {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
         let message = Message::new(EVENT_MESSAGE_TYPE);

@@ -2,9 +2,7 @@
 //! mid-campaign, a broker connection that drops, a topology that disagrees.
 
 use flotilla_common::DeviceKind;
-use flotilla_common::{
-    EventBody, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, Topology, TopologyError, headers,
-};
+use flotilla_common::{EventBody, Outcome, Publisher, Topology, TopologyError, headers};
 use flotilla_producer::CampaignState;
 use flotilla_sim::dms;
 use flotilla_sim::{Fleet, FleetSpec};
@@ -89,11 +87,7 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
     let publisher = Publisher::open(&connection).await.unwrap();
     for body in &poison {
         publisher
-            .publish(
-                &harness.topology.jobs(),
-                body,
-                Message::new(JOB_MESSAGE_TYPE),
-            )
+            .publish(&harness.topology.jobs(), body, harness.job_message(body))
             .await
             .unwrap();
     }

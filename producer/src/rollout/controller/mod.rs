@@ -33,6 +33,7 @@ use flotilla_common::{
     Publisher, Thresholds, Topology, TxPublisher,
     control::{self, Command, ControlMessage},
     ops::Readiness,
+    signing::Keyring,
     stream::Offset,
     telemetry,
 };
@@ -67,6 +68,8 @@ pub struct RunSpec<'a> {
     pub only: Option<HashSet<String>>,
     /// Set while the controller is connected to the broker (`/readyz`).
     pub readiness: Option<Arc<Readiness>>,
+    /// Signs every job published (see [`flotilla_common::signing`]).
+    pub keyring: Keyring,
 }
 
 /// Runs the campaign until every device has finished (or it is cancelled
@@ -143,6 +146,7 @@ struct Controller<'a> {
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
     jobs: TxPublisher,
+    keyring: Keyring,
     cursor: Cursor,
     /// Devices of the current wave read ahead of starting them.
     held: VecDeque<(u64, Device)>,
@@ -571,7 +575,8 @@ impl<'a> Controller<'a> {
             rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
             let message = Message::new(JOB_MESSAGE_TYPE)
                 .id(format!("{}/{}/0", job.campaign, job.device.id))
-                .headers(headers);
+                .headers(headers)
+                .signed(&self.keyring, &body);
             self.jobs
                 .send(&self.topology.jobs(), &body, message)
                 .await?;

@@ -137,6 +137,7 @@ impl<'a> Controller<'a> {
             connection: None,
             decisions,
             jobs,
+            keyring: spec.keyring.clone(),
             cursor: Cursor::open(spec.inventory, spec.only.clone())?,
             held: VecDeque::new(),
             pacer: campaign.rollout.rate.clone().map(Pacer::new),
