@@ -29,8 +29,10 @@
 //! so what is signed is what a worker will do. Left out on purpose:
 //! `x-flotilla-returns` and the dead-letter headers are bookkeeping that
 //! workers and `flotilla-producer dead redrive` rewrite without a key;
-//! `x-delivery-count` is the broker's own; trace context only labels
-//! traces. The key id is signed too, so a signature cannot be passed off
+//! `x-delivery-count` is the broker's own; the fence's hop headers
+//! (`x-flotilla-hop`, new at every publish, and `x-flotilla-after-hop`)
+//! can only make a worker drop a redelivery, never act; trace context only
+//! labels traces. The key id is signed too, so a signature cannot be passed off
 //! as another key's.
 //!
 //! A signature says who wrote a message, not that it is new: anyone who can

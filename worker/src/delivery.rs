@@ -4,23 +4,27 @@
 //!
 //! What follows is committed first, the ack after (see [`commit`]): a
 //! worker that dies anywhere before the ack leaves the message to be
-//! redelivered, which is why every driver step observes the device before
-//! acting. A failed hand-off fails the channel the delivery came on, so
-//! the delivery goes back to the queue at once. A message that cannot be
-//! processed goes to the dead-letter queue with its reason, in the same
-//! way; it is never dropped. A message that does not verify (see
-//! [`flotilla_common::signing`]) is dead-lettered before anything of it is
-//! read, and ends no device: its body is a stranger's word.
+//! redelivered. One that died after the commit had handed off already;
+//! the [`fence`](crate::fence) recognises it and drops the redelivery. One
+//! that died before runs the step again, which is why every driver step
+//! observes the device before acting. A failed hand-off fails the channel
+//! the delivery came on, so the delivery goes back to the queue at once. A
+//! message that cannot be processed goes to the dead-letter queue with its
+//! reason, in the same way; it is never dropped. A message that does not
+//! verify (see [`flotilla_common::signing`]) is dead-lettered before
+//! anything of it is read, the fence included, and ends no device: its
+//! body is a stranger's word.
 
 use crate::{
     credentials::CredentialStore,
     device_http::HttpClients,
     driver::Rejection,
+    fence::Fence,
     metrics::WorkerMetrics,
     registry::{Prepared, Registry},
     step::{Executed, StepEnv},
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
@@ -29,7 +33,7 @@ use flotilla_common::{
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 /// A job back from a delay queue this much before its due time runs anyway:
 /// waiting again would cost more than it saves.
@@ -87,6 +91,7 @@ pub(crate) async fn handle(
     delivery: &Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
+    fence: &Fence,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
     // Before any of it is read: the body and even its headers are a
@@ -96,6 +101,15 @@ pub(crate) async fn handle(
         Err(unverified) => {
             return dead_letter_unverified(delivery, publisher, shared, unverified).await;
         }
+    }
+    if delivery.redelivered
+        && let Some(hop) = headers::get_text(incoming, headers::HOP)
+        && fence.handed_off(&hop, published_at(delivery)).await?
+    {
+        info!(%hop, "dropping a redelivered delivery: its hand-off is on the broker already");
+        commit(delivery, publisher).await?;
+        shared.metrics.redelivery_dropped();
+        return Ok(());
     }
     let job = match decode(&delivery.data) {
         Ok(job) => job,
@@ -127,7 +141,9 @@ pub(crate) async fn handle(
                 .headers(carried_headers(incoming))
                 .header(headers::DUE_AT_MS, due_ms)
                 .signed(&shared.keyring, &delivery.data);
-            publisher.send(&queue, &delivery.data, message).await?;
+            publisher
+                .send(&queue, &delivery.data, hands_off(message, delivery, shared))
+                .await?;
             return commit(delivery, publisher).await;
         }
         shared
@@ -151,7 +167,9 @@ pub(crate) async fn handle(
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due)
             .signed(&shared.keyring, &body);
-        publisher.send(&queue, &body, message).await?;
+        publisher
+            .send(&queue, &body, hands_off(message, delivery, shared))
+            .await?;
         commit(delivery, publisher).await?;
         shared.metrics.parked();
         return Ok(());
@@ -208,7 +226,9 @@ async fn run_step(
     executed
 }
 
-/// Sends the follow-up and the events, and commits them with the ack.
+/// Sends the follow-up and the events, and commits them with the ack. The
+/// follow-up, or else the last event (a terminal step's outcome), is the
+/// hand-off's record.
 async fn hand_off(
     executed: Executed,
     delivery: &Delivery,
@@ -216,6 +236,7 @@ async fn hand_off(
     publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
+    let recorded = executed.follow_up.is_none();
     if let Some(follow_up) = executed.follow_up {
         let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
         let mut message = Message::new(JOB_MESSAGE_TYPE)
@@ -230,11 +251,17 @@ async fn hand_off(
             None => shared.topology.jobs(),
         };
         let message = message.signed(&shared.keyring, &body);
-        publisher.send(&queue, &body, message).await?;
+        publisher
+            .send(&queue, &body, hands_off(message, delivery, shared))
+            .await?;
     }
-    for event in &executed.events {
+    let last = executed.events.len().saturating_sub(1);
+    for (index, event) in executed.events.iter().enumerate() {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
+        let mut message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
+        if recorded && index == last {
+            message = hands_off(message, delivery, shared);
+        }
         publisher
             .send(&shared.topology.events(), &body, message)
             .await?;
@@ -295,7 +322,14 @@ pub(crate) async fn dead_letter(
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
     let event = terminal_event(&delivery.data, &rejection);
-    bury(delivery, publisher, shared, rejection, event).await
+    bury(
+        delivery,
+        publisher,
+        shared,
+        rejection,
+        Burial::Verified(event),
+    )
+    .await
 }
 
 /// Sends a message that does not verify to the dead-letter queue, as it
@@ -312,30 +346,48 @@ async fn dead_letter_unverified(
         reason: unverified.reason(),
         detail: unverified.to_string(),
     };
-    bury(delivery, publisher, shared, rejection, None).await
+    bury(delivery, publisher, shared, rejection, Burial::Unverified).await
 }
 
-/// Dead-letters the delivery with `event`, the device's terminal event if
-/// it has one, in one hand-off.
+/// What a dead letter leaves besides itself.
+enum Burial {
+    /// A verified message: the device's terminal event, if its body names
+    /// one, or else a record of the hand-off for the fence.
+    Verified(Option<Event>),
+    /// Nothing: its hop header is a stranger's word like the rest.
+    Unverified,
+}
+
+/// Dead-letters the delivery, with what `burial` says, in one hand-off.
 async fn bury(
     delivery: &Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
     rejection: Rejection,
-    event: Option<Event>,
+    burial: Burial,
 ) -> Result<(), BrokerError> {
     warn!(reason = rejection.reason, detail = %rejection.detail, "dead-lettering a message");
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
     headers::set(&mut table, headers::DEAD_DETAIL, rejection.detail.as_str());
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
-    let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    // The terminal event, when there is one, is the hand-off's record: a
+    // campaign waits for it.
+    let mut message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    let event = match burial {
+        Burial::Verified(None) => {
+            message = hands_off(message, delivery, shared);
+            None
+        }
+        Burial::Verified(event) => event,
+        Burial::Unverified => None,
+    };
     publisher
         .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
     if let Some(event) = &event {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = Message::new(EVENT_MESSAGE_TYPE);
+        let message = hands_off(Message::new(EVENT_MESSAGE_TYPE), delivery, shared);
         publisher
             .send(&shared.topology.events(), &body, message)
             .await?;
@@ -399,6 +451,31 @@ pub(crate) async fn commit(
     publisher.commit().await?;
     debug!(tag = delivery.delivery_tag, "handed off and acked");
     Ok(())
+}
+
+/// Makes `message` the record of `delivery`'s hand-off (see
+/// [`crate::fence`]). A delivery without a hop (from a build before the
+/// fence) has no record, and its redeliveries run again.
+pub(crate) fn hands_off(message: Message, delivery: &Delivery, shared: &Shared) -> Message {
+    match headers::get_text(delivery.properties.headers().as_ref(), headers::HOP) {
+        Some(hop) => message.hands_off(&hop, &shared.topology.handoffs()),
+        None => message,
+    }
+}
+
+/// When the delivery's message was published, as far as its headers say:
+/// its hand-off cannot be older. A delayed job was handed on no earlier
+/// than its due time.
+fn published_at(delivery: &Delivery) -> DateTime<Utc> {
+    let sent = delivery
+        .properties
+        .timestamp()
+        .and_then(|seconds| DateTime::from_timestamp(i64::try_from(seconds).ok()?, 0));
+    let due = headers::get_int(delivery.properties.headers().as_ref(), headers::DUE_AT_MS)
+        .and_then(DateTime::from_timestamp_millis);
+    // Without either, as far back as the handoffs stream reaches.
+    sent.max(due)
+        .unwrap_or_else(|| Utc::now() - chrono::Duration::hours(1))
 }
 
 /// Identifies one step of one job, for whoever inspects a queue.

@@ -51,6 +51,7 @@ pub struct WorkerMetrics {
     reconnects: IntCounter,
     parked: IntCounter,
     handoff_failures: IntCounter,
+    redeliveries_dropped: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -126,6 +127,11 @@ impl WorkerMetrics {
                 "Deliveries whose hand-off (what follows, its events and the ack, one \
                  transaction) failed; each went back to the queue at once.",
             )?,
+            redeliveries_dropped: IntCounter::new(
+                "flotilla_worker_redeliveries_dropped_total",
+                "Redelivered deliveries dropped unrun: their hand-off was on the broker \
+                 already (a worker died between its commit and its ack).",
+            )?,
         };
         registry.register(Box::new(metrics.steps.clone()))?;
         registry.register(Box::new(metrics.step_seconds.clone()))?;
@@ -138,6 +144,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.parked.clone()))?;
         registry.register(Box::new(metrics.handoff_failures.clone()))?;
+        registry.register(Box::new(metrics.redeliveries_dropped.clone()))?;
         metrics.start_known_series_at_zero();
         Ok(metrics)
     }
@@ -226,6 +233,10 @@ impl WorkerMetrics {
 
     pub fn handoff_failed(&self) {
         self.handoff_failures.inc();
+    }
+
+    pub fn redelivery_dropped(&self) {
+        self.redeliveries_dropped.inc();
     }
 }
 
