@@ -350,7 +350,10 @@ async fn dead_letter_unverified(
 }
 
 /// What a dead letter leaves besides itself.
-#[allow(clippy::large_enum_variant, reason = "passed once, by value; never stored")]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "passed once, by value; never stored"
+)]
 enum Burial {
     /// A verified message: the device's terminal event, if its body names
     /// one, or else a record of the hand-off for the fence.
