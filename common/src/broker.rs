@@ -521,6 +521,14 @@ impl Message {
         self
     }
 
+    /// Signs the message as a job whose body is `body` (see
+    /// [`crate::signing`]). Call it last: a due-at header set after it is
+    /// not covered, and the job would not verify.
+    pub fn signed(mut self, keyring: &crate::signing::Keyring, body: &[u8]) -> Self {
+        keyring.sign(body, &mut self.headers);
+        self
+    }
+
     /// Makes this message the record of the hand-off of the delivery whose
     /// hop is `hop`: the same publish also appends it to `handoffs` (a
     /// stream). One publish reaches all its queues or none, even if the

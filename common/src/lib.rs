@@ -10,6 +10,7 @@
 //!   certificates are checked.
 //! - [`topology`]: queue names and their idempotent declaration.
 //! - [`control`]: pause, resume and cancel commands.
+//! - [`signing`]: job signatures, and the keys that make them.
 //! - [`broker`], [`stream`], [`headers`]: AMQP plumbing.
 //! - [`cli`]: settings every binary takes; [`ops`]: metrics and health
 //!   endpoints; [`telemetry`]: logs and traces.
@@ -25,6 +26,7 @@ pub mod kind;
 pub mod ops;
 pub mod outcome;
 pub mod settings;
+pub mod signing;
 pub mod stream;
 pub mod telemetry;
 pub mod tls;

@@ -6,8 +6,11 @@
 use anyhow::{Context, bail};
 use clap::Parser;
 use flotilla_common::{
-    Broker, DEFAULT_AMQP_URL, Decision, Device, DeviceKind, Outcome, cli::BrokerArgs,
-    control::Command, inventory::InventoryWriter,
+    Broker, DEFAULT_AMQP_URL, Decision, Device, DeviceKind, Outcome,
+    cli::BrokerArgs,
+    control::Command,
+    inventory::InventoryWriter,
+    signing::{KeyArgs, Keyring},
 };
 use flotilla_producer::{
     Campaign, CampaignState, RunSpec, check_inventory, fingerprint, report, run_campaign,
@@ -175,6 +178,10 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         retention: Default::default(),
     };
     let topology = broker_args.topology();
+    // The job key, in a file as an operator mounts one, shared by the
+    // producer and the workers.
+    let keys = write_job_key(&dir)?;
+    let keyring = keys.keyring()?;
     let stop = CancellationToken::new();
     let (user, password) = fleet.login();
     let credentials =
@@ -182,10 +189,12 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
             .with("username", user)
             .with("password", password)
             .with("backup_password", fleet.backup_password())
-            .with("security_password", "demo-backup-encryption-key")]);
+            .with("security_password", "demo-backup-encryption-key")
+            .with("allowed_hosts", "127.0.0.0/8")]);
     let workers: Vec<_> = (0..args.workers)
         .map(|i| {
             let mut config = WorkerConfig::new(broker_args.clone());
+            config.keys = keys.clone();
             config.name = Some(format!("demo-worker-{}", i + 1));
             if let (0, Some(addr)) = (i, args.metrics_addr) {
                 config.metrics_addr = Listen::On(addr);
@@ -208,6 +217,7 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
         broker: broker.clone(),
         broker_args: broker_args.clone(),
         resume_after: args.resume_after,
+        keyring,
     };
     let outcome = rollout(&operator, &campaign_file, &inventory, &fleet).await;
     stop.cancel();
@@ -221,11 +231,29 @@ async fn demo(args: Args) -> anyhow::Result<ExitCode> {
     outcome
 }
 
+/// Writes a random job key into `dir` and names it as `FLOTILLA_JOB_KEYS`
+/// would.
+fn write_job_key(dir: &Path) -> anyhow::Result<KeyArgs> {
+    use rand::Rng;
+    let key: String = rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect();
+    let path = dir.join("job-key-demo");
+    std::fs::write(&path, key).with_context(|| format!("writing {}", path.display()))?;
+    Ok(KeyArgs {
+        job_keys: Some(format!("demo={}", path.display())),
+        signing_key_id: None,
+    })
+}
+
 /// What the demo does as the operator of a campaign that pauses.
 struct Operator {
     broker: Broker,
     broker_args: BrokerArgs,
     resume_after: Duration,
+    keyring: Keyring,
 }
 
 impl Operator {
@@ -285,6 +313,7 @@ async fn rollout(
         fingerprint: fingerprint(&[campaign_file, inventory], "")?,
         only: None,
         readiness: None,
+        keyring: operator.keyring.clone(),
     };
     let mut decisions = 0;
     let tracker = run_campaign(broker, topology, &campaign, spec, |state| {

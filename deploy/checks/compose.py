@@ -1,7 +1,8 @@
 """Checks docker-compose.yml without a Docker engine (`docker compose config`
 needs the compose plugin, which CI does not have): every service has an
 image or a build whose Dockerfile has the named target; bind-mounted files
-exist; named volumes are declared; published host ports are unique and not
+exist; named volumes are declared; secrets are declared, from files that
+exist; published host ports are unique and not
 on replicated services; depends_on names real services, and
 `service_healthy` ones have a health check; Prometheus scrapes hosts that
 are services."""
@@ -35,6 +36,11 @@ def problems(root, compose, scraped_hosts):
     if not services:
         yield "no services"
     volumes = set((compose.get("volumes") or {}).keys())
+    secrets = compose.get("secrets") or {}
+    for name, secret in secrets.items():
+        source = (secret or {}).get("file")
+        if not source or not os.path.isfile(os.path.join(root, source)):
+            yield f"secret {name}: no file {source!r}"
     published = {}
     for name, service in services.items():
         where = f"service {name}"
@@ -56,6 +62,10 @@ def problems(root, compose, scraped_hosts):
                     yield f"{where}: mounts {source}, which does not exist"
             elif source and source not in volumes:
                 yield f"{where}: volume {source!r} is not declared under volumes"
+        for secret in service.get("secrets", []):
+            secret = secret.get("source") if isinstance(secret, dict) else secret
+            if secret not in secrets:
+                yield f"{where}: secret {secret!r} is not declared under secrets"
         replicas = (service.get("deploy") or {}).get("replicas", 1)
         for port in service.get("ports", []):
             host = host_port(port)

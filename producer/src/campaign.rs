@@ -5,7 +5,7 @@
 //!
 //! [target]
 //! version = "7.2.1"
-//! image_url = "https://files.example.net/cpe/7.2.1.bin"   # or file:///...
+//! image_url = "https://files.example.net/cpe/7.2.1.bin"   # or file:///... (in the workers' FLOTILLA_IMAGE_DIR)
 //! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
 //!
 //! [timing]                         # all optional

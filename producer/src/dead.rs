@@ -5,12 +5,18 @@
 //! puts every message back where it was; `redrive` re-publishes those of
 //! the campaign asked for to the jobs queue and acks each in the same
 //! transaction, so a message is either still dead or queued again, never
-//! both or neither.
+//! both or neither. `redrive` takes only the messages the queue held when
+//! it started: a job that dies again while it runs (one whose signature a
+//! worker refuses, say) is left for the next redrive, not taken round again.
 
 use flotilla_common::{
     Broker, BrokerError, JOB_MESSAGE_TYPE, Message, Topology, TxPublisher, headers,
 };
-use lapin::{message::BasicGetMessage, options::BasicGetOptions, types::FieldTable};
+use lapin::{
+    message::BasicGetMessage,
+    options::{BasicGetOptions, QueueDeclareOptions},
+    types::FieldTable,
+};
 
 /// Headers that describe a message's death (ours and the broker's) or its
 /// past deliveries: a redriven job starts afresh without them.
@@ -117,8 +123,22 @@ pub async fn redrive(
     let connection = broker.connection().await?;
     let channel = connection.create_channel().await?;
     let publisher = TxPublisher::on(channel.clone()).await?;
+    let waiting = channel
+        .queue_declare(
+            topology.dead().as_str().into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await?
+        .message_count();
     let mut redriven = 0;
-    while let Some(message) = get(&channel, topology).await? {
+    for _ in 0..waiting {
+        let Some(message) = get(&channel, topology).await? else {
+            break;
+        };
         if !DeadLetter::read(&message).of_campaign(campaign) {
             continue;
         }

@@ -6,6 +6,7 @@ use flotilla_common::{
     control::Command as ControlCommand,
     inventory::RowError,
     ops,
+    signing::{KeyArgs, Keyring},
     telemetry::{LogArgs, Telemetry},
 };
 use flotilla_producer::{
@@ -65,6 +66,9 @@ enum Command {
         detach_on_pause: bool,
         #[command(flatten)]
         output: ProgressArgs,
+        /// The job keys; jobs are signed with `FLOTILLA_JOB_SIGNING_KEY_ID`.
+        #[command(flatten)]
+        keys: KeyArgs,
         #[command(flatten)]
         broker: BrokerArgs,
     },
@@ -246,9 +250,16 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             metrics_addr,
             detach_on_pause,
             output,
+            keys,
             broker,
         } => {
+            // Before anything else: a producer that cannot sign publishes
+            // nothing.
+            let keyring = keys
+                .keyring()
+                .map_err(|error| BadInput(error.to_string()))?;
             let options = RunOptions {
+                keyring,
                 retry_failed_from,
                 metrics_addr: metrics_addr.and_then(Listen::addr),
                 detach_on_pause,
@@ -384,6 +395,7 @@ async fn print_forecast(
 
 /// How `run` runs, besides the files and the broker.
 struct RunOptions {
+    keyring: Keyring,
     retry_failed_from: Option<String>,
     metrics_addr: Option<SocketAddr>,
     detach_on_pause: bool,
@@ -396,6 +408,7 @@ async fn rollout(
     broker: BrokerArgs,
 ) -> anyhow::Result<ExitCode> {
     let RunOptions {
+        keyring,
         retry_failed_from,
         metrics_addr,
         detach_on_pause,
@@ -468,6 +481,7 @@ async fn rollout(
         fingerprint,
         only,
         readiness: Some(readiness),
+        keyring,
     };
     // What the run last showed, read once it is stopped.
     let phase = Cell::new(Phase::New);

@@ -17,6 +17,7 @@ use flotilla_common::{
     Publisher, RetryPolicy, StepEvent, Target, Topology,
     cli::BrokerArgs,
     inventory::InventoryWriter,
+    signing::{KeyArgs, Keyring},
     stream::{Offset, StreamReader},
 };
 use flotilla_producer::{
@@ -57,6 +58,10 @@ pub struct Harness {
     pub broker: Broker,
     pub topology: Topology,
     dir: PathBuf,
+    /// The test's job key, in a file of its directory, as a mounted
+    /// Secret holds one.
+    keys: KeyArgs,
+    keyring: Keyring,
     /// When each campaign's job of each device was first published: a
     /// copy published again is the same job (a redelivery), so it keeps
     /// its stamp.
@@ -106,11 +111,14 @@ impl Harness {
             .expect("a fresh prefix declares cleanly");
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+        let (keys, keyring) = job_key(&dir, TEST_KEY_ID);
         Harness {
             args,
             broker,
             topology,
             dir,
+            keys,
+            keyring,
             stamps: Default::default(),
             torn_down: false,
         }
@@ -121,8 +129,48 @@ impl Harness {
         &self.dir
     }
 
+    /// The test workers' `FLOTILLA_IMAGE_DIR`: the `images` directory of
+    /// [`Harness::dir`] (where the job key is not).
+    pub fn image_dir(&self) -> PathBuf {
+        let dir = self.dir.join("images");
+        std::fs::create_dir_all(&dir).expect("the temp dir is writable");
+        dir
+    }
+
+    /// The keyring the test's producer and workers sign and verify with.
+    pub fn keyring(&self) -> &Keyring {
+        &self.keyring
+    }
+
+    /// Where the test's job key is, as a process reads it.
+    pub fn key_args(&self) -> KeyArgs {
+        self.keys.clone()
+    }
+
+    /// The job key settings, for a producer or worker process.
+    pub fn key_env(&self) -> Vec<(String, String)> {
+        let mut env = vec![(
+            flotilla_common::signing::ENV_JOB_KEYS.to_owned(),
+            self.keys.job_keys.clone().unwrap_or_default(),
+        )];
+        if let Some(id) = &self.keys.signing_key_id {
+            env.push((
+                flotilla_common::signing::ENV_SIGNING_KEY_ID.to_owned(),
+                id.clone(),
+            ));
+        }
+        env
+    }
+
+    /// A job message for `body`, signed with the test's key.
+    pub fn job_message(&self, body: &[u8]) -> Message {
+        Message::new(JOB_MESSAGE_TYPE).signed(&self.keyring, body)
+    }
+
     pub fn worker_config(&self, name: &str) -> WorkerConfig {
         let mut config = WorkerConfig::new(self.args.clone());
+        config.keys = self.key_args();
+        config.image_dir = Some(self.image_dir());
         config.name = Some(name.to_owned());
         config.shutdown_grace = Duration::from_secs(20);
         config
@@ -196,11 +244,12 @@ impl Harness {
         assert_eq!(problems, 0);
         let fingerprint = flotilla_producer::fingerprint(&[&path], &format!("{campaign:?}"))
             .expect("the inventory is readable");
-        let (broker, topology, campaign, devices) = (
+        let (broker, topology, campaign, devices, keyring) = (
             self.broker.clone(),
             self.topology.clone(),
             campaign.clone(),
             devices.len() as u64,
+            self.keyring.clone(),
         );
         ControllerHandle {
             task: tokio::spawn(async move {
@@ -210,6 +259,7 @@ impl Harness {
                     fingerprint,
                     only: None,
                     readiness: None,
+                    keyring,
                 };
                 run_campaign(&broker, &topology, &campaign, spec, |_| {}).await
             }),
@@ -247,7 +297,7 @@ impl Harness {
             job.tls = campaign.tls.profile_for(device.group.as_deref()).clone();
             let body = serde_json::to_vec(&job).expect("a job serializes");
             publisher
-                .publish(&self.topology.jobs(), &body, Message::new(JOB_MESSAGE_TYPE))
+                .publish(&self.topology.jobs(), &body, self.job_message(&body))
                 .await
                 .expect("publishing a job");
             let event = Event::new(
@@ -455,7 +505,7 @@ impl Harness {
     /// Environment for a worker process of this test.
     pub fn worker_env(&self, fleet: &Fleet) -> Vec<(String, String)> {
         let (user, password) = fleet.login();
-        vec![
+        let mut env = vec![
             ("AMQP_URL".into(), self.args.amqp_url.clone()),
             ("FLOTILLA_PREFIX".into(), self.args.prefix.clone()),
             ("FLOTILLA_DELAY_TIERS".into(), TEST_DELAY_TIERS.into()),
@@ -463,8 +513,18 @@ impl Harness {
             ("FLOTILLA_SHUTDOWN_GRACE".into(), "20s".into()),
             ("FLOTILLA_CREDENTIALS_SIM_USERNAME".into(), user.into()),
             ("FLOTILLA_CREDENTIALS_SIM_PASSWORD".into(), password.into()),
+            (
+                "FLOTILLA_CREDENTIALS_SIM_ALLOWED_HOSTS".into(),
+                FLEET_ALLOWED_HOSTS.into(),
+            ),
             ("RUST_LOG".into(), "info,lapin=warn".into()),
-        ]
+        ];
+        env.push((
+            "FLOTILLA_IMAGE_DIR".into(),
+            self.image_dir().display().to_string(),
+        ));
+        env.extend(self.key_env());
+        env
     }
 
     /// Starts `flotilla-worker` as a separate process, its log in the
@@ -571,8 +631,29 @@ impl WorkerHandle {
     }
 }
 
+/// The test's job key id.
+pub const TEST_KEY_ID: &str = "test";
+/// Where the simulated fleet's credentials may go: its devices are all on
+/// loopback addresses.
+pub const FLEET_ALLOWED_HOSTS: &str = "127.0.0.0/8";
+
+/// Writes a new random job key named `id` into `dir`, and returns the
+/// settings that name it and the keyring they read.
+pub fn job_key(dir: &Path, id: &str) -> (KeyArgs, Keyring) {
+    let key: [u8; 32] = rand::rng().random();
+    let path = dir.join(format!("job-key-{id}"));
+    std::fs::write(&path, format!("{}\n", hex::encode(key))).expect("the temp dir is writable");
+    let keys = KeyArgs {
+        job_keys: Some(format!("{id}={}", path.display())),
+        signing_key_id: None,
+    };
+    let keyring = keys.keyring().expect("a fresh key file reads");
+    (keys, keyring)
+}
+
 /// The credentials the simulated fleet accepts, as workers resolve them:
-/// a user and password, and the secrets of Flow Gateway backups.
+/// a user and password, the secrets of Flow Gateway backups, and the
+/// fleet's addresses as where they may go.
 pub fn fleet_credentials(fleet: &Fleet) -> CredentialStore {
     CredentialStore::with_given([fleet_login(fleet)])
 }
@@ -585,6 +666,7 @@ pub fn fleet_login(fleet: &Fleet) -> Credentials {
         .with("password", password)
         .with("backup_password", fleet.backup_password())
         .with("security_password", "sim-backup-encryption-key")
+        .with("allowed_hosts", FLEET_ALLOWED_HOSTS)
 }
 
 /// The path of a workspace binary, built first so it is never stale. The

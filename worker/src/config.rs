@@ -2,7 +2,8 @@
 
 pub use flotilla_common::cli::Listen;
 use flotilla_common::cli::{BrokerArgs, parse_listen};
-use std::time::Duration;
+use flotilla_common::signing::KeyArgs;
+use std::{path::PathBuf, time::Duration};
 
 /// 1 MiB: far more than any device API answer Flotilla reads.
 pub const DEFAULT_MAX_ANSWER_SIZE: u64 = 1 << 20;
@@ -16,6 +17,16 @@ pub const DEFAULT_MAX_ANSWER_SIZE: u64 = 1 << 20;
 pub struct WorkerConfig {
     #[command(flatten)]
     pub broker: BrokerArgs,
+
+    /// The job keys deliveries are verified with and follow-ups signed
+    /// with. A worker without one does not start.
+    #[command(flatten)]
+    pub keys: KeyArgs,
+
+    /// The directory `file:` campaign images must lie in (after following
+    /// links). Unset, `file:` images are refused.
+    #[arg(long, env = "FLOTILLA_IMAGE_DIR")]
+    pub image_dir: Option<PathBuf>,
 
     /// Steps this worker runs at once, each on a consumer of its own
     /// that takes one delivery at a time: the worker's prefetch.
@@ -84,10 +95,13 @@ fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 impl WorkerConfig {
-    /// Defaults, with the given broker settings (for tests and the demo).
+    /// Defaults, with the given broker settings (for tests and the demo),
+    /// and no job keys yet: set `keys`, or the worker will not start.
     pub fn new(broker: BrokerArgs) -> Self {
         WorkerConfig {
             broker,
+            keys: KeyArgs::default(),
+            image_dir: None,
             concurrency: 64,
             shutdown_grace: Duration::from_secs(90),
             http_timeout: Duration::from_secs(30),

@@ -11,7 +11,8 @@
 //!    `-` and `.` turned into `_`.
 //!
 //! Values are read when needed, so a rotated Secret takes effect without a
-//! restart. A [`Secret`] never prints its value.
+//! restart. A [`Secret`] never prints its value. One field is no secret:
+//! `allowed_hosts`, where the reference may be sent (`crate::allowed_hosts`).
 
 use crate::driver::StepError;
 use std::{collections::HashMap, fmt, path::PathBuf, sync::Arc};
@@ -182,7 +183,7 @@ fn env_fields(
     fields
 }
 
-fn env_name(reference: &str) -> String {
+pub(crate) fn env_name(reference: &str) -> String {
     reference
         .chars()
         .map(|c| match c {

@@ -10,7 +10,10 @@
 //! observes the device before acting. A failed hand-off fails the channel
 //! the delivery came on, so the delivery goes back to the queue at once. A
 //! message that cannot be processed goes to the dead-letter queue with its
-//! reason, in the same way; it is never dropped.
+//! reason, in the same way; it is never dropped. A message that does not
+//! verify (see [`flotilla_common::signing`]) is dead-lettered before
+//! anything of it is read, the fence included, and ends no device: its
+//! body is a stranger's word.
 
 use crate::{
     credentials::CredentialStore,
@@ -25,7 +28,8 @@ use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
-    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, telemetry,
+    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, signing,
+    telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -43,6 +47,10 @@ pub(crate) struct Shared {
     pub registry: Registry,
     pub http: HttpClients,
     pub credentials: CredentialStore,
+    /// Verifies every delivery and signs every job this worker publishes.
+    pub keyring: signing::Keyring,
+    /// Where `file:` images may be (canonical), if anywhere.
+    pub image_dir: Option<std::path::PathBuf>,
     pub metrics: WorkerMetrics,
     /// This worker's name, recorded in step events.
     pub worker: String,
@@ -68,6 +76,7 @@ impl Shared {
         StepEnv {
             http: &self.http,
             credentials: &self.credentials,
+            image_dir: self.image_dir.as_deref(),
             metrics: &self.metrics,
             worker: &self.worker,
             step_limit: self.step_limit,
@@ -85,6 +94,14 @@ pub(crate) async fn handle(
     fence: &Fence,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
+    // Before any of it is read: the body and even its headers are a
+    // stranger's until they verify.
+    match shared.keyring.verify(&delivery.data, incoming) {
+        Ok(key) => shared.metrics.verified(key),
+        Err(unverified) => {
+            return dead_letter_unverified(delivery, publisher, shared, unverified).await;
+        }
+    }
     if delivery.redelivered
         && let Some(hop) = headers::get_text(incoming, headers::HOP)
         && fence.handed_off(&hop, published_at(delivery)).await?
@@ -122,7 +139,8 @@ pub(crate) async fn handle(
             let message = Message::new(JOB_MESSAGE_TYPE)
                 .id(message_id(&job))
                 .headers(carried_headers(incoming))
-                .header(headers::DUE_AT_MS, due_ms);
+                .header(headers::DUE_AT_MS, due_ms)
+                .signed(&shared.keyring, &delivery.data);
             publisher
                 .send(&queue, &delivery.data, hands_off(message, delivery, shared))
                 .await?;
@@ -143,11 +161,12 @@ pub(crate) async fn handle(
         let now = Utc::now();
         job.park(now);
         let due = (now + delay).timestamp_millis();
+        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
         let message = Message::new(JOB_MESSAGE_TYPE)
             .id(message_id(&job))
             .headers(carried_headers(incoming))
-            .header(headers::DUE_AT_MS, due);
-        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
+            .header(headers::DUE_AT_MS, due)
+            .signed(&shared.keyring, &body);
         publisher
             .send(&queue, &body, hands_off(message, delivery, shared))
             .await?;
@@ -231,6 +250,7 @@ async fn hand_off(
             }
             None => shared.topology.jobs(),
         };
+        let message = message.signed(&shared.keyring, &body);
         publisher
             .send(&queue, &body, hands_off(message, delivery, shared))
             .await?;
@@ -301,6 +321,55 @@ pub(crate) async fn dead_letter(
     shared: &Shared,
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
+    let event = terminal_event(&delivery.data, &rejection);
+    bury(
+        delivery,
+        publisher,
+        shared,
+        rejection,
+        Burial::Verified(event),
+    )
+    .await
+}
+
+/// Sends a message that does not verify to the dead-letter queue, as it
+/// came (its signature headers too, so `dead redrive` cannot launder it),
+/// and writes no event: whatever campaign and device its body names, a
+/// forger must not be able to end them.
+async fn dead_letter_unverified(
+    delivery: &Delivery,
+    publisher: &TxPublisher,
+    shared: &Shared,
+    unverified: signing::Unverified,
+) -> Result<(), BrokerError> {
+    let rejection = Rejection {
+        reason: unverified.reason(),
+        detail: unverified.to_string(),
+    };
+    bury(delivery, publisher, shared, rejection, Burial::Unverified).await
+}
+
+/// What a dead letter leaves besides itself.
+#[allow(
+    clippy::large_enum_variant,
+    reason = "passed once, by value; never stored"
+)]
+enum Burial {
+    /// A verified message: the device's terminal event, if its body names
+    /// one, or else a record of the hand-off for the fence.
+    Verified(Option<Event>),
+    /// Nothing: its hop header is a stranger's word like the rest.
+    Unverified,
+}
+
+/// Dead-letters the delivery, with what `burial` says, in one hand-off.
+async fn bury(
+    delivery: &Delivery,
+    publisher: &TxPublisher,
+    shared: &Shared,
+    rejection: Rejection,
+    burial: Burial,
+) -> Result<(), BrokerError> {
     warn!(reason = rejection.reason, detail = %rejection.detail, "dead-lettering a message");
     let mut table = delivery.properties.headers().clone().unwrap_or_default();
     headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
@@ -308,11 +377,15 @@ pub(crate) async fn dead_letter(
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
     // The terminal event, when there is one, is the hand-off's record: a
     // campaign waits for it.
-    let event = terminal_event(&delivery.data, &rejection);
     let mut message = Message::new(JOB_MESSAGE_TYPE).headers(table);
-    if event.is_none() {
-        message = hands_off(message, delivery, shared);
-    }
+    let event = match burial {
+        Burial::Verified(None) => {
+            message = hands_off(message, delivery, shared);
+            None
+        }
+        Burial::Verified(event) => event,
+        Burial::Unverified => None,
+    };
     publisher
         .send(&shared.topology.dead(), &delivery.data, message)
         .await?;

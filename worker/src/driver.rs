@@ -33,6 +33,9 @@ pub(crate) struct StepContext<'a> {
     pub(crate) job: &'a Job,
     pub(crate) http: DeviceClient<'a>,
     pub(crate) credentials: &'a Credentials,
+    /// The worker's `FLOTILLA_IMAGE_DIR`, canonical: `file:` images must lie
+    /// under it.
+    pub(crate) image_dir: Option<&'a std::path::Path>,
     /// When the campaign's step timeout ends this step.
     pub(crate) step_deadline: Instant,
 }

@@ -14,11 +14,13 @@
 //!   retries, cleanup);
 //! - `driver`: the driver contract and the error vocabulary every step
 //!   speaks;
-//! - `device_http`, [`credentials`], `support`: what drivers build on;
+//! - `device_http`, [`credentials`] (and `allowed_hosts`, where they may
+//!   go), `support`: what drivers build on;
 //! - `drivers`: one module per device API, and the table of drivers by
 //!   kind; `registry`: that table as the delivery loop sees it;
 //! - [`metrics`]: the worker's Prometheus metrics.
 
+mod allowed_hosts;
 pub mod config;
 mod consumer;
 pub mod credentials;
@@ -65,6 +67,13 @@ pub enum WorkerError {
     },
     #[error("building the device HTTP client: {0}")]
     Http(#[from] reqwest::Error),
+    #[error(transparent)]
+    Keys(#[from] flotilla_common::signing::KeyringError),
+    #[error("FLOTILLA_IMAGE_DIR {}: {source}", dir.display())]
+    ImageDir {
+        dir: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// Runs a worker until `shutdown` resolves, then stops taking deliveries,
@@ -75,9 +84,22 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), WorkerError> {
     flotilla_common::ensure_crypto_provider();
+    let keyring = config.keys.keyring()?;
+    let image_dir =
+        match &config.image_dir {
+            Some(dir) => Some(support::image::canonical_dir(dir).map_err(|source| {
+                WorkerError::ImageDir {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?),
+            None => None,
+        };
+    info!(keys = ?keyring.key_ids().collect::<Vec<_>>(), signing = keyring.signing_key_id(), "job keys loaded");
     let registry = prometheus::Registry::new();
     let metrics = metrics::WorkerMetrics::new(&registry)
         .expect("a new registry has none of the worker's metrics yet");
+    metrics.keys_held(keyring.key_ids());
     let readiness = Arc::new(ops::Readiness::default());
     let token = CancellationToken::new();
     let trigger = token.clone();
@@ -111,6 +133,8 @@ pub async fn run(
         registry: Registry::standard(),
         http: device_http::HttpClients::new(config.http_timeout, config.max_answer_size)?,
         credentials,
+        keyring,
+        image_dir,
         metrics,
         worker: name,
         step_limit: config.consumer_timeout.saturating_sub(HANDOFF_ROOM),

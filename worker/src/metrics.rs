@@ -2,7 +2,8 @@
 //! label sets live in this file only.
 //!
 //! Labels are bounded: device kind, step, outcome, error class, campaign,
-//! status class, dead-letter reason. Never a device id or an address.
+//! status class, dead-letter reason, the id of one of the worker's own job
+//! keys. Never a device id or an address.
 
 use flotilla_common::{DeviceKind, Ending, Outcome};
 use prometheus::{
@@ -13,13 +14,17 @@ use std::time::Duration;
 /// Step result labels, besides the device's own step names.
 pub const STEP_RESULTS: [&str; 3] = ["ok", "retry", "error"];
 /// Reasons a worker dead-letters a message.
-pub const DEAD_LETTER_REASONS: [&str; 6] = [
+pub const DEAD_LETTER_REASONS: [&str; 9] = [
     "undecodable",
     "unsupported_version",
     "unknown_kind",
     "unknown_step",
     "return_limit",
     "delivery_limit",
+    // The three a message that does not verify is dead-lettered for.
+    "unsigned",
+    "unknown_key",
+    "bad_signature",
 ];
 const STATUS_CLASSES: [&str; 5] = ["2xx", "3xx", "4xx", "5xx", "error"];
 /// Bucket bounds, in seconds, of the duration histograms: fine below a
@@ -42,6 +47,7 @@ pub struct WorkerMetrics {
     in_flight: IntGauge,
     poll_lateness: Histogram,
     dead_lettered: IntCounterVec,
+    verified: IntCounterVec,
     reconnects: IntCounter,
     parked: IntCounter,
     handoff_failures: IntCounter,
@@ -100,6 +106,14 @@ impl WorkerMetrics {
                 ),
                 &["reason"],
             )?,
+            verified: IntCounterVec::new(
+                Opts::new(
+                    "flotilla_worker_jobs_verified_total",
+                    "Deliveries whose signature verified, by the id of the job key that made \
+                     it: a key whose count no longer moves can be retired.",
+                ),
+                &["key"],
+            )?,
             reconnects: IntCounter::new(
                 "flotilla_broker_reconnects_total",
                 "Times this process re-established its broker connection.",
@@ -126,6 +140,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.in_flight.clone()))?;
         registry.register(Box::new(metrics.poll_lateness.clone()))?;
         registry.register(Box::new(metrics.dead_lettered.clone()))?;
+        registry.register(Box::new(metrics.verified.clone()))?;
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.parked.clone()))?;
         registry.register(Box::new(metrics.handoff_failures.clone()))?;
@@ -194,6 +209,18 @@ impl WorkerMetrics {
 
     pub fn dead_lettered(&self, reason: &str) {
         self.dead_lettered.with_label_values(&[reason]).inc();
+    }
+
+    /// Starts the verified count of each of the worker's keys at zero.
+    pub fn keys_held<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        for id in ids {
+            self.verified.with_label_values(&[id]);
+        }
+    }
+
+    /// A delivery verified with the key `id` (one the worker holds).
+    pub fn verified(&self, id: &str) {
+        self.verified.with_label_values(&[id]).inc();
     }
 
     pub fn reconnected(&self) {

@@ -40,6 +40,8 @@ pub(crate) const CLEANUP_GRACE: Duration = Duration::from_secs(15 * 60);
 pub(crate) struct StepEnv<'a> {
     pub http: &'a HttpClients,
     pub credentials: &'a CredentialStore,
+    /// Where `file:` images may be (canonical), if anywhere.
+    pub image_dir: Option<&'a std::path::Path>,
     pub metrics: &'a WorkerMetrics,
     pub worker: &'a str,
     /// The longest a step may run before the broker's consumer timeout
@@ -144,6 +146,9 @@ pub(crate) async fn execute<D: Driver>(
     }
 
     let credentials = env.credentials.resolve(&job.device.credentials);
+    if let Err(error) = crate::allowed_hosts::check(&credentials, &job.device) {
+        return Ok(refuse_hosts(job, step_name, error, env));
+    }
     // A cleanup still runs for a job failed for its step timeout, within
     // what the broker allows.
     let step_timeout = job.policy.step_timeout.min(env.step_limit);
@@ -156,6 +161,7 @@ pub(crate) async fn execute<D: Driver>(
                 job: &job,
                 http: DeviceClient::new(&http, &job.device, env.metrics),
                 credentials: &credentials,
+                image_dir: env.image_dir,
                 step_deadline: tokio::time::Instant::now() + step_timeout,
             };
             match tokio::time::timeout(step_timeout, driver.run(step, &cx)).await {
@@ -230,6 +236,46 @@ pub(crate) async fn execute<D: Driver>(
             } else {
                 Ok(end_with::<D>(job, cleanup, ending, record))
             }
+        }
+    }
+}
+
+/// A job whose hosts its credentials may not go to: no step of it may
+/// call the device, its cleanup's neither, so a host outside the list ends
+/// it at once (a cleanup with the outcome decided before) and a worker
+/// without the list retries it, as for a missing secret.
+fn refuse_hosts(mut job: Job, step_name: &str, error: StepError, env: &StepEnv<'_>) -> Executed {
+    env.metrics
+        .step(job.device.kind, step_name, "error", Duration::ZERO);
+    let mut record = StepRecord::new(&job, step_name, env.worker);
+    record.error = Some(error.message().to_owned());
+    match error {
+        StepError::Retry { .. } if job.attempt + 1 < job.policy.retry.max_attempts => {
+            let delay = backoff(&job.policy.retry, job.attempt);
+            record.next = Some(step_name.to_owned());
+            record.delay = Some(delay);
+            job.attempt += 1;
+            job.seq += 1;
+            continue_with(job, Some(delay), record)
+        }
+        error => {
+            let ending = match error {
+                StepError::Retry { class, message } => Ending::failed(
+                    class,
+                    format!("{message} (gave up after {} attempts)", job.attempt + 1),
+                ),
+                StepError::Fail(failure) => failure.ending(),
+                StepError::Reject(rejection) => Ending::failed(ErrorClass::Auth, rejection.detail),
+            };
+            if job.ending.is_some() {
+                let problem = format!(
+                    "cleanup step {step_name} not run: {}",
+                    ending.error.as_deref().unwrap_or_default()
+                );
+                return finish(job, record, Some(&problem));
+            }
+            job.ending = Some(ending);
+            finish(job, record, None)
         }
     }
 }

@@ -9,9 +9,7 @@
 //! other integration tests'.
 
 use chrono::Duration as Span;
-use flotilla_common::{
-    DeviceKind, ErrorClass, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, control::Command,
-};
+use flotilla_common::{DeviceKind, ErrorClass, Outcome, Publisher, control::Command};
 use flotilla_producer::send_command;
 use flotilla_sim::{
     Fleet, FleetSpec, GatewayFault, NpmFault, Quirks, SpsFault, dms, flowgateway,
@@ -549,12 +547,9 @@ async fn redeliver_first_steps_late(
         job.published_at = job
             .published_at
             .map(|at| at - Span::from_std(late).unwrap());
+        let body = serde_json::to_vec(&job).unwrap();
         publisher
-            .publish(
-                &harness.topology.jobs(),
-                &serde_json::to_vec(&job).unwrap(),
-                Message::new(JOB_MESSAGE_TYPE),
-            )
+            .publish(&harness.topology.jobs(), &body, harness.job_message(&body))
             .await
             .unwrap();
     }
@@ -751,7 +746,7 @@ async fn uploads_slower_than_a_requests_limit_finish_within_the_step_and_are_sen
     .await
     .unwrap();
     // The harness campaign's SHA-256 is that of "test".
-    let image = harness.dir().join("fw-7.2.1.img");
+    let image = harness.image_dir().join("fw-7.2.1.img");
     std::fs::write(&image, "test").unwrap();
     // Every other call must answer within a second; an upload takes three.
     let mut config = harness.worker_config("w1");

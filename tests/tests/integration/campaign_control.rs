@@ -494,6 +494,7 @@ per_minute = 300
             .arg("--inventory")
             .arg(&inventory)
             .env("AMQP_URL", &harness.args.amqp_url)
+            .envs(harness.key_env())
             .env("FLOTILLA_PREFIX", &harness.args.prefix)
             .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
             .stdout(std::process::Stdio::piped())

@@ -75,6 +75,7 @@ async fn spawn_producer(
         .arg("--inventory")
         .arg(inventory)
         .env("AMQP_URL", url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .env("FLOTILLA_METRICS_ADDR", "off")

@@ -25,6 +25,7 @@ async fn producer(harness: &Harness, args: &[&str]) -> Output {
     tokio::process::Command::new(binary("flotilla-producer").await)
         .args(args)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .kill_on_drop(true)
@@ -170,11 +171,7 @@ async fn jobs_of_an_unknown_step_or_kind_end_their_devices_and_the_campaign_comp
         }
         let body = serde_json::to_vec(&job).unwrap();
         publisher
-            .publish(
-                &harness.topology.jobs(),
-                &body,
-                Message::new(JOB_MESSAGE_TYPE),
-            )
+            .publish(&harness.topology.jobs(), &body, harness.job_message(&body))
             .await
             .unwrap();
         message
@@ -223,7 +220,9 @@ async fn the_last_delivery_the_broker_allows_is_dead_lettered_by_the_worker() {
         .publish(
             &harness.topology.jobs(),
             &job,
-            Message::new(JOB_MESSAGE_TYPE).header(headers::DELIVERY_COUNT, limit),
+            Message::new(JOB_MESSAGE_TYPE)
+                .header(headers::DELIVERY_COUNT, limit)
+                .signed(harness.keyring(), &job),
         )
         .await
         .unwrap();

@@ -24,3 +24,4 @@ mod riverbed_npm;
 mod riverbed_tls;
 mod sps;
 mod traces;
+mod trust;

@@ -39,6 +39,7 @@ async fn producer(harness: &Harness, args: &[&str]) -> tokio::process::Command {
     command
         .args(args)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .env_remove("FLOTILLA_METRICS_ADDR")
@@ -536,6 +537,7 @@ async fn a_refused_login_is_named_as_such_and_the_worker_gives_up_saying_so() {
             Duration::from_secs(30),
             tokio::process::Command::new(binary("flotilla-worker").await)
                 .env("AMQP_URL", url)
+                .envs(harness.key_env())
                 .env("FLOTILLA_PREFIX", &harness.args.prefix)
                 .env("FLOTILLA_METRICS_ADDR", "off")
                 .env("RUST_LOG", "info,lapin=off")

@@ -39,6 +39,7 @@ async fn producer(
         .arg("--inventory")
         .arg(inventory)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .env("OTEL_EXPORTER_OTLP_ENDPOINT", endpoint)

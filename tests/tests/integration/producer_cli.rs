@@ -34,6 +34,7 @@ async fn producer_with(
         .arg(inventory)
         .args(extra)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .output()
@@ -218,6 +219,7 @@ async fn cli(harness: &Harness, args: &[&str]) -> String {
     let output = tokio::process::Command::new(binary("flotilla-producer").await)
         .args(args)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .output()
         .await

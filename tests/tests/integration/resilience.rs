@@ -2,9 +2,7 @@
 //! mid-campaign, a broker connection that drops, a topology that disagrees.
 
 use flotilla_common::DeviceKind;
-use flotilla_common::{
-    EventBody, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, Topology, TopologyError, headers,
-};
+use flotilla_common::{EventBody, Outcome, Publisher, Topology, TopologyError, headers};
 use flotilla_producer::CampaignState;
 use flotilla_sim::dms;
 use flotilla_sim::{Fleet, FleetSpec};
@@ -98,11 +96,12 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
         let publisher = &publisher;
         let jobs = harness.topology.jobs();
         let poison = &poison;
+        let harness = &harness;
         async move {
             for _ in 0..copies {
                 for (_, body) in poison {
                     publisher
-                        .publish(&jobs, body, Message::new(JOB_MESSAGE_TYPE))
+                        .publish(&jobs, body, harness.job_message(body))
                         .await
                         .unwrap();
                 }

@@ -82,7 +82,8 @@ async fn restores_run_once_with_an_oauth_login_even_when_delivered_twice() {
     // An access code instead of a password: OAuth bearer tokens.
     let oauth = Credentials::new(flotilla_sim::CREDENTIALS_REFERENCE)
         .with("access_code", fleet.access_code())
-        .with("security_password", "sim-backup-encryption-key");
+        .with("security_password", "sim-backup-encryption-key")
+        .with("allowed_hosts", flotilla_tests::FLEET_ALLOWED_HOSTS);
     let worker = harness.start_worker("w1", CredentialStore::with_given([oauth]));
     let mut campaign = harness.campaign("fg-restore");
     campaign

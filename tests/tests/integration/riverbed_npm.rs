@@ -160,7 +160,7 @@ async fn npm_uploads_a_local_image_and_fetches_tokens_anew_when_they_expire() {
     .await
     .unwrap();
     // The harness campaign's SHA-256 is that of "test".
-    let image = harness.dir().join("npm-7.2.1.img");
+    let image = harness.image_dir().join("npm-7.2.1.img");
     std::fs::write(&image, "test").unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
     let mut campaign = harness.campaign("npm-upload");

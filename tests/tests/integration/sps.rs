@@ -5,8 +5,7 @@
 //! running fetch on cancel and on the deadline.
 
 use flotilla_common::{
-    Device, DeviceKind, ErrorClass, JOB_MESSAGE_TYPE, Message, Outcome, Publisher, StepEvent,
-    control::Command,
+    Device, DeviceKind, ErrorClass, Outcome, Publisher, StepEvent, control::Command,
 };
 use flotilla_producer::{Campaign, send_command};
 use flotilla_sim::{Fleet, FleetSpec, SpsFault, sps};
@@ -47,12 +46,9 @@ async fn publish_at_step(
         let mut job = harness.job(campaign, device);
         job.settings = campaign.settings_for(device.kind);
         job.step = step.clone();
+        let body = serde_json::to_vec(&job).unwrap();
         publisher
-            .publish(
-                &harness.topology.jobs(),
-                &serde_json::to_vec(&job).unwrap(),
-                Message::new(JOB_MESSAGE_TYPE),
-            )
+            .publish(&harness.topology.jobs(), &body, harness.job_message(&body))
             .await
             .unwrap();
     }
@@ -444,7 +440,7 @@ async fn sps_uploads_a_local_image_and_checksums_are_enforced() {
     let harness = Harness::new("sps-upload").await;
     let fleet = Fleet::start(sps_fleet(1, Vec::new())).await.unwrap();
     // The harness campaign's SHA-256 is that of "test".
-    let image = harness.dir().join("sps-7.2.1.iso");
+    let image = harness.image_dir().join("sps-7.2.1.iso");
     std::fs::write(&image, "test").unwrap();
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
     let mut campaign = harness.campaign("sps-upload");

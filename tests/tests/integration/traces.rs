@@ -58,6 +58,7 @@ async fn one_devices_rollout_is_one_trace_across_producer_and_worker() {
         .arg("--inventory")
         .arg(&inventory)
         .env("AMQP_URL", &harness.args.amqp_url)
+        .envs(harness.key_env())
         .env("FLOTILLA_PREFIX", &harness.args.prefix)
         .env("FLOTILLA_DELAY_TIERS", flotilla_tests::TEST_DELAY_TIERS)
         .envs(otel)

@@ -33,6 +33,7 @@ use flotilla_common::{
     Publisher, Thresholds, Topology, TxPublisher,
     control::{self, Command, ControlMessage},
     ops::Readiness,
+    signing::Keyring,
     stream::Offset,
     telemetry,
 };
@@ -64,6 +65,8 @@ pub struct RunSpec<'a> {
     pub only: Option<HashSet<String>>,
     /// Set while the controller is connected to the broker (`/readyz`).
     pub readiness: Option<Arc<Readiness>>,
+    /// Signs every job published (see [`flotilla_common::signing`]).
+    pub keyring: Keyring,
 }
 
 /// Runs the campaign until every device has finished (or it is cancelled
@@ -145,6 +148,7 @@ struct Controller<'a, O> {
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
     jobs: TxPublisher,
+    keyring: Keyring,
     event_rx: mpsc::Receiver<Result<(u64, Event), BrokerError>>,
     control_rx: mpsc::Receiver<Result<(u64, ControlMessage), BrokerError>>,
     /// Told whenever the state may have changed.
@@ -257,7 +261,8 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
             rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
             let message = Message::new(JOB_MESSAGE_TYPE)
                 .id(format!("{}/{}/0", job.campaign, job.device.id))
-                .headers(headers);
+                .headers(headers)
+                .signed(&self.keyring, &body);
             self.jobs
                 .send(&self.topology.jobs(), &body, message)
                 .await?;

@@ -137,6 +137,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
             connection: None,
             decisions,
             jobs,
+            keyring: spec.keyring.clone(),
             event_rx: forward(events),
             control_rx: forward_control(control),
             observe,

@@ -21,7 +21,7 @@ impl Api<'_, '_> {
     /// Fetches the campaign's image, or uploads it from a `file:` URL.
     pub(super) async fn get_image(&self) -> Result<Next<NpmStep>, StepError> {
         let target = &self.cx.job.target;
-        let (reply, how) = match LocalImage::of(target).await? {
+        let (reply, how) = match LocalImage::of(target, self.cx.image_dir).await? {
             Some(image) => (self.upload(&image).await?, "uploaded"),
             None => {
                 let body = json!({ "url": target.image_url.as_str() });

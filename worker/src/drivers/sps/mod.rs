@@ -297,7 +297,7 @@ impl<'c> Api<'_, 'c> {
             .note(format!("slot {} already holds {}", slot.key, self.target())));
         }
         let url = &self.cx.job.target.image_url;
-        if let Some(image) = LocalImage::of(&self.cx.job.target).await? {
+        if let Some(image) = LocalImage::of(&self.cx.job.target, self.cx.image_dir).await? {
             return self.upload(&image).await;
         }
         let (fetches, _) = self.campaign_fetches().await?;
