@@ -3,7 +3,7 @@
 //! step) slow the real jobs around them, against a clean run of the same
 //! fleet. The target: within 20%.
 
-use flotilla_common::{DeviceKind, JOB_MESSAGE_TYPE, Job, Message, Publisher};
+use flotilla_common::{DeviceKind, Job, Publisher};
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, fleet_credentials};
 use std::time::{Duration, Instant};
@@ -66,11 +66,12 @@ async fn rollout(devices: usize, poison: usize) -> anyhow::Result<Duration> {
     let publisher = Publisher::open(&connection).await?;
     let jobs = harness.topology.jobs();
     let publish_poison = |count: usize| {
-        let (publisher, jobs, bodies) = (&publisher, &jobs, &bodies);
+        let (publisher, jobs, bodies, harness) = (&publisher, &jobs, &bodies, &harness);
         async move {
+            // Signed: poison from the producer's side, not a forgery.
             for body in bodies.iter().cycle().take(count) {
                 publisher
-                    .publish(jobs, body, Message::new(JOB_MESSAGE_TYPE))
+                    .publish(jobs, body, harness.job_message(body))
                     .await?;
             }
             anyhow::Ok(())
