@@ -4,12 +4,15 @@
 //!
 //! - [`control`]: how fast `status` and `pause` answer during a large rollout,
 //!   and how long a producer takes to start against a long events history.
+//! - [`throughput`]: devices and steps per second, broker messages per
+//!   device, memory and poll lateness, beside the broker's raw limits.
 //!
 //! Uses the broker at `AMQP_URL` (or a container, as the tests do), each run
 //! in queues of its own, deleted afterwards.
 
 mod control;
 mod stats;
+mod throughput;
 
 use clap::{Parser, Subcommand};
 
@@ -25,6 +28,10 @@ enum Scenario {
     /// Status and pause latency during a rollout, and producer start time
     /// against the size of the events stream.
     Control(control::Args),
+    /// Devices and steps per second with 1, 2 and 4 worker processes,
+    /// beside the broker's raw step and publish rates; memory and poll
+    /// lateness.
+    Throughput(throughput::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -38,6 +45,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async {
         match cli.scenario {
             Scenario::Control(args) => control::run(args).await,
+            Scenario::Throughput(args) => throughput::run(args).await,
         }
     })
 }

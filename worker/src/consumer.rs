@@ -328,6 +328,7 @@ async fn run_delivery(
     publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
+    shared.metrics.delivered();
     let handled = AssertUnwindSafe(delivery::handle(&delivery, publisher, shared))
         .catch_unwind()
         .await;

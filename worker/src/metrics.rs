@@ -45,6 +45,7 @@ pub struct WorkerMetrics {
     reconnects: IntCounter,
     parked: IntCounter,
     handoff_failures: IntCounter,
+    deliveries: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -112,6 +113,11 @@ impl WorkerMetrics {
                 "Deliveries whose hand-off (what follows, its events and the ack, one \
                  transaction) failed; each went back to the queue at once.",
             )?,
+            deliveries: IntCounter::new(
+                "flotilla_worker_deliveries_total",
+                "Job messages this worker took from the jobs queue (each a broker \
+                 round trip: what the benchmark counts per device).",
+            )?,
         };
         registry.register(Box::new(metrics.steps.clone()))?;
         registry.register(Box::new(metrics.step_seconds.clone()))?;
@@ -123,6 +129,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.parked.clone()))?;
         registry.register(Box::new(metrics.handoff_failures.clone()))?;
+        registry.register(Box::new(metrics.deliveries.clone()))?;
         metrics.start_known_series_at_zero();
         Ok(metrics)
     }
@@ -199,6 +206,10 @@ impl WorkerMetrics {
 
     pub fn handoff_failed(&self) {
         self.handoff_failures.inc();
+    }
+
+    pub fn delivered(&self) {
+        self.deliveries.inc();
     }
 }
 
