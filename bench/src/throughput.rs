@@ -26,37 +26,65 @@ pub(crate) struct Args {
     /// finishes in about a minute.
     #[arg(long)]
     quick: bool,
+    /// Only these worker counts (comma-separated), for a look at one.
+    #[arg(long, value_delimiter = ',')]
+    workers: Option<Vec<usize>>,
+    /// CPEs per rollout instead of the size's.
+    #[arg(long)]
+    cpes: Option<usize>,
+    /// Runs of each figure instead of the size's.
+    #[arg(long)]
+    repeats: Option<usize>,
+    /// Skip the memory runs (1,000 and 100,000 CPEs).
+    #[arg(long)]
+    no_memory: bool,
 }
 
 struct Sizes {
     cpes: usize,
-    workers: &'static [usize],
+    workers: Vec<usize>,
     repeats: usize,
     /// Sizes whose peak memory is measured (one worker) besides `cpes`.
-    memory: &'static [usize],
+    memory: Vec<usize>,
     /// How long each raw step pipeline is counted.
     raw_measure: Duration,
 }
 
-const FULL: Sizes = Sizes {
-    cpes: 10_000,
-    workers: &[1, 2, 4],
-    repeats: 3,
-    memory: &[1_000, 100_000],
-    raw_measure: Duration::from_secs(3),
-};
-const QUICK: Sizes = Sizes {
-    cpes: 1_000,
-    workers: &[1, 2],
-    repeats: 1,
-    memory: &[],
-    raw_measure: Duration::from_secs(1),
-};
+impl Sizes {
+    fn of(args: &Args) -> Sizes {
+        let mut sizes = if args.quick {
+            Sizes {
+                cpes: 1_000,
+                workers: vec![1, 2],
+                repeats: 1,
+                memory: vec![],
+                raw_measure: Duration::from_secs(1),
+            }
+        } else {
+            Sizes {
+                cpes: 10_000,
+                workers: vec![1, 2, 4],
+                repeats: 3,
+                memory: vec![1_000, 100_000],
+                raw_measure: Duration::from_secs(3),
+            }
+        };
+        if let Some(workers) = &args.workers {
+            sizes.workers.clone_from(workers);
+        }
+        sizes.cpes = args.cpes.unwrap_or(sizes.cpes);
+        sizes.repeats = args.repeats.unwrap_or(sizes.repeats).max(1);
+        if args.no_memory {
+            sizes.memory.clear();
+        }
+        sizes
+    }
+}
 
 const MIB: f64 = 1024.0 * 1024.0;
 
 pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
-    let sizes = if args.quick { QUICK } else { FULL };
+    let sizes = Sizes::of(&args);
     flotilla_common::ensure_crypto_provider();
     let amqp_url = flotilla_tests::amqp_url().await;
     let binaries = tokio::task::spawn_blocking(|| Binaries {
@@ -70,7 +98,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         fan_outs.push(rollout::fan_out(&amqp_url, &binaries, sizes.cpes).await?);
     }
     let mut rows = Vec::new();
-    for &workers in sizes.workers {
+    for &workers in &sizes.workers {
         let mut runs = Vec::new();
         for _ in 0..sizes.repeats {
             let run =
@@ -82,7 +110,7 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
         rows.push((workers, runs));
     }
     let mut memory = Vec::new();
-    for &cpes in sizes.memory {
+    for &cpes in &sizes.memory {
         let run = rollout::rollout(&amqp_url, &binaries, cpes, 1, sizes.raw_measure).await?;
         check(&run, 1)?;
         memory.push(run);

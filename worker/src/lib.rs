@@ -19,6 +19,7 @@
 //!   kind; `registry`: that table as the delivery loop sees it;
 //! - [`metrics`]: the worker's Prometheus metrics.
 
+mod chain;
 pub mod config;
 mod consumer;
 pub mod credentials;
