@@ -17,7 +17,7 @@ mod process;
 mod raw;
 mod rollout;
 
-use rollout::{Binaries, FanOut, Rollout, SLOTS_PER_WORKER};
+use rollout::{Binaries, FanOut, RAW_EVENTS, Rollout, SLOTS_PER_WORKER, Setting, UPGRADE};
 use std::time::Duration;
 
 #[derive(clap::Args)]
@@ -44,6 +44,8 @@ struct Sizes {
     cpes: usize,
     workers: Vec<usize>,
     repeats: usize,
+    /// CPEs of the lateness run.
+    paced_cpes: usize,
     /// Sizes whose peak memory is measured (one worker) besides `cpes`.
     memory: Vec<usize>,
     /// How long each raw step pipeline is counted.
@@ -57,6 +59,7 @@ impl Sizes {
                 cpes: 1_000,
                 workers: vec![1, 2],
                 repeats: 1,
+                paced_cpes: 500,
                 memory: vec![],
                 raw_measure: Duration::from_secs(1),
             }
@@ -65,6 +68,7 @@ impl Sizes {
                 cpes: 10_000,
                 workers: vec![1, 2, 4],
                 repeats: 3,
+                paced_cpes: 5_000,
                 memory: vec![1_000, 100_000],
                 raw_measure: Duration::from_secs(3),
             }
@@ -80,6 +84,13 @@ impl Sizes {
         sizes
     }
 }
+
+/// The lateness run starts this many CPEs a second, each polling
+/// [`PACED_UPGRADE`] rounded up to seconds times: about 1,000 polls a
+/// second, without a backlog of fresh jobs ahead of them in the jobs
+/// queue.
+const PACED_RATE: f64 = 250.0;
+const PACED_UPGRADE: Duration = Duration::from_millis(3600);
 
 const MIB: f64 = 1024.0 * 1024.0;
 
@@ -97,26 +108,46 @@ pub(crate) async fn run(args: Args) -> anyhow::Result<()> {
     for _ in 0..sizes.repeats {
         fan_outs.push(rollout::fan_out(&amqp_url, &binaries, sizes.cpes).await?);
     }
+    let setting = |cpes, workers| Setting {
+        cpes,
+        workers,
+        rate: None,
+        upgrade: UPGRADE,
+        raw_measure: sizes.raw_measure,
+    };
     let mut rows = Vec::new();
     for &workers in &sizes.workers {
         let mut runs = Vec::new();
         for _ in 0..sizes.repeats {
-            let run =
-                rollout::rollout(&amqp_url, &binaries, sizes.cpes, workers, sizes.raw_measure)
-                    .await?;
+            let run = rollout::rollout(&amqp_url, &binaries, setting(sizes.cpes, workers)).await?;
             check(&run, workers)?;
             runs.push(run);
         }
         rows.push((workers, runs));
     }
+    let mut paced = Vec::new();
+    for _ in 0..sizes.repeats {
+        let run = rollout::rollout(
+            &amqp_url,
+            &binaries,
+            Setting {
+                rate: Some(PACED_RATE),
+                upgrade: PACED_UPGRADE,
+                ..setting(sizes.paced_cpes, 1)
+            },
+        )
+        .await?;
+        check(&run, 1)?;
+        paced.push(run);
+    }
     let mut memory = Vec::new();
     for &cpes in &sizes.memory {
-        let run = rollout::rollout(&amqp_url, &binaries, cpes, 1, sizes.raw_measure).await?;
+        let run = rollout::rollout(&amqp_url, &binaries, setting(cpes, 1)).await?;
         check(&run, 1)?;
         memory.push(run);
     }
 
-    print_table(&sizes, &fan_outs, &rows, &memory);
+    print_table(&sizes, &fan_outs, &rows, &paced, &memory);
     Ok(())
 }
 
@@ -139,6 +170,7 @@ fn print_table(
     sizes: &Sizes,
     fan_outs: &[FanOut],
     rows: &[(usize, Vec<Rollout>)],
+    paced: &[Rollout],
     memory: &[Rollout],
 ) {
     let repeats = if sizes.repeats == 1 {
@@ -153,9 +185,9 @@ fn print_table(
     );
     println!();
     println!(
-        "| workers | devices/s | steps/s | deliveries/s | raw steps/s (in flight) | % of raw | broker msgs/device | polls/s | lateness p50 / p99 | worker RSS | producer RSS |"
+        "| workers | devices/s | steps/s | deliveries/s | raw steps/s (in flight) | % of raw | raw steps/s with {RAW_EVENTS} events | broker msgs/device | polls/s | lateness p50 / p99 | worker RSS | producer RSS |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for (workers, runs) in rows {
         let median = |f: &dyn Fn(&Rollout) -> f64| median(runs.iter().map(f).collect());
         let devices = median(&|r| r.per_second(r.devices as f64));
@@ -163,6 +195,7 @@ fn print_table(
         let deliveries = median(&|r| r.per_second(r.deliveries as f64));
         let raw = median(&|r| r.raw_steps_per_s);
         let share = median(&|r| r.per_second(r.deliveries as f64) / r.raw_steps_per_s * 100.0);
+        let with_events = median(&|r| r.raw_with_events_per_s);
         let messages = median(&|r| (r.deliveries + r.events) as f64 / r.devices as f64);
         let polls = median(&|r| r.per_second(r.lateness.count()));
         let late = |q: f64| {
@@ -173,7 +206,7 @@ fn print_table(
             })
         };
         println!(
-            "| {workers} | {devices:.0} | {steps:.0} | {deliveries:.0} | {raw:.0} ({}) | {share:.0}% | {messages:.1} | {polls:.0} | {:.0} / {:.0} ms | {:.0} MiB | {:.0} MiB |",
+            "| {workers} | {devices:.0} | {steps:.0} | {deliveries:.0} | {raw:.0} ({}) | {share:.0}% | {with_events:.0} | {messages:.1} | {polls:.0} | {:.0} / {:.0} ms | {:.0} MiB | {:.0} MiB |",
             workers * SLOTS_PER_WORKER,
             late(0.5),
             late(0.99),
@@ -196,6 +229,34 @@ fn print_table(
     );
     println!("|---|---|---|---|");
     println!("| producer, no workers | {jobs:.0} | {raw:.0} | {share:.0}% |");
+    println!();
+    let polls = median(
+        paced
+            .iter()
+            .map(|r| r.per_second(r.lateness.count()))
+            .collect(),
+    );
+    let late = |q: f64| {
+        median(
+            paced
+                .iter()
+                .map(|r| {
+                    r.lateness
+                        .quantile(q)
+                        .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+                })
+                .collect(),
+        )
+    };
+    println!("| delayed polls, one worker | polls/s | lateness p50 | p99 |");
+    println!("|---|---|---|---|");
+    println!(
+        "| {} CPEs started at {PACED_RATE:.0}/s, {:.1} s upgrades | {polls:.0} | {:.0} ms | {:.0} ms |",
+        sizes.paced_cpes,
+        PACED_UPGRADE.as_secs_f64(),
+        late(0.5),
+        late(0.99)
+    );
     if !memory.is_empty() {
         println!();
         println!("| CPEs, one worker | wall | devices/s | worker peak RSS | producer peak RSS |");

@@ -26,6 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Steps before the count starts: channels opening, the queue warming up.
 const WARM_UP: Duration = Duration::from_millis(500);
+/// About a step event's size, in bytes.
+const EVENT_SIZE: usize = 300;
 /// Unconfirmed publishes a raw publisher keeps in flight.
 const PUBLISH_WINDOW: usize = 1000;
 
@@ -37,14 +39,16 @@ fn persistent() -> BasicProperties {
 /// Steps per second of `in_flight` messages circulating through `queue`,
 /// each on a channel of its own with prefetch 1 (as a worker's slots
 /// are), one connection for all: take a delivery, publish its body back
-/// to the queue, wait for the confirm, ack. Counted for `measure`; the
-/// queue is purged afterwards.
+/// to the queue (and, with `events`, that many messages of an event's
+/// size to that stream), wait for the confirms, ack. Counted for
+/// `measure`; the queue is purged afterwards.
 pub(crate) async fn step_pipeline(
     broker: &Broker,
     queue: &str,
     in_flight: usize,
     body: &[u8],
     measure: Duration,
+    events: Option<(&str, usize)>,
 ) -> anyhow::Result<f64> {
     let connection = broker.connection().await?;
     publish_confirmed(&connection, queue, body, in_flight).await?;
@@ -66,6 +70,7 @@ pub(crate) async fn step_pipeline(
             )
             .await?;
         let (steps, stop, queue) = (steps.clone(), stop.clone(), queue.to_owned());
+        let events = events.map(|(stream, n)| (stream.to_owned(), n));
         slots.spawn(async move {
             loop {
                 let delivery = tokio::select! {
@@ -75,17 +80,38 @@ pub(crate) async fn step_pipeline(
                         None => anyhow::bail!("the raw pipeline's consumer on {queue} ended"),
                     },
                 };
-                let confirm = channel
-                    .basic_publish(
-                        "".into(),
-                        queue.as_str().into(),
-                        BasicPublishOptions::default(),
-                        &delivery.data,
-                        persistent(),
-                    )
-                    .await?
-                    .await?;
-                anyhow::ensure!(confirm.is_ack(), "{queue} refused a raw pipeline message");
+                let mut confirms = vec![
+                    channel
+                        .basic_publish(
+                            "".into(),
+                            queue.as_str().into(),
+                            BasicPublishOptions::default(),
+                            &delivery.data,
+                            persistent(),
+                        )
+                        .await?,
+                ];
+                if let Some((stream, n)) = &events {
+                    for _ in 0..*n {
+                        confirms.push(
+                            channel
+                                .basic_publish(
+                                    "".into(),
+                                    stream.as_str().into(),
+                                    BasicPublishOptions::default(),
+                                    &delivery.data[..EVENT_SIZE.min(delivery.data.len())],
+                                    persistent(),
+                                )
+                                .await?,
+                        );
+                    }
+                }
+                for confirm in confirms {
+                    anyhow::ensure!(
+                        confirm.await?.is_ack(),
+                        "{queue} refused a raw pipeline message"
+                    );
+                }
                 delivery.acker.ack(BasicAckOptions::default()).await?;
                 steps.fetch_add(1, Ordering::Relaxed);
             }

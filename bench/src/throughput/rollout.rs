@@ -22,22 +22,27 @@ use rand::Rng;
 use std::{path::PathBuf, time::Duration};
 
 const CAMPAIGN: &str = "bench-throughput";
+/// How long a CPE's upgrade takes, but in the lateness run.
+pub(crate) const UPGRADE: Duration = Duration::from_millis(600);
 /// A worker's slots (`FLOTILLA_CONCURRENCY`'s default): the raw pipeline
 /// runs as many messages in flight per worker.
 pub(crate) const SLOTS_PER_WORKER: usize = 64;
+/// Events the raw pipeline with events publishes per step: about what a
+/// DMS CPE's delivery writes (seven events over two deliveries).
+pub(crate) const RAW_EVENTS: usize = 3;
 /// Longest quiet while reading the campaign's events back.
 const READ_QUIET: Duration = Duration::from_secs(30);
 
 /// The benchmark's fleet: DMS CPEs answering at once, each upgrade taking
-/// 0.6 s, one in ten failing (FaultCode 9010).
-pub(crate) fn fleet_spec(cpes: usize) -> FleetSpec {
+/// `upgrade`, one in ten failing (FaultCode 9010).
+pub(crate) fn fleet_spec(cpes: usize, upgrade: Duration) -> FleetSpec {
     FleetSpec {
         faults: FaultSpec {
             failure_ratio: 0.1,
             ..FaultSpec::NONE
         },
         request_latency: Duration::ZERO..=Duration::ZERO,
-        upgrade_time: Duration::from_millis(600)..=Duration::from_millis(600),
+        upgrade_time: upgrade..=upgrade,
         ..FleetSpec::default()
     }
     .with(DeviceKind::Dms, cpes)
@@ -90,7 +95,8 @@ impl Stage {
     }
 
     /// The campaign file and inventory of a rollout of `fleet`.
-    fn files(&self, fleet: &Fleet) -> anyhow::Result<(PathBuf, PathBuf)> {
+    /// `rate`: devices started per second, or as fast as it can.
+    fn files(&self, fleet: &Fleet, rate: Option<f64>) -> anyhow::Result<(PathBuf, PathBuf)> {
         let (version, sha256) = fleet.release();
         let campaign = self.env.dir.join("campaign.toml");
         std::fs::write(
@@ -100,7 +106,11 @@ impl Stage {
                  [target]\nversion = \"{version}\"\n\
                  image_url = \"http://files.example.net/cpe/{version}.bin\"\n\
                  sha256 = \"{sha256}\"\n\
-                 [timing]\ndeadline = \"10m\"\nstep_timeout = \"30s\"\npoll_interval = \"1s\"\n"
+                 [timing]\ndeadline = \"10m\"\nstep_timeout = \"30s\"\npoll_interval = \"1s\"\n{}",
+                rate.map_or(String::new(), |rate| format!(
+                    "[rate]\nper_minute = {}\n",
+                    rate * 60.0
+                ))
             ),
         )?;
         let inventory = self.env.dir.join("devices.csv");
@@ -134,6 +144,9 @@ pub(crate) struct Rollout {
     /// The raw step pipeline on the same queue, as many in flight as the
     /// workers' slots.
     pub raw_steps_per_s: f64,
+    /// The same with [`RAW_EVENTS`] event-sized messages published to the
+    /// events stream at each step, all confirmed before the ack.
+    pub raw_with_events_per_s: f64,
     pub worker_rss: u64,
     pub producer_rss: u64,
     pub lateness: Histogram,
@@ -147,17 +160,28 @@ impl Rollout {
     }
 }
 
-/// Rolls out `cpes` CPEs with `workers` worker processes.
+/// How a rollout runs.
+#[derive(Clone, Copy)]
+pub(crate) struct Setting {
+    pub cpes: usize,
+    pub workers: usize,
+    /// Devices the producer starts per second; `None`: all at once.
+    pub rate: Option<f64>,
+    /// How long each CPE's upgrade takes (it polls once a second until
+    /// done).
+    pub upgrade: Duration,
+    pub raw_measure: Duration,
+}
+
+/// Rolls `setting.cpes` CPEs out with `setting.workers` worker processes.
 pub(crate) async fn rollout(
     amqp_url: &str,
     binaries: &Binaries,
-    cpes: usize,
-    workers: usize,
-    raw_measure: Duration,
+    setting: Setting,
 ) -> anyhow::Result<Rollout> {
-    let fleet = Fleet::start(fleet_spec(cpes)).await?;
+    let fleet = Fleet::start(fleet_spec(setting.cpes, setting.upgrade)).await?;
     let stage = Stage::new(amqp_url, &fleet).await?;
-    let result = rollout_on(&stage, &fleet, binaries, workers, raw_measure).await;
+    let result = rollout_on(&stage, &fleet, binaries, setting).await;
     stage.teardown().await;
     result
 }
@@ -166,9 +190,13 @@ async fn rollout_on(
     stage: &Stage,
     fleet: &Fleet,
     binaries: &Binaries,
-    workers: usize,
-    raw_measure: Duration,
+    setting: Setting,
 ) -> anyhow::Result<Rollout> {
+    let Setting {
+        workers,
+        raw_measure,
+        ..
+    } = setting;
     let body = job_body(fleet)?;
     let raw_steps_per_s = raw::step_pipeline(
         &stage.broker,
@@ -176,11 +204,22 @@ async fn rollout_on(
         workers * SLOTS_PER_WORKER,
         &body,
         raw_measure,
+        None,
     )
     .await
     .context("the raw step pipeline")?;
+    let raw_with_events_per_s = raw::step_pipeline(
+        &stage.broker,
+        &stage.topology.jobs(),
+        workers * SLOTS_PER_WORKER,
+        &body,
+        raw_measure,
+        Some((&stage.topology.events(), RAW_EVENTS)),
+    )
+    .await
+    .context("the raw step pipeline with events")?;
 
-    let (campaign, inventory) = stage.files(fleet)?;
+    let (campaign, inventory) = stage.files(fleet, setting.rate)?;
     let mut running = Vec::with_capacity(workers);
     for n in 0..workers {
         let name = format!("bench-worker-{}", n + 1);
@@ -212,6 +251,7 @@ async fn rollout_on(
         deliveries,
         events: read.records,
         raw_steps_per_s,
+        raw_with_events_per_s,
         worker_rss,
         producer_rss,
         lateness,
@@ -325,7 +365,7 @@ pub(crate) async fn fan_out(
     binaries: &Binaries,
     cpes: usize,
 ) -> anyhow::Result<FanOut> {
-    let fleet = Fleet::start(fleet_spec(cpes)).await?;
+    let fleet = Fleet::start(fleet_spec(cpes, UPGRADE)).await?;
     let stage = Stage::new(amqp_url, &fleet).await?;
     let result = fan_out_on(&stage, &fleet, binaries).await;
     stage.teardown().await;
@@ -338,7 +378,7 @@ async fn fan_out_on(stage: &Stage, fleet: &Fleet, binaries: &Binaries) -> anyhow
     let raw_per_s = raw::publish_rate(&stage.broker, &stage.topology.jobs(), &body, devices)
         .await
         .context("raw publishes")?;
-    let (campaign, inventory) = stage.files(fleet)?;
+    let (campaign, inventory) = stage.files(fleet, None)?;
     let connection = stage.broker.connection().await?;
     let mut reader =
         StreamReader::open(&connection, &stage.topology.events(), Offset::First).await?;
