@@ -9,7 +9,7 @@ use deadpool_lapin::{Config, Pool, Runtime};
 use lapin::{
     BasicProperties, Channel, ConnectionProperties, PublisherConfirm,
     options::{BasicPublishOptions, ConfirmSelectOptions},
-    types::FieldTable,
+    types::{AMQPValue, FieldTable},
     uri::AMQPUri,
 };
 use std::{
@@ -56,6 +56,10 @@ pub enum BrokerError {
     ConnectionLost,
     #[error("RabbitMQ refused (nacked) a message for {queue}")]
     Nacked { queue: String },
+    /// A read of a stream shared by several waiters failed; each gets its
+    /// text.
+    #[error("reading stream {stream}: {reason}")]
+    Read { stream: String, reason: String },
 }
 
 impl From<lapin::Error> for BrokerError {
@@ -504,7 +508,10 @@ impl Message {
         self
     }
 
-    pub fn headers(mut self, headers: FieldTable) -> Self {
+    /// Sets every header at once, from a table copied off another message,
+    /// say; that message's own hand-off routing is not copied.
+    pub fn headers(mut self, mut headers: FieldTable) -> Self {
+        headers::remove(&mut headers, &[headers::CC, headers::AFTER_HOP]);
         self.headers = headers;
         self
     }
@@ -514,7 +521,27 @@ impl Message {
         self
     }
 
-    fn into_properties(self) -> BasicProperties {
+    /// Makes this message the record of the hand-off of the delivery whose
+    /// hop is `hop`: the same publish also appends it to `handoffs` (a
+    /// stream). One publish reaches all its queues or none, even if the
+    /// publisher dies at once, so the record exists exactly when this
+    /// message does.
+    pub fn hands_off(mut self, hop: &str, handoffs: &str) -> Self {
+        headers::set(&mut self.headers, headers::AFTER_HOP, hop);
+        self.headers.insert(
+            headers::CC.into(),
+            AMQPValue::FieldArray(vec![AMQPValue::LongString(handoffs.into())].into()),
+        );
+        self
+    }
+
+    fn into_properties(mut self) -> BasicProperties {
+        if self.kind == crate::JOB_MESSAGE_TYPE {
+            // Every publish of a job is a hop of its own, a copy of an
+            // earlier message's headers included.
+            let hop = uuid::Uuid::new_v4().to_string();
+            headers::set(&mut self.headers, headers::HOP, hop);
+        }
         let mut properties = BasicProperties::default()
             .with_delivery_mode(PERSISTENT)
             .with_content_type("application/json".into())

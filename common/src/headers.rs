@@ -19,6 +19,14 @@ pub const DEAD_FROM: &str = "x-flotilla-dead-from";
 pub const RETURNS: &str = "x-flotilla-returns";
 /// How often the broker redelivered a message, set by quorum queues.
 pub const DELIVERY_COUNT: &str = "x-delivery-count";
+/// A fresh id on every publish of a job message (see
+/// [`crate::Message`]): one hop of a job, however often it is redelivered.
+pub const HOP: &str = "x-flotilla-hop";
+/// On a hand-off's record in the handoffs stream: the hop of the delivery
+/// it hands off, so a redelivery of that delivery is known as done.
+pub const AFTER_HOP: &str = "x-flotilla-after-hop";
+/// RabbitMQ's sender-selected distribution: more queues for one publish.
+pub const CC: &str = "CC";
 /// W3C trace context, so one device's rollout is one trace.
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACESTATE: &str = "tracestate";

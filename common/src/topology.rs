@@ -8,6 +8,7 @@
 //! | `<prefix>.control` | stream | campaign commands (pause, resume, cancel) |
 //! | `<prefix>.campaigns` | stream | the catalogue: where each campaign's events begin and end |
 //! | `<prefix>.snapshots` | stream | each running campaign's state every second, kept briefly |
+//! | `<prefix>.handoffs` | stream | a copy of each step's hand-off, kept briefly, so a redelivered step that was handed off is dropped |
 //! | `<prefix>.dead` | quorum | messages that cannot be processed, with the reason; never dropped |
 //!
 //! Everything is published through the default exchange straight to a queue
@@ -44,6 +45,14 @@ const SNAPSHOT_MAX_AGE: &str = "1h";
 /// Snapshot segments are small so that their age limit takes effect:
 /// RabbitMQ only ever deletes whole segments (500 MB by default).
 const SNAPSHOT_SEGMENT_BYTES: i64 = 8_000_000;
+/// How long hand-off records are kept. A redelivery comes once the broker
+/// notices its consumer gone (seconds), or when a worker next takes the
+/// job after every worker was down; past this age a redelivered step runs
+/// again, as it would without the fence (its driver observes first).
+const HANDOFFS_MAX_AGE: &str = "1h";
+/// And at most this much of them: a busy fleet writes a few MB a second.
+const HANDOFFS_MAX_BYTES: i64 = 1_000_000_000;
+const HANDOFFS_SEGMENT_BYTES: i64 = 16_000_000;
 /// How long a new stream may take to elect its leader.
 const STREAM_LEADER_WAIT: Duration = Duration::from_secs(10);
 
@@ -184,6 +193,12 @@ impl Topology {
         format!("{}.snapshots", self.prefix)
     }
 
+    /// A copy of every hand-off, for the workers' fence against running a
+    /// redelivered step again.
+    pub fn handoffs(&self) -> String {
+        format!("{}.handoffs", self.prefix)
+    }
+
     pub fn dead(&self) -> String {
         format!("{}.dead", self.prefix)
     }
@@ -217,6 +232,7 @@ impl Topology {
             self.control(),
             self.campaigns(),
             self.snapshots(),
+            self.handoffs(),
         ];
         names.extend(self.delay_tiers.iter().map(|t| self.delay_queue(*t)));
         names
@@ -259,18 +275,33 @@ impl Topology {
         // Closing is a courtesy; the declarations are already done.
         let _ = channel.close(200, "declared".into()).await;
         let retention = self.retention.to_string();
+        let kept_for = |max_age| StreamRetention {
+            max_age,
+            max_bytes: None,
+            segment_bytes: None,
+        };
         let streams = [
-            (self.events(), retention.as_str(), None),
-            (self.control(), retention.as_str(), None),
-            (self.campaigns(), retention.as_str(), None),
+            (self.events(), kept_for(retention.as_str())),
+            (self.control(), kept_for(retention.as_str())),
+            (self.campaigns(), kept_for(retention.as_str())),
             (
                 self.snapshots(),
-                SNAPSHOT_MAX_AGE,
-                Some(SNAPSHOT_SEGMENT_BYTES),
+                StreamRetention {
+                    segment_bytes: Some(SNAPSHOT_SEGMENT_BYTES),
+                    ..kept_for(SNAPSHOT_MAX_AGE)
+                },
+            ),
+            (
+                self.handoffs(),
+                StreamRetention {
+                    max_age: HANDOFFS_MAX_AGE,
+                    max_bytes: Some(HANDOFFS_MAX_BYTES),
+                    segment_bytes: Some(HANDOFFS_SEGMENT_BYTES),
+                },
             ),
         ];
-        for (stream, max_age, segment_bytes) in &streams {
-            declare_stream(connection, stream, max_age, *segment_bytes).await?;
+        for (stream, retention) in &streams {
+            declare_stream(connection, stream, retention).await?;
         }
         for (stream, ..) in &streams {
             await_stream_leader(connection, stream).await?;
@@ -321,6 +352,14 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
     args.insert("x-overflow".into(), long_string("reject-publish"));
 }
 
+/// What a stream keeps. RabbitMQ only ever deletes whole segments (500 MB
+/// by default), so a stream kept briefly has small ones.
+struct StreamRetention<'a> {
+    max_age: &'a str,
+    max_bytes: Option<i64>,
+    segment_bytes: Option<i64>,
+}
+
 /// Declares a stream unless it exists. An existing stream keeps the
 /// retention it was created with: RabbitMQ refuses to declare a queue again
 /// with other arguments, and processes started with an older or newer
@@ -328,8 +367,7 @@ fn dead_letter_to(args: &mut FieldTable, queue: &str) {
 async fn declare_stream(
     connection: &Connection,
     stream: &str,
-    max_age: &str,
-    segment_bytes: Option<i64>,
+    retention: &StreamRetention<'_>,
 ) -> Result<(), TopologyError> {
     let broker_error = |source| TopologyError::Broker {
         queue: stream.to_owned(),
@@ -355,8 +393,11 @@ async fn declare_stream(
     let channel = connection.create_channel().await.map_err(broker_error)?;
     let mut args = FieldTable::default();
     args.insert("x-queue-type".into(), long_string("stream"));
-    args.insert("x-max-age".into(), long_string(max_age));
-    if let Some(bytes) = segment_bytes {
+    args.insert("x-max-age".into(), long_string(retention.max_age));
+    if let Some(bytes) = retention.max_bytes {
+        args.insert("x-max-length-bytes".into(), AMQPValue::LongLongInt(bytes));
+    }
+    if let Some(bytes) = retention.segment_bytes {
         args.insert(
             "x-stream-max-segment-size-bytes".into(),
             AMQPValue::LongLongInt(bytes),
@@ -473,6 +514,6 @@ mod tests {
             topology.delay_queue(Duration::from_secs(120)),
             "t1.delay.2m"
         );
-        assert_eq!(topology.queue_names().len(), 8);
+        assert_eq!(topology.queue_names().len(), 9);
     }
 }

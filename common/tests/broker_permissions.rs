@@ -115,12 +115,14 @@ fn the_producer_declares_publishes_and_reads_what_it_must() {
         let lock = format!("{}.controller.cpe-fw-7.2.1", topology.prefix());
         assert!(producer.configure.is_match(&lock), "{lock}");
         // Campaign state, its catalogue and snapshots, and commands; dead
-        // letters to list and redrive.
+        // letters to list and redrive; the handoffs stream because
+        // declaring waits until a reader can attach to it.
         for queue in [
             topology.events(),
             topology.control(),
             topology.campaigns(),
             topology.snapshots(),
+            topology.handoffs(),
             topology.dead(),
         ] {
             assert!(producer.read.is_match(&queue), "read {queue}");
@@ -147,14 +149,16 @@ fn workers_take_jobs_and_tail_commands_but_never_read_dead_letters() {
         for queue in topology.queue_names() {
             assert!(worker.configure.is_match(&queue), "declare {queue}");
         }
-        // Jobs to consume; the control stream to tail; every stream
-        // because declaring waits until a reader can attach to it.
+        // Jobs to consume; the control stream to tail; the handoffs
+        // stream to fence redeliveries; every stream because declaring
+        // waits until a reader can attach to it.
         for queue in [
             topology.jobs(),
             topology.control(),
             topology.events(),
             topology.campaigns(),
             topology.snapshots(),
+            topology.handoffs(),
         ] {
             assert!(worker.read.is_match(&queue), "read {queue}");
         }

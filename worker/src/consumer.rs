@@ -18,6 +18,7 @@ use crate::{
     config::WorkerConfig,
     delivery::{self, Shared},
     driver::Rejection,
+    fence::{self, Fence},
 };
 use flotilla_common::{
     Broker, BrokerError, JOB_MESSAGE_TYPE, Message, TopologyError, TxPublisher,
@@ -179,6 +180,9 @@ async fn session(
         apply_control(shared, record)?;
     }
     let jobs = shared.topology.jobs();
+    let (fence, fence_reads) = fence::new(shared.topology.handoffs());
+    let fence_reads = fence_reads.serve(&connection);
+    tokio::pin!(fence_reads);
     let stop_taking = CancellationToken::new();
     let mut slots: JoinSet<(Slot, Result<(), BrokerError>)> = JoinSet::new();
     // Slots that stopped, kept open until the connection closes (see
@@ -189,7 +193,7 @@ async fn session(
             break;
         }
         let slot = Slot::open(&connection, &jobs).await?;
-        slots.spawn(slot.run(shared.clone(), stop_taking.clone()));
+        slots.spawn(slot.run(shared.clone(), fence.clone(), stop_taking.clone()));
     }
     readiness.set(true);
     info!(queue = %jobs, concurrency = config.concurrency, "consuming");
@@ -198,6 +202,8 @@ async fn session(
         tokio::select! {
             biased;
             _ = shutdown.cancelled() => break Ok(()),
+            // Runs as long as the session holds `fence`, past this loop.
+            () = &mut fence_reads => break Err(BrokerError::ConnectionLost.into()),
             record = control.next() => {
                 if let Err(error) = apply_control(shared, record) {
                     break Err(error);
@@ -217,8 +223,13 @@ async fn session(
     readiness.set(false);
     stop_taking.cancel();
     if ended.is_ok() {
-        drain(&mut slots, &mut stopped, config.shutdown_grace).await;
+        // The slots finishing their steps may still look a redelivery up.
+        tokio::select! {
+            _ = drain(&mut slots, &mut stopped, config.shutdown_grace) => {}
+            _ = &mut fence_reads => {}
+        }
     }
+    drop(fence);
     // Closing the connection returns every delivery still unacked (after a
     // failed hand-off, a lost connection or the grace period) at once, and
     // only then are the slots dropped.
@@ -266,13 +277,19 @@ impl Slot {
     async fn run(
         mut self,
         shared: Arc<Shared>,
+        fence: Fence,
         stop: CancellationToken,
     ) -> (Slot, Result<(), BrokerError>) {
-        let result = self.take(&shared, &stop).await;
+        let result = self.take(&shared, &fence, &stop).await;
         (self, result)
     }
 
-    async fn take(&mut self, shared: &Shared, stop: &CancellationToken) -> Result<(), BrokerError> {
+    async fn take(
+        &mut self,
+        shared: &Shared,
+        fence: &Fence,
+        stop: &CancellationToken,
+    ) -> Result<(), BrokerError> {
         loop {
             let delivery = tokio::select! {
                 biased;
@@ -283,7 +300,7 @@ impl Slot {
                     None => return Err(BrokerError::ConnectionLost),
                 },
             };
-            if let Err(error) = run_delivery(delivery, &self.publisher, shared).await {
+            if let Err(error) = run_delivery(delivery, &self.publisher, shared, fence).await {
                 // The session closes the connection: the open transaction
                 // is discarded and the delivery goes back to the queue now,
                 // not at the broker's consumer timeout.
@@ -327,9 +344,10 @@ async fn run_delivery(
     delivery: lapin::message::Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
+    fence: &Fence,
 ) -> Result<(), BrokerError> {
     shared.metrics.delivered();
-    let handled = AssertUnwindSafe(delivery::handle(&delivery, publisher, shared))
+    let handled = AssertUnwindSafe(delivery::handle(&delivery, publisher, shared, fence))
         .catch_unwind()
         .await;
     match handled {
@@ -371,7 +389,11 @@ async fn return_panicked(
     headers::set(&mut table, headers::RETURNS, returns);
     // The broker's count belongs to the delivery, not to the new message.
     headers::remove(&mut table, &[headers::DELIVERY_COUNT]);
-    let mut message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    let mut message = delivery::hands_off(
+        Message::new(JOB_MESSAGE_TYPE).headers(table),
+        delivery,
+        shared,
+    );
     if let Some(id) = delivery.properties.message_id() {
         message = message.id(id.as_str());
     }

@@ -4,22 +4,25 @@
 //!
 //! What follows is committed first, the ack after (see [`commit`]): a
 //! worker that dies anywhere before the ack leaves the message to be
-//! redelivered, which is why every driver step observes the device before
-//! acting. A failed hand-off fails the channel the delivery came on, so
-//! the delivery goes back to the queue at once. A message that cannot be
-//! processed goes to the dead-letter queue with its reason, in the same
-//! way; it is never dropped.
+//! redelivered. One that died after the commit had handed off already;
+//! the [`fence`](crate::fence) recognises it and drops the redelivery. One
+//! that died before runs the step again, which is why every driver step
+//! observes the device before acting. A failed hand-off fails the channel
+//! the delivery came on, so the delivery goes back to the queue at once. A
+//! message that cannot be processed goes to the dead-letter queue with its
+//! reason, in the same way; it is never dropped.
 
 use crate::{
     chain::{self, StepLabels},
     credentials::CredentialStore,
     device_http::HttpClients,
     driver::Rejection,
+    fence::Fence,
     metrics::WorkerMetrics,
     registry::{Prepared, Registry},
     step::{Executed, StepEnv},
 };
-use chrono::Utc;
+use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
@@ -27,7 +30,7 @@ use flotilla_common::{
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
-use tracing::{Instrument, debug, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// A job back from a delay queue this much before its due time runs anyway:
 /// waiting again would cost more than it saves.
@@ -80,8 +83,18 @@ pub(crate) async fn handle(
     delivery: &Delivery,
     publisher: &TxPublisher,
     shared: &Shared,
+    fence: &Fence,
 ) -> Result<(), BrokerError> {
     let incoming = delivery.properties.headers().as_ref();
+    if delivery.redelivered
+        && let Some(hop) = headers::get_text(incoming, headers::HOP)
+        && fence.handed_off(&hop, published_at(delivery)).await?
+    {
+        info!(%hop, "dropping a redelivered delivery: its hand-off is on the broker already");
+        commit(delivery, publisher).await?;
+        shared.metrics.redelivery_dropped();
+        return Ok(());
+    }
     let job = match decode(&delivery.data) {
         Ok(job) => job,
         Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
@@ -109,13 +122,10 @@ pub(crate) async fn handle(
                 .delay_queue(shared.topology.tier_for(remaining));
             let message = Message::new(JOB_MESSAGE_TYPE)
                 .id(message_id(&job))
-                .headers(carried_headers(incoming));
+                .headers(carried_headers(incoming))
+                .header(headers::DUE_AT_MS, due_ms);
             publisher
-                .send(
-                    &queue,
-                    &delivery.data,
-                    message.header(headers::DUE_AT_MS, due_ms),
-                )
+                .send(&queue, &delivery.data, hands_off(message, delivery, shared))
                 .await?;
             return commit(delivery, publisher).await;
         }
@@ -139,7 +149,9 @@ pub(crate) async fn handle(
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due);
         let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
-        publisher.send(&queue, &body, message).await?;
+        publisher
+            .send(&queue, &body, hands_off(message, delivery, shared))
+            .await?;
         commit(delivery, publisher).await?;
         shared.metrics.parked();
         return Ok(());
@@ -182,7 +194,9 @@ pub(crate) async fn run_step(
     executed
 }
 
-/// Sends the follow-up and the events, and commits them with the ack.
+/// Sends the follow-up and the events, and commits them with the ack. The
+/// follow-up, or else the last event (a terminal step's outcome), is the
+/// hand-off's record.
 async fn hand_off(
     executed: Executed,
     delivery: &Delivery,
@@ -190,6 +204,7 @@ async fn hand_off(
     publisher: &TxPublisher,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
+    let recorded = executed.follow_up.is_none();
     if let Some(follow_up) = executed.follow_up {
         let body = serde_json::to_vec(&follow_up.job).expect("a job serializes to JSON");
         let mut message = Message::new(JOB_MESSAGE_TYPE)
@@ -203,11 +218,17 @@ async fn hand_off(
             }
             None => shared.topology.jobs(),
         };
-        publisher.send(&queue, &body, message).await?;
+        publisher
+            .send(&queue, &body, hands_off(message, delivery, shared))
+            .await?;
     }
-    for event in &executed.events {
+    let last = executed.events.len().saturating_sub(1);
+    for (index, event) in executed.events.iter().enumerate() {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
+        let mut message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
+        if recorded && index == last {
+            message = hands_off(message, delivery, shared);
+        }
         publisher
             .send(&shared.topology.events(), &body, message)
             .await?;
@@ -272,14 +293,19 @@ pub(crate) async fn dead_letter(
     headers::set(&mut table, headers::DEAD_REASON, rejection.reason);
     headers::set(&mut table, headers::DEAD_DETAIL, rejection.detail.as_str());
     headers::set(&mut table, headers::DEAD_FROM, shared.topology.jobs());
-    let message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    // The terminal event, when there is one, is the hand-off's record: a
+    // campaign waits for it.
+    let event = terminal_event(&delivery.data, &rejection);
+    let mut message = Message::new(JOB_MESSAGE_TYPE).headers(table);
+    if event.is_none() {
+        message = hands_off(message, delivery, shared);
+    }
     publisher
         .send(&shared.topology.dead(), &delivery.data, message)
         .await?;
-    let event = terminal_event(&delivery.data, &rejection);
     if let Some(event) = &event {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = Message::new(EVENT_MESSAGE_TYPE);
+        let message = hands_off(Message::new(EVENT_MESSAGE_TYPE), delivery, shared);
         publisher
             .send(&shared.topology.events(), &body, message)
             .await?;
@@ -343,6 +369,31 @@ pub(crate) async fn commit(
     publisher.commit().await?;
     debug!(tag = delivery.delivery_tag, "handed off and acked");
     Ok(())
+}
+
+/// Makes `message` the record of `delivery`'s hand-off (see
+/// [`crate::fence`]). A delivery without a hop (from a build before the
+/// fence) has no record, and its redeliveries run again.
+pub(crate) fn hands_off(message: Message, delivery: &Delivery, shared: &Shared) -> Message {
+    match headers::get_text(delivery.properties.headers().as_ref(), headers::HOP) {
+        Some(hop) => message.hands_off(&hop, &shared.topology.handoffs()),
+        None => message,
+    }
+}
+
+/// When the delivery's message was published, as far as its headers say:
+/// its hand-off cannot be older. A delayed job was handed on no earlier
+/// than its due time.
+fn published_at(delivery: &Delivery) -> DateTime<Utc> {
+    let sent = delivery
+        .properties
+        .timestamp()
+        .and_then(|seconds| DateTime::from_timestamp(i64::try_from(seconds).ok()?, 0));
+    let due = headers::get_int(delivery.properties.headers().as_ref(), headers::DUE_AT_MS)
+        .and_then(DateTime::from_timestamp_millis);
+    // Without either, as far back as the handoffs stream reaches.
+    sent.max(due)
+        .unwrap_or_else(|| Utc::now() - chrono::Duration::hours(1))
 }
 
 /// Identifies one step of one job, for whoever inspects a queue.

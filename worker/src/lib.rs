@@ -27,6 +27,7 @@ mod delivery;
 mod device_http;
 mod driver;
 mod drivers;
+mod fence;
 pub mod metrics;
 mod registry;
 mod step;

@@ -46,6 +46,7 @@ pub struct WorkerMetrics {
     parked: IntCounter,
     handoff_failures: IntCounter,
     deliveries: IntCounter,
+    redeliveries_dropped: IntCounter,
 }
 
 impl WorkerMetrics {
@@ -118,6 +119,11 @@ impl WorkerMetrics {
                 "Job messages this worker took from the jobs queue (each a broker \
                  round trip: what the benchmark counts per device).",
             )?,
+            redeliveries_dropped: IntCounter::new(
+                "flotilla_worker_redeliveries_dropped_total",
+                "Redelivered deliveries dropped unrun: their hand-off was on the broker \
+                 already (a worker died between its commit and its ack).",
+            )?,
         };
         registry.register(Box::new(metrics.steps.clone()))?;
         registry.register(Box::new(metrics.step_seconds.clone()))?;
@@ -130,6 +136,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.parked.clone()))?;
         registry.register(Box::new(metrics.handoff_failures.clone()))?;
         registry.register(Box::new(metrics.deliveries.clone()))?;
+        registry.register(Box::new(metrics.redeliveries_dropped.clone()))?;
         metrics.start_known_series_at_zero();
         Ok(metrics)
     }
@@ -210,6 +217,10 @@ impl WorkerMetrics {
 
     pub fn delivered(&self) {
         self.deliveries.inc();
+    }
+
+    pub fn redelivery_dropped(&self) {
+        self.redeliveries_dropped.inc();
     }
 }
 

@@ -2,10 +2,18 @@
 //! nor fork: bounded device answers, redirects, failed hand-offs, poison
 //! loops, parked deadlines, and a step redelivered after its hand-off.
 
-use flotilla_common::{DeviceKind, ErrorClass, Outcome, control::Command};
+use flotilla_common::{
+    DeviceKind, EVENT_MESSAGE_TYPE, ErrorClass, Message, Outcome, Publisher, control::Command,
+    headers,
+};
 use flotilla_producer::send_command;
 use flotilla_sim::{Fleet, FleetSpec, Quirks, dms};
 use flotilla_tests::{Harness, fleet_credentials};
+use futures::StreamExt;
+use lapin::{
+    options::{BasicConsumeOptions, BasicQosOptions},
+    types::FieldTable,
+};
 use std::{
     sync::{
         Arc,
@@ -169,11 +177,9 @@ async fn time_paused_does_not_count_against_the_deadline() {
     harness.teardown().await;
 }
 
-// Issue 12, item 7, still open: a worker killed between a hand-off's
-// commit and its ack forks the job (two runs in two here). One commit
-// for both closed it, but lost a job when the connection was cut
-// mid-commit (see `delivery::commit`).
-#[ignore = "issue 12 item 7: a redelivered step still forks its job"]
+/// Workers killed at random keep every job on one chain: a delivery
+/// redelivered after its hand-off was committed is dropped unrun (the
+/// fence), so no device sees an acting call twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_sigkill_storm_every_job_keeps_one_chain() {
     let harness = Harness::new("storm").await;
@@ -336,5 +342,78 @@ async fn a_step_timeout_that_can_outlast_the_consumer_timeout_fails_its_job() {
         "{error}"
     );
     assert_eq!(fleet.upgrades_of(&device), 0);
+    harness.teardown().await;
+}
+
+/// The fence itself, without a kill to time: two jobs are taken and their
+/// taker dies holding them, one after its hand-off was recorded. The
+/// redelivered job whose hop the handoffs stream holds is dropped unrun;
+/// the other runs, so nothing but the record decides.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redelivery_whose_hand_off_is_recorded_is_dropped_unrun() {
+    let harness = Harness::new("fence").await;
+    let fleet = Fleet::start(cpes(2, Quirks::default())).await.unwrap();
+    let campaign = harness.campaign("fence");
+    harness.publish(&campaign, fleet.devices()).await;
+
+    let taker = harness.broker.connection().await.unwrap();
+    let channel = taker.create_channel().await.unwrap();
+    channel
+        .basic_qos(2, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = channel
+        .basic_consume(
+            harness.topology.jobs().as_str().into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut hops = std::collections::HashMap::new();
+    for _ in 0..2 {
+        let delivery = consumer.next().await.unwrap().unwrap();
+        let job: flotilla_common::Job = serde_json::from_slice(&delivery.data).unwrap();
+        let hop = headers::get_text(delivery.properties.headers().as_ref(), headers::HOP)
+            .expect("every published job has a hop");
+        hops.insert(job.device.id, hop);
+    }
+    let (handed_off, unfinished) = (&fleet.devices()[0], &fleet.devices()[1]);
+    // What a worker's hand-off appends to the stream besides its queue.
+    let record = Publisher::open(&taker).await.unwrap();
+    record
+        .publish(
+            &harness.topology.handoffs(),
+            b"{}",
+            Message::new(EVENT_MESSAGE_TYPE)
+                .header(headers::AFTER_HOP, hops[&handed_off.id].as_str()),
+        )
+        .await
+        .unwrap();
+    taker.close(200, "the taker dies".into()).await.unwrap();
+
+    let worker = harness.start_worker("fence", fleet_credentials(&fleet));
+    let state = harness
+        .wait_finished(&campaign.id, 1, Duration::from_secs(30))
+        .await;
+    assert!(state.outcome_of(&unfinished.id).is_some());
+    worker.stop().await;
+    // The worker stopped with nothing in flight: the dropped job is not
+    // waiting anywhere, and its device saw no call and reported nothing.
+    assert_eq!(harness.circulating_jobs().await, 0);
+    let cpe = fleet.get::<dms::Cpe>(&handed_off.id).unwrap();
+    assert_eq!(
+        cpe.dms().acting_calls(cpe.id()),
+        dms::ActingCalls::default()
+    );
+    assert!(
+        harness
+            .step_events(&campaign.id)
+            .await
+            .iter()
+            .all(|step| step.device != handed_off.id)
+    );
+    assert_eq!(fleet.upgrades_of(&unfinished.id), 1);
     harness.teardown().await;
 }

@@ -13,7 +13,7 @@ use lapin::{
     options::{BasicGetOptions, QueueDeclareOptions},
     types::{AMQPValue, FieldTable, LongString},
 };
-use std::{collections::BTreeSet, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 fn cpe_fleet(cpes: usize, upgrade_ms: (u64, u64), latency_ms: (u64, u64)) -> FleetSpec {
     FleetSpec {
@@ -58,18 +58,22 @@ async fn assert_campaign_completed(harness: &Harness, fleet: &Fleet, events: &Ca
     assert_eq!(harness.ready_messages(&harness.topology.dead()).await, 0);
 }
 
-#[tokio::test]
+/// A thousand poison messages, four sorts of 250, before and after the real
+/// jobs: every one is dead-lettered with its reason and its body as it was,
+/// and every real device ends as its fate says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
+    const EACH: usize = 250;
     let harness = Harness::new("poison").await;
-    let fleet = Fleet::start(cpe_fleet(10, (100, 300), (0, 2)))
+    let fleet = Fleet::start(cpe_fleet(40, (100, 300), (0, 2)))
         .await
         .unwrap();
     let campaign = harness.campaign("poison");
-    harness.publish(&campaign, fleet.devices()).await;
 
-    // Four messages no worker can process, next to the real jobs.
+    // Messages no worker can process. Those that name a campaign name
+    // another one, so their dead-letter events leave this one's alone.
     let valid = serde_json::to_value(flotilla_common::Job::new(
-        "poison",
+        "poison-elsewhere",
         fleet.devices()[0].clone(),
         campaign.target.clone(),
         campaign.policy.clone(),
@@ -79,34 +83,60 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
     unknown_kind["device"]["kind"] = "toaster".into();
     let mut unknown_step = valid.clone();
     unknown_step["step"] = "flash_the_bios".into();
-    let poison: [Vec<u8>; 4] = [
-        b"\x00\x9f not json".to_vec(),
-        br#"{"v": 99, "campaign": "poison"}"#.to_vec(),
-        serde_json::to_vec(&unknown_kind).unwrap(),
-        serde_json::to_vec(&unknown_step).unwrap(),
+    let poison: [(&str, Vec<u8>); 4] = [
+        ("undecodable", b"\x00\x9f not json".to_vec()),
+        (
+            "unsupported_version",
+            br#"{"v": 99, "campaign": "poison-elsewhere"}"#.to_vec(),
+        ),
+        ("unknown_kind", serde_json::to_vec(&unknown_kind).unwrap()),
+        ("unknown_step", serde_json::to_vec(&unknown_step).unwrap()),
     ];
     let connection = harness.broker.connection().await.unwrap();
     let publisher = Publisher::open(&connection).await.unwrap();
-    for body in &poison {
-        publisher
-            .publish(
-                &harness.topology.jobs(),
-                body,
-                Message::new(JOB_MESSAGE_TYPE),
-            )
-            .await
-            .unwrap();
-    }
+    let publish_poison = |copies: usize| {
+        let publisher = &publisher;
+        let jobs = harness.topology.jobs();
+        let poison = &poison;
+        async move {
+            for _ in 0..copies {
+                for (_, body) in poison {
+                    publisher
+                        .publish(&jobs, body, Message::new(JOB_MESSAGE_TYPE))
+                        .await
+                        .unwrap();
+                }
+            }
+        }
+    };
+    publish_poison(EACH / 2).await;
+    harness.publish(&campaign, fleet.devices()).await;
+    publish_poison(EACH - EACH / 2).await;
 
     let worker = harness.start_worker("w1", fleet_credentials(&fleet));
     let events = harness
-        .wait_finished(&campaign.id, 10, Duration::from_secs(60))
+        .wait_finished(&campaign.id, 40, Duration::from_secs(90))
         .await;
+    eventually(
+        Duration::from_secs(30),
+        "every poison message dead-lettered",
+        || async { harness.ready_messages(&harness.topology.dead()).await as usize == 4 * EACH },
+    )
+    .await;
     worker.stop().await;
-    assert_eq!(events.finished(), 10);
+    for device in fleet.devices() {
+        let finished = events.outcome_of(&device.id).unwrap();
+        assert_eq!(
+            Some(finished.ending.outcome),
+            fleet.expected_outcome(&device.id),
+            "{}",
+            device.id
+        );
+        assert!(fleet.upgrades_of(&device.id) <= 1, "{}", device.id);
+    }
 
     let channel = connection.create_channel().await.unwrap();
-    let mut reasons = BTreeSet::new();
+    let mut reasons = BTreeMap::<String, usize>::new();
     while let Some(message) = channel
         .basic_get(
             harness.topology.dead().into(),
@@ -119,27 +149,22 @@ async fn poison_messages_go_to_the_dead_letter_queue_and_work_goes_on() {
         let reason = headers::get_text(table.as_ref(), headers::DEAD_REASON).unwrap();
         let detail = headers::get_text(table.as_ref(), headers::DEAD_DETAIL).unwrap();
         assert!(!detail.is_empty());
-        assert!(
-            poison.contains(&message.delivery.data),
-            "the body is kept as it was"
-        );
+        let (sort, _) = poison
+            .iter()
+            .find(|(_, body)| *body == message.delivery.data)
+            .expect("the body is kept as it was");
+        assert_eq!(*sort, reason, "{detail}");
         if reason == "unknown_step" {
             assert!(detail.contains("flash_the_bios"), "{detail}");
         }
-        reasons.insert(reason);
+        *reasons.entry(reason).or_default() += 1;
     }
-    assert_eq!(
-        reasons,
-        BTreeSet::from(
-            [
-                "undecodable",
-                "unknown_kind",
-                "unknown_step",
-                "unsupported_version"
-            ]
-            .map(String::from)
-        )
-    );
+    let expected = poison
+        .iter()
+        .map(|(sort, _)| (sort.to_string(), EACH))
+        .collect();
+    assert_eq!(reasons, expected);
+    assert_eq!(harness.circulating_jobs().await, 0);
     harness.teardown().await;
 }
 
