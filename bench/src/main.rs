@@ -6,6 +6,8 @@
 //!   and how long a producer takes to start against a long events history.
 //! - [`poison`]: real jobs among a thousand poison messages, against a
 //!   clean run.
+//! - [`throughput`]: devices and steps per second, broker messages per
+//!   device, memory and poll lateness, beside the broker's raw limits.
 //!
 //! Uses the broker at `AMQP_URL` (or a container, as the tests do), each run
 //! in queues of its own, deleted afterwards.
@@ -13,6 +15,7 @@
 mod control;
 mod poison;
 mod stats;
+mod throughput;
 
 use clap::{Parser, Subcommand};
 
@@ -31,6 +34,10 @@ enum Scenario {
     /// Real jobs' rate among a thousand poison messages, against a clean
     /// run.
     Poison(poison::Args),
+    /// Devices and steps per second with 1, 2 and 4 worker processes,
+    /// beside the broker's raw step and publish rates; memory and poll
+    /// lateness.
+    Throughput(throughput::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +52,7 @@ fn main() -> anyhow::Result<()> {
         match cli.scenario {
             Scenario::Control(args) => control::run(args).await,
             Scenario::Poison(args) => poison::run(args).await,
+            Scenario::Throughput(args) => throughput::run(args).await,
         }
     })
 }

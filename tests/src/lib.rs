@@ -687,11 +687,17 @@ pub fn binary_blocking(name: &str) -> PathBuf {
         .lock()
         .expect("no build panicked");
     let exe = std::env::current_exe().expect("the test binary knows its path");
-    // <target>/<profile>/deps/<test binary>
-    let profile_dir = exe
+    // <target>/<profile>/deps/<test binary>, or <target>/<profile>/<binary>
+    // for a workspace binary such as flotilla-bench.
+    let parent = exe
         .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in <target>/<profile>/deps");
+        .expect("binaries live in <target>/<profile>[/deps]");
+    let profile_dir = match parent.file_name().and_then(|n| n.to_str()) {
+        Some("deps") => parent
+            .parent()
+            .expect("test binaries live in <target>/<profile>/deps"),
+        _ => parent,
+    };
     let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
         Some("debug") | None => "dev",
         Some(other) => other,

@@ -346,6 +346,7 @@ async fn run_delivery(
     shared: &Shared,
     fence: &Fence,
 ) -> Result<(), BrokerError> {
+    shared.metrics.delivered();
     let handled = AssertUnwindSafe(delivery::handle(&delivery, publisher, shared, fence))
         .catch_unwind()
         .await;

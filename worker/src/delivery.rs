@@ -16,6 +16,7 @@
 //! body is a stranger's word.
 
 use crate::{
+    chain::{self, StepLabels},
     credentials::CredentialStore,
     device_http::HttpClients,
     driver::Rejection,
@@ -33,7 +34,7 @@ use flotilla_common::{
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, warn};
 
 /// A job back from a delay queue this much before its due time runs anyway:
 /// waiting again would cost more than it saves.
@@ -65,7 +66,7 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    fn mode(&self, campaign: &str) -> Mode {
+    pub(crate) fn mode(&self, campaign: &str) -> Mode {
         self.control
             .read()
             .expect("the control lock is never poisoned: nothing panics while holding it")
@@ -177,43 +178,29 @@ pub(crate) async fn handle(
     job.unpark(Utc::now());
 
     // The step is decoded once, here; what cannot be is dead-lettered.
-    let (campaign, device, kind, attempt) = (
-        job.campaign.clone(),
-        job.device.id.clone(),
-        job.device.kind,
-        job.attempt,
-    );
-    let prepared = match shared.registry.get(kind).prepare(job) {
+    let labels = StepLabels::of(&job);
+    let prepared = match shared.registry.get(job.device.kind).prepare(job) {
         Ok(prepared) => prepared,
         Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
     };
-    // One span per step, in the device's trace; the fields also label the
-    // step's log lines.
-    let span = info_span!(
-        "step",
-        otel.name = %format!("{kind} {}", prepared.step_name()),
-        campaign = %campaign,
-        device = %device,
-        kind = %kind,
-        attempt = attempt,
-    );
-    telemetry::continue_trace(&span, incoming);
-    if shared.panic_for_device.as_deref() == Some(device.as_str()) {
-        panic!("test hook: the steps of {device} panic");
+    let span = labels.span(prepared.step_name(), incoming);
+    if shared.panic_for_device.as_deref() == Some(labels.device()) {
+        panic!("test hook: the steps of {} panic", labels.device());
     }
-    let incoming = incoming.cloned();
-    async move {
-        let executed = match run_step(prepared, mode == Mode::Cancelled, shared).await {
-            Ok(executed) => executed,
-            Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
-        };
-        hand_off(executed, delivery, incoming.as_ref(), publisher, shared).await
-    }
-    .instrument(span)
-    .await
+    let executed = match chain::run(prepared, span.clone(), mode, incoming, shared).await {
+        Ok(executed) => executed,
+        Err(rejection) => {
+            return dead_letter(delivery, publisher, shared, rejection)
+                .instrument(span)
+                .await;
+        }
+    };
+    hand_off(executed, delivery, incoming, publisher, shared)
+        .instrument(span)
+        .await
 }
 
-async fn run_step(
+pub(crate) async fn run_step(
     prepared: Box<dyn Prepared<'_> + '_>,
     cancelled: bool,
     shared: &Shared,

@@ -34,6 +34,15 @@ use url::Url;
 
 /// How much of a device's answer an error message quotes.
 const QUOTE_LIMIT: usize = 300;
+/// Idle keep-alive connections kept per device host, and for how long. A
+/// rollout moves from host to host (an inventory lists a DMS's CPEs
+/// together): unbounded, every host a worker ever called kept an idle
+/// connection per slot that called it, with its buffers, for 90 s (371 MiB
+/// of a worker's memory over 200 DMS hosts at 100,000 CPEs). A host still
+/// being called keeps its connections: capped at 8, reconnecting cost a
+/// tenth of the throughput.
+const IDLE_PER_HOST: usize = 32;
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The worker's HTTP clients to devices, one per TLS profile, built on first
 /// use and kept for the worker's lifetime.
@@ -104,6 +113,8 @@ fn build_client(
         // Without it, a device that writes headers and body separately
         // makes each keep-alive call wait ~40 ms for a delayed ACK.
         .tcp_nodelay(true)
+        .pool_max_idle_per_host(IDLE_PER_HOST)
+        .pool_idle_timeout(IDLE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));
     if let Some(pem) = &profile.ca_pem {

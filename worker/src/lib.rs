@@ -21,6 +21,7 @@
 //! - [`metrics`]: the worker's Prometheus metrics.
 
 mod allowed_hosts;
+mod chain;
 pub mod config;
 mod consumer;
 pub mod credentials;

@@ -51,6 +51,7 @@ pub struct WorkerMetrics {
     reconnects: IntCounter,
     parked: IntCounter,
     handoff_failures: IntCounter,
+    deliveries: IntCounter,
     redeliveries_dropped: IntCounter,
 }
 
@@ -127,6 +128,11 @@ impl WorkerMetrics {
                 "Deliveries whose hand-off (what follows, its events and the ack, one \
                  transaction) failed; each went back to the queue at once.",
             )?,
+            deliveries: IntCounter::new(
+                "flotilla_worker_deliveries_total",
+                "Job messages this worker took from the jobs queue (each a broker \
+                 round trip: what the benchmark counts per device).",
+            )?,
             redeliveries_dropped: IntCounter::new(
                 "flotilla_worker_redeliveries_dropped_total",
                 "Redelivered deliveries dropped unrun: their hand-off was on the broker \
@@ -144,6 +150,7 @@ impl WorkerMetrics {
         registry.register(Box::new(metrics.reconnects.clone()))?;
         registry.register(Box::new(metrics.parked.clone()))?;
         registry.register(Box::new(metrics.handoff_failures.clone()))?;
+        registry.register(Box::new(metrics.deliveries.clone()))?;
         registry.register(Box::new(metrics.redeliveries_dropped.clone()))?;
         metrics.start_known_series_at_zero();
         Ok(metrics)
@@ -233,6 +240,10 @@ impl WorkerMetrics {
 
     pub fn handoff_failed(&self) {
         self.handoff_failures.inc();
+    }
+
+    pub fn delivered(&self) {
+        self.deliveries.inc();
     }
 
     pub fn redelivery_dropped(&self) {
