@@ -25,13 +25,20 @@ pub(crate) struct RunEnv {
     pub dir: PathBuf,
     /// The fleet's login, as workers resolve the `sim` reference.
     pub login: (String, String),
+    /// The job keys the producer signs and the workers verify with
+    /// (`FLOTILLA_JOB_KEYS`: `id=path`).
+    pub job_keys: String,
 }
 
 impl RunEnv {
-    fn broker_env(&self) -> [(&'static str, String); 2] {
+    fn broker_env(&self) -> [(&'static str, String); 3] {
         [
             ("AMQP_URL", self.amqp_url.clone()),
             ("FLOTILLA_PREFIX", self.prefix.clone()),
+            (
+                flotilla_common::signing::ENV_JOB_KEYS,
+                self.job_keys.clone(),
+            ),
         ]
     }
 
@@ -62,6 +69,10 @@ impl Worker {
             .env("FLOTILLA_WORKER_NAME", name)
             .env("FLOTILLA_CREDENTIALS_SIM_USERNAME", &env.login.0)
             .env("FLOTILLA_CREDENTIALS_SIM_PASSWORD", &env.login.1)
+            .env(
+                "FLOTILLA_CREDENTIALS_SIM_ALLOWED_HOSTS",
+                flotilla_tests::FLEET_ALLOWED_HOSTS,
+            )
             .env("RUST_LOG", "warn")
             .stdout(stdout)
             .stderr(stderr)

@@ -82,6 +82,7 @@ impl Stage {
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let (user, password) = fleet.login();
+        let (keys, _) = flotilla_tests::job_key(&dir, "bench");
         Ok(Stage {
             broker,
             topology,
@@ -90,6 +91,7 @@ impl Stage {
                 prefix,
                 dir,
                 login: (user.to_owned(), password.to_owned()),
+                job_keys: keys.job_keys.expect("job_key names its file"),
             },
         })
     }
