@@ -139,6 +139,26 @@ pub enum Decision {
     WindowClosed {
         opens_at: DateTime<Utc>,
     },
+    /// The adaptive rate changed the start rate of one API host, from what
+    /// its devices' calls told over the last window.
+    RateChanged {
+        /// The API host (`host:port`).
+        host: String,
+        /// Starts per minute before the change: the host's limit, or the
+        /// rate it was getting when it had none.
+        from_per_minute: f64,
+        /// Starts per minute from now on; `None`: no limit of its own again.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to_per_minute: Option<f64>,
+        /// The rate it was getting before its first cut, where a recovery
+        /// lifts the limit.
+        full_per_minute: f64,
+        /// What was judged: calls in the window, their p95 latency and the
+        /// share that failed transiently.
+        calls: u64,
+        p95_ms: u64,
+        error_ratio: f64,
+    },
     Cancelled,
     Completed,
 }
@@ -214,6 +234,35 @@ pub struct StepEvent {
     /// checks off for its group. Said on every step, so no audit misses it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub tls_unverified: bool,
+    /// How the step's calls to the device's API host went, for the
+    /// controller's adaptive rate; absent when it made none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub calls: Option<CallSample>,
+}
+
+/// The device calls of one step, summed up.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallSample {
+    /// The API host they went to (`host:port`, as the concurrency caps
+    /// name it).
+    pub host: String,
+    pub count: u32,
+    /// The slowest of them, until its answer was read.
+    pub slowest_ms: u64,
+    /// The transient failure the step met, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure: Option<CallFailure>,
+}
+
+/// A device call that failed in a way that says the host is struggling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CallFailure {
+    /// A 5xx answer.
+    ServerError,
+    Timeout,
+    /// Refused, reset, or any other transport failure.
+    Connection,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -149,6 +149,16 @@ impl Device {
     }
 }
 
+/// A server as the concurrency caps and the adaptive rate name it:
+/// `host:port`, the scheme's port when the URL has none.
+pub fn host_key(url: &Url) -> String {
+    match (url.host_str(), url.port_or_known_default()) {
+        (Some(host), Some(port)) => format!("{host}:{port}"),
+        (Some(host), None) => host.to_owned(),
+        _ => url.as_str().to_owned(),
+    }
+}
+
 /// Joins an API path (with an optional `?query`) onto a base URL that may have
 /// a path prefix of its own.
 pub fn join_api_path(base: &Url, path: &str) -> Url {

@@ -34,8 +34,9 @@ pub mod topology;
 
 pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher, TxPublisher};
 pub use event::{
-    CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts, DecisionEvent, Event,
-    EventBody, FinishedEvent, PauseCause, PublishedEvent, StepEvent, Thresholds,
+    CallFailure, CallSample, CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts,
+    DecisionEvent, Event, EventBody, FinishedEvent, PauseCause, PublishedEvent, StepEvent,
+    Thresholds,
 };
 pub use job::{Device, JOB_VERSION, Job, JobPolicy, RetryPolicy, Target};
 pub use kind::DeviceKind;

@@ -10,9 +10,9 @@
 
 use chrono::{DateTime, TimeZone, Utc};
 use flotilla_common::{
-    CappedTarget, ClaimEvent, Decision, DecisionCounts, DecisionEvent, Device, DeviceKind, Ending,
-    ErrorClass, Event, EventBody, FinishedEvent, Job, JobPolicy, Outcome, PauseCause,
-    PublishedEvent, RetryPolicy, StepEvent, Target, Thresholds, TlsProfile,
+    CallFailure, CallSample, CappedTarget, ClaimEvent, Decision, DecisionCounts, DecisionEvent,
+    Device, DeviceKind, Ending, ErrorClass, Event, EventBody, FinishedEvent, Job, JobPolicy,
+    Outcome, PauseCause, PublishedEvent, RetryPolicy, StepEvent, Target, Thresholds, TlsProfile,
     control::{Command, ControlBook, ControlMessage, Mode},
     inventory::{COLUMNS, InventoryReader, InventoryWriter},
 };
@@ -238,6 +238,36 @@ fn decision() -> impl Strategy<Value = Decision> {
         .prop_map(|cause| Decision::Paused { cause }),
         Just(Decision::Resumed),
         time().prop_map(|opens_at| Decision::WindowClosed { opens_at }),
+        (
+            text(),
+            0.0..1e6f64,
+            proptest::option::of(0.0..1e6f64),
+            0.0..1e6f64,
+            any::<u64>(),
+            any::<u64>(),
+            0.0..=1.0f64,
+        )
+            .prop_map(
+                |(
+                    host,
+                    from_per_minute,
+                    to_per_minute,
+                    full_per_minute,
+                    calls,
+                    p95_ms,
+                    error_ratio,
+                )| {
+                    Decision::RateChanged {
+                        host,
+                        from_per_minute,
+                        to_per_minute,
+                        full_per_minute,
+                        calls,
+                        p95_ms,
+                        error_ratio,
+                    }
+                }
+            ),
         Just(Decision::Cancelled),
         Just(Decision::Completed),
     ]
@@ -292,11 +322,30 @@ fn event_body() -> impl Strategy<Value = EventBody> {
                 proptest::option::of(text()),
                 any::<bool>(),
             ),
+            proptest::option::of(
+                (
+                    text(),
+                    any::<u32>(),
+                    any::<u64>(),
+                    proptest::option::of(prop_oneof![
+                        Just(CallFailure::ServerError),
+                        Just(CallFailure::Timeout),
+                        Just(CallFailure::Connection),
+                    ]),
+                )
+                    .prop_map(|(host, count, slowest_ms, failure)| CallSample {
+                        host,
+                        count,
+                        slowest_ms,
+                        failure,
+                    }),
+            ),
         )
             .prop_map(
                 |(
                     (device, kind, seq, step, attempt, duration_ms),
                     (next, delay_ms, error, note, worker, tls_unverified),
+                    calls,
                 )| EventBody::Step(StepEvent {
                     device,
                     kind,
@@ -310,6 +359,7 @@ fn event_body() -> impl Strategy<Value = EventBody> {
                     note,
                     worker,
                     tls_unverified,
+                    calls,
                 })
             ),
         (

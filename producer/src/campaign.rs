@@ -31,6 +31,9 @@
 //! [rate]                           # devices started per minute
 //! per_minute = 60
 //! ramp = { factor = 2.0, every_successes = 50, max_per_minute = 600 }
+//! # Slow down an API host whose calls slow down or fail transiently, and
+//! # speed it up again as it recovers (all optional; these are defaults).
+//! adaptive = { window = "1m", p95_over = "2s", error_ratio_over = 0.05, decrease = 0.5, increase = 6, min_calls = 20, min_per_minute = 1 }
 //!
 //! [concurrency]                    # devices in flight, across all campaigns
 //! per_host = 50                    # behind one API host (a DMS, an appliance)
@@ -52,6 +55,7 @@
 //! ```
 
 use crate::rollout::{
+    adaptive::AdaptiveRate,
     pacer::{Ramp, Rate},
     plan::WaveSize,
     window::Window,
@@ -89,6 +93,8 @@ pub struct Rollout {
     pub wave_budget: Option<Budget>,
     pub campaign_budget: Option<Budget>,
     pub rate: Option<Rate>,
+    /// Start rates per API host that follow the hosts' health.
+    pub adaptive: Option<AdaptiveRate>,
     /// Devices in flight behind one API host, across campaigns.
     pub per_host: Option<u32>,
     /// Devices in flight fetching from one image server, across campaigns.
@@ -105,6 +111,7 @@ impl Default for Rollout {
             wave_budget: None,
             campaign_budget: None,
             rate: None,
+            adaptive: None,
             per_host: None,
             per_image_host: None,
             window: None,
@@ -211,6 +218,22 @@ fn one() -> u64 {
 struct RateSection {
     per_minute: f64,
     ramp: Option<RampSection>,
+    adaptive: Option<AdaptiveSection>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AdaptiveSection {
+    #[serde(default, with = "humantime_serde")]
+    window: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    p95_over: Option<Duration>,
+    error_ratio_over: Option<f64>,
+    decrease: Option<f64>,
+    /// Default: a tenth of `per_minute`.
+    increase: Option<f64>,
+    min_calls: Option<u64>,
+    min_per_minute: Option<f64>,
 }
 
 #[derive(Deserialize)]
@@ -519,6 +542,9 @@ fn parse_rollout(
                 problems.push("rate.ramp.max_per_minute is below rate.per_minute".to_owned());
             }
         }
+        if let Some(adaptive) = rate.adaptive {
+            rollout.adaptive = Some(adaptive_rate(adaptive, rate.per_minute, problems));
+        }
         rollout.rate = Some(Rate {
             per_minute: rate.per_minute,
             ramp,
@@ -546,6 +572,52 @@ fn parse_rollout(
 }
 
 /// Reads the CA files of the `[tls]` section into profiles.
+/// The `[rate] adaptive` settings, defaults filled in, with a problem
+/// for each value out of range.
+fn adaptive_rate(
+    section: AdaptiveSection,
+    per_minute: f64,
+    problems: &mut Vec<String>,
+) -> AdaptiveRate {
+    let adaptive = AdaptiveRate {
+        window: section.window.unwrap_or(Duration::from_secs(60)),
+        p95_over: section.p95_over.unwrap_or(Duration::from_secs(2)),
+        error_ratio_over: section.error_ratio_over.unwrap_or(0.05),
+        decrease: section.decrease.unwrap_or(0.5),
+        increase: section.increase.unwrap_or(per_minute / 10.0),
+        min_calls: section.min_calls.unwrap_or(20),
+        min_per_minute: section.min_per_minute.unwrap_or(1.0),
+    };
+    if adaptive.window < Duration::from_secs(1) {
+        problems.push("rate.adaptive.window must be at least 1s".to_owned());
+    }
+    if !(0.0..1.0).contains(&adaptive.error_ratio_over) {
+        problems.push(format!(
+            "rate.adaptive.error_ratio_over {} must be at least 0 and below 1",
+            adaptive.error_ratio_over
+        ));
+    }
+    if !(adaptive.decrease > 0.0 && adaptive.decrease < 1.0) {
+        problems.push(format!(
+            "rate.adaptive.decrease {} must be above 0 and below 1",
+            adaptive.decrease
+        ));
+    }
+    if adaptive.increase.is_nan() || adaptive.increase <= 0.0 {
+        problems.push(format!(
+            "rate.adaptive.increase {} must be above 0",
+            adaptive.increase
+        ));
+    }
+    if !(adaptive.min_per_minute > 0.0 && adaptive.min_per_minute <= per_minute) {
+        problems.push(format!(
+            "rate.adaptive.min_per_minute {} must be above 0 and at most rate.per_minute",
+            adaptive.min_per_minute
+        ));
+    }
+    adaptive
+}
+
 fn read_tls(section: &TlsSection, dir: &Path, problems: &mut Vec<String>) -> TlsSettings {
     let default = TlsProfile {
         ca_pem: section
@@ -691,6 +763,40 @@ mod tests {
                 "{expected} missing from: {problems}"
             );
         }
+    }
+
+    #[test]
+    fn the_adaptive_rate_takes_defaults_and_names_values_out_of_range() {
+        let text = format!(
+            "{GOOD}\n[rate]\nper_minute = 120\nadaptive = {{ p95_over = \"1s\", decrease = 0.25 }}\n"
+        );
+        let adaptive = Campaign::parse(&text).unwrap().rollout.adaptive.unwrap();
+        assert_eq!(adaptive.window, Duration::from_secs(60));
+        assert_eq!(adaptive.p95_over, Duration::from_secs(1));
+        assert_eq!(adaptive.decrease, 0.25);
+        assert_eq!(adaptive.increase, 12.0);
+        assert_eq!(adaptive.error_ratio_over, 0.05);
+
+        let bad = format!(
+            "{GOOD}\n[rate]\nper_minute = 60\nadaptive = {{ window = \"10ms\", decrease = 1.5, \
+             increase = 0, error_ratio_over = 1, min_per_minute = 100 }}\n"
+        );
+        let problems = Campaign::parse(&bad).unwrap_err();
+        for expected in [
+            "rate.adaptive.window must be at least 1s",
+            "rate.adaptive.decrease 1.5 must be above 0 and below 1",
+            "rate.adaptive.increase 0 must be above 0",
+            "rate.adaptive.error_ratio_over 1 must be at least 0 and below 1",
+            "rate.adaptive.min_per_minute 100 must be above 0 and at most rate.per_minute",
+        ] {
+            assert!(
+                problems.contains(expected),
+                "{expected} missing from: {problems}"
+            );
+        }
+        let unknown =
+            format!("{GOOD}\n[rate]\nper_minute = 60\nadaptive = {{ p99_over = \"1s\" }}\n");
+        assert!(Campaign::parse(&unknown).unwrap_err().contains("p99_over"));
     }
 
     #[test]

@@ -71,6 +71,18 @@ pub fn status_at(state: &CampaignState, now: DateTime<Utc>) -> String {
     if state.phase() != Phase::New {
         let _ = writeln!(out, "{}\n", Pace::of(state, now).describe(state, now));
     }
+    let limits = state.rate_limits();
+    if !limits.is_empty() {
+        let _ = writeln!(out, "hosts slowed down by the adaptive rate:");
+        for (host, limit) in limits {
+            let _ = writeln!(
+                out,
+                "  {host:<24} {:.1} starts/min (full rate {:.1})",
+                limit.per_minute, limit.full_per_minute
+            );
+        }
+        let _ = writeln!(out);
+    }
 
     let mut by_kind: BTreeMap<String, BTreeMap<Outcome, u64>> = BTreeMap::new();
     for ((kind, outcome), n) in state.counts_by_kind() {
@@ -134,6 +146,7 @@ pub fn decision_name(decision: &Decision) -> String {
         Decision::Paused { .. } => "paused".into(),
         Decision::Resumed => "resumed".into(),
         Decision::WindowClosed { .. } => "window closed".into(),
+        Decision::RateChanged { .. } => "rate changed".into(),
         Decision::Cancelled => "cancelled".into(),
         Decision::Completed => "completed".into(),
     }

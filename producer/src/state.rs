@@ -76,6 +76,13 @@ pub struct Plan {
     pub target_version: String,
 }
 
+/// A host's start rate while the adaptive rate holds it down.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct RateLimit {
+    pub per_minute: f64,
+    pub full_per_minute: f64,
+}
+
 /// One device's story so far.
 #[derive(Debug, Clone, Default)]
 pub struct DeviceRecord {
@@ -435,6 +442,8 @@ impl CampaignState {
                 self.phase = Phase::Running;
             }
             Decision::WindowClosed { opens_at } => self.window_closed_until = Some(*opens_at),
+            // Read back from the decisions by the adaptive rate and `status`.
+            Decision::RateChanged { .. } => {}
             Decision::Cancelled => self.phase = Phase::Cancelled,
             Decision::Completed => self.phase = Phase::Completed,
         }
@@ -508,6 +517,33 @@ impl CampaignState {
 
     pub fn decisions(&self) -> &[DecisionEvent] {
         &self.decisions
+    }
+
+    /// The API hosts the adaptive rate holds below their full rate, as its
+    /// last decision for each said.
+    pub fn rate_limits(&self) -> BTreeMap<&str, RateLimit> {
+        let mut limits = BTreeMap::new();
+        for event in &self.decisions {
+            if let Decision::RateChanged {
+                host,
+                to_per_minute,
+                full_per_minute,
+                ..
+            } = &event.decision
+            {
+                match to_per_minute {
+                    Some(per_minute) => limits.insert(
+                        host.as_str(),
+                        RateLimit {
+                            per_minute: *per_minute,
+                            full_per_minute: *full_per_minute,
+                        },
+                    ),
+                    None => limits.remove(host.as_str()),
+                };
+            }
+        }
+        limits
     }
 
     pub fn next_decision_seq(&self) -> u32 {

@@ -150,6 +150,8 @@ pub struct StatusJson {
     pub started_at: Option<DateTime<Utc>>,
     pub ended_at: Option<DateTime<Utc>>,
     pub decisions: Vec<DecisionJson>,
+    /// Hosts the adaptive rate holds below their full rate.
+    pub rate_limits: Vec<RateLimitJson>,
 }
 
 #[derive(Debug, Serialize)]
@@ -169,7 +171,7 @@ pub struct WaveJson {
 pub struct DecisionJson {
     pub seq: u32,
     /// `started`, `wave_started`, `gate_passed`, `paused`, `resumed`,
-    /// `window_closed`, `cancelled` or `completed`.
+    /// `window_closed`, `rate_changed`, `cancelled` or `completed`.
     pub decision: &'static str,
     /// The wave a `wave_started` or `gate_passed` is about.
     pub wave: Option<u32>,
@@ -179,6 +181,30 @@ pub struct DecisionJson {
     pub opens_at: Option<DateTime<Utc>>,
     pub reason: String,
     pub thresholds: Thresholds,
+    /// A `rate_changed` decision's host and numbers.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateChangeJson>,
+}
+
+/// What a `rate_changed` decision changed, and what it judged.
+#[derive(Debug, Serialize)]
+pub struct RateChangeJson {
+    pub host: String,
+    pub from_per_minute: f64,
+    /// `null`: the host's limit was lifted.
+    pub to_per_minute: Option<f64>,
+    pub full_per_minute: f64,
+    pub calls: u64,
+    pub p95_ms: u64,
+    pub error_ratio: f64,
+}
+
+/// A host the adaptive rate holds down.
+#[derive(Debug, Serialize)]
+pub struct RateLimitJson {
+    pub host: String,
+    pub per_minute: f64,
+    pub full_per_minute: f64,
 }
 
 impl StatusJson {
@@ -244,6 +270,15 @@ impl StatusJson {
             started_at: pace.started_at,
             ended_at: pace.ended_at,
             decisions: state.decisions().iter().map(DecisionJson::of).collect(),
+            rate_limits: state
+                .rate_limits()
+                .into_iter()
+                .map(|(host, limit)| RateLimitJson {
+                    host: host.to_owned(),
+                    per_minute: limit.per_minute,
+                    full_per_minute: limit.full_per_minute,
+                })
+                .collect(),
         }
     }
 }
@@ -257,6 +292,7 @@ impl DecisionJson {
             Decision::Paused { cause } => ("paused", None, Some(*cause), None),
             Decision::Resumed => ("resumed", None, None, None),
             Decision::WindowClosed { opens_at } => ("window_closed", None, None, Some(*opens_at)),
+            Decision::RateChanged { .. } => ("rate_changed", None, None, None),
             Decision::Cancelled => ("cancelled", None, None, None),
             Decision::Completed => ("completed", None, None, None),
         };
@@ -268,6 +304,26 @@ impl DecisionJson {
             opens_at,
             reason: event.reason.clone(),
             thresholds: event.thresholds.clone(),
+            rate: match &event.decision {
+                Decision::RateChanged {
+                    host,
+                    from_per_minute,
+                    to_per_minute,
+                    full_per_minute,
+                    calls,
+                    p95_ms,
+                    error_ratio,
+                } => Some(RateChangeJson {
+                    host: host.clone(),
+                    from_per_minute: *from_per_minute,
+                    to_per_minute: *to_per_minute,
+                    full_per_minute: *full_per_minute,
+                    calls: *calls,
+                    p95_ms: *p95_ms,
+                    error_ratio: *error_ratio,
+                }),
+                _ => None,
+            },
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::{
     Expectation, FleetSpec, Simulated,
     clock::Clock,
     faults::{self, Dice, Fate},
-    host::{Behaviour, Host},
+    host::{Behaviour, Host, Slowdown},
     riverbed_auth::Auth,
     tls::FleetCa,
 };
@@ -72,6 +72,8 @@ pub(crate) struct Builder<'f> {
     clock: Clock,
     pub(crate) devices: Vec<Device>,
     pub(crate) entries: HashMap<String, Entry>,
+    /// Every host's extra latency, by address, to change while it runs.
+    pub(crate) slowdowns: Mutex<HashMap<SocketAddr, Slowdown>>,
 }
 
 impl<'f> Builder<'f> {
@@ -89,6 +91,7 @@ impl<'f> Builder<'f> {
             clock: Clock::new(spec.quirks.clock_offset, !spec.quirks.no_date_header),
             devices: Vec::new(),
             entries: HashMap::new(),
+            slowdowns: Default::default(),
         }
     }
 
@@ -144,6 +147,7 @@ impl<'f> Builder<'f> {
         Behaviour {
             latency: self.spec.request_latency.clone(),
             dice: self.dice(seed),
+            slowdown: Slowdown::default(),
             error_body,
             clock: self.clock(),
             shape: crate::host::Shape {
@@ -166,14 +170,25 @@ impl<'f> Builder<'f> {
         } else {
             None
         };
-        Host::start(
+        let slowdown = behaviour.slowdown.clone();
+        let host = Host::start(
             SocketAddr::new(ip, 0),
             routes,
             behaviour,
             tls,
             self.stop.clone(),
         )
-        .await
+        .await?;
+        self.can_slow_down(&host, slowdown);
+        Ok(host)
+    }
+
+    /// Lets [`crate::Fleet::slow_down`] reach `host`.
+    pub(crate) fn can_slow_down(&self, host: &Host, slowdown: Slowdown) {
+        self.slowdowns
+            .lock()
+            .expect("the slowdowns lock is never poisoned")
+            .insert(host.addr(), slowdown);
     }
 
     /// The URL of a host this builder served.

@@ -57,6 +57,7 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             behaviour.clone(),
             &spec.quirks,
         );
+        let slowdown = behaviour.slowdown.clone();
         let host = Host::start(
             SocketAddr::new(spec.ip, 0),
             dms.routes(),
@@ -65,6 +66,7 @@ pub(crate) async fn simulate(fleet: &mut Builder<'_>) -> std::io::Result<()> {
             fleet.stop.clone(),
         )
         .await?;
+        fleet.can_slow_down(&host, slowdown);
         let address = Builder::url(host.addr(), false);
         let _ = dms.state.host.set(host);
         for (cpe_id, fate) in cpes {

@@ -22,7 +22,7 @@ use std::{
     ops::RangeInclusive,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -34,6 +34,8 @@ use tokio_util::sync::CancellationToken;
 pub(crate) struct Behaviour {
     /// Time taken before answering each request.
     pub(crate) latency: RangeInclusive<Duration>,
+    /// Latency added to every request, switched while the host runs.
+    pub(crate) slowdown: Slowdown,
     pub(crate) dice: Arc<Mutex<Dice>>,
     /// The body of an injected 500.
     pub(crate) error_body: &'static str,
@@ -41,6 +43,20 @@ pub(crate) struct Behaviour {
     pub(crate) clock: Clock,
     /// Answers that test what a worker accepts from a device.
     pub(crate) shape: Shape,
+}
+
+/// A host's extra latency, shared with whoever changes it.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Slowdown(Arc<AtomicU64>);
+
+impl Slowdown {
+    pub(crate) fn set(&self, extra: Duration) {
+        self.0.store(extra.as_millis() as u64, Ordering::Relaxed);
+    }
+
+    fn get(&self) -> Duration {
+        Duration::from_millis(self.0.load(Ordering::Relaxed))
+    }
 }
 
 /// How every answer of a host is bent, whatever the API.
@@ -190,7 +206,10 @@ async fn misbehave(State(behaviour): State<Behaviour>, request: Request, next: N
             .dice
             .lock()
             .expect("dice lock is never poisoned: no panics while held");
-        (dice.duration(&behaviour.latency), dice.transient_error())
+        (
+            dice.duration(&behaviour.latency) + behaviour.slowdown.get(),
+            dice.transient_error(),
+        )
     };
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -264,6 +283,7 @@ mod tests {
     async fn a_host_that_is_down_refuses_connections_then_answers_again() {
         let behaviour = Behaviour {
             latency: Duration::ZERO..=Duration::ZERO,
+            slowdown: Slowdown::default(),
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
             clock: Clock::default(),
@@ -301,6 +321,7 @@ mod tests {
         flotilla_common::ensure_crypto_provider();
         let behaviour = Behaviour {
             latency: Duration::ZERO..=Duration::ZERO,
+            slowdown: Slowdown::default(),
             dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
             error_body: "{}",
             clock: Clock::default(),
@@ -338,6 +359,7 @@ mod tests {
         ] {
             let behaviour = Behaviour {
                 latency: Duration::ZERO..=Duration::ZERO,
+                slowdown: Slowdown::default(),
                 dice: Arc::new(Mutex::new(Dice::new([1; 32], 0.0))),
                 error_body: "{}",
                 clock,

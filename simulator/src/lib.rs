@@ -47,7 +47,7 @@ use std::{
     any::Any,
     collections::{BTreeMap, HashMap},
     fmt,
-    net::{IpAddr, Ipv4Addr},
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     ops::RangeInclusive,
     sync::Arc,
     time::Duration,
@@ -293,6 +293,7 @@ pub struct Fleet {
     ca: tls::FleetCa,
     spec: FleetSpec,
     clock: clock::Clock,
+    slowdowns: HashMap<SocketAddr, host::Slowdown>,
     stop: CancellationToken,
 }
 
@@ -308,7 +309,10 @@ impl Fleet {
         }
         let clock = builder.clock();
         let Builder {
-            devices, entries, ..
+            devices,
+            entries,
+            slowdowns,
+            ..
         } = builder;
         Ok(Fleet {
             devices,
@@ -316,8 +320,24 @@ impl Fleet {
             ca,
             spec,
             clock,
+            slowdowns: slowdowns
+                .into_inner()
+                .expect("the slowdowns lock is never poisoned"),
             stop,
         })
+    }
+
+    /// Makes the host at `addr` (a DMS, an appliance) take `extra` longer
+    /// to answer every request from now on, on top of the fleet's latency
+    /// (`Duration::ZERO` ends it). False if the fleet has no host there.
+    pub fn slow_down(&self, addr: SocketAddr, extra: Duration) -> bool {
+        match self.slowdowns.get(&addr) {
+            Some(slowdown) => {
+                slowdown.set(extra);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Every simulated device, as inventory rows.

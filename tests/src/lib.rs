@@ -437,6 +437,7 @@ impl Harness {
                 note: Some("download 42%".into()),
                 worker: Some("filler".into()),
                 tls_unverified: false,
+                calls: None,
             }),
         );
         let body = std::sync::Arc::new(serde_json::to_vec(&event).expect("an event serializes"));

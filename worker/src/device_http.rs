@@ -10,6 +10,10 @@
 //! group without certificate checks), so connections are pooled per profile
 //! and a job's TLS settings never leak into another's.
 //!
+//! Every call to the job's own API host is timed into the step's
+//! [`CallLog`], which its step event carries to the controller's adaptive
+//! rate.
+//!
 //! What a device may make a worker do is bounded: an answer longer than the
 //! worker's `max_answer_size` fails its step, and redirects are never
 //! followed (a request that carries credentials or a body must not go
@@ -21,13 +25,15 @@ use crate::{
     driver::{Failure, StepError},
     metrics::WorkerMetrics,
 };
-use flotilla_common::{Device, DeviceKind, ErrorClass, TlsProfile, job::join_api_path};
+use flotilla_common::{
+    CallFailure, CallSample, Device, DeviceKind, ErrorClass, TlsProfile, job::join_api_path,
+};
 use reqwest::{Method, StatusCode};
 use serde::{Serialize, de::DeserializeOwned};
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
-    time::Duration,
+    time::{Duration, Instant},
 };
 use tracing::{Instrument, Span, info_span};
 use url::Url;
@@ -126,6 +132,45 @@ fn build_client(
     builder.build()
 }
 
+/// How one step's calls to its job's API host went.
+#[derive(Default)]
+pub(crate) struct CallLog {
+    tally: Mutex<CallTally>,
+}
+
+#[derive(Default)]
+struct CallTally {
+    count: u32,
+    slowest: Duration,
+    failure: Option<CallFailure>,
+}
+
+impl CallLog {
+    fn record(&self, took: Duration, failure: Option<CallFailure>) {
+        let mut tally = self.tally.lock().expect("the call log is never poisoned");
+        tally.count += 1;
+        tally.slowest = tally.slowest.max(took);
+        tally.failure = tally.failure.or(failure);
+    }
+
+    /// The step's own timeout ended it during a call, which never
+    /// recorded itself.
+    pub(crate) fn timed_out(&self, took: Duration) {
+        self.record(took, Some(CallFailure::Timeout));
+    }
+
+    /// The step's calls to `host`, if it made any.
+    pub(crate) fn sample(&self, host: String) -> Option<CallSample> {
+        let tally = self.tally.lock().expect("the call log is never poisoned");
+        (tally.count > 0).then(|| CallSample {
+            host,
+            count: tally.count,
+            slowest_ms: tally.slowest.as_millis() as u64,
+            failure: tally.failure,
+        })
+    }
+}
+
 #[derive(Clone, Copy)]
 pub(crate) struct DeviceClient<'a> {
     http: &'a reqwest::Client,
@@ -136,6 +181,9 @@ pub(crate) struct DeviceClient<'a> {
     /// NetProfiler job calling one of its Flow Gateways).
     label: Option<&'a str>,
     metrics: &'a WorkerMetrics,
+    /// Where calls to the job's own API host are timed; `None` for calls
+    /// to other hosts.
+    calls: Option<&'a CallLog>,
 }
 
 impl<'a> DeviceClient<'a> {
@@ -143,6 +191,7 @@ impl<'a> DeviceClient<'a> {
         http: &'a DeviceHttp,
         device: &'a Device,
         metrics: &'a WorkerMetrics,
+        calls: &'a CallLog,
     ) -> Self {
         DeviceClient {
             http: &http.client,
@@ -151,6 +200,7 @@ impl<'a> DeviceClient<'a> {
             kind: device.kind,
             label: None,
             metrics,
+            calls: Some(calls),
         }
     }
 
@@ -160,6 +210,7 @@ impl<'a> DeviceClient<'a> {
         DeviceClient {
             base,
             label: Some(label),
+            calls: None,
             ..*self
         }
     }
@@ -263,10 +314,17 @@ impl Call<'_> {
     /// errors; every other answer is returned.
     pub(crate) async fn send(self) -> Result<Reply, StepError> {
         let span = self.span.clone();
-        self.send_in_span().instrument(span).await
+        let calls = self.client.calls;
+        let started = Instant::now();
+        let (result, failure) = self.send_in_span().instrument(span).await;
+        if let Some(calls) = calls {
+            calls.record(started.elapsed(), failure);
+        }
+        result
     }
 
-    async fn send_in_span(self) -> Result<Reply, StepError> {
+    /// The answer, and the failure it counts as for the adaptive rate.
+    async fn send_in_span(self) -> (Result<Reply, StepError>, Option<CallFailure>) {
         let Call {
             client,
             what,
@@ -278,10 +336,13 @@ impl Call<'_> {
             Ok(response) => response,
             Err(error) => {
                 client.metrics.device_request(kind, "error");
-                return Err(StepError::transient(format!(
-                    "{what}: {}",
-                    describe(&error)
-                )));
+                let failure = if error.is_timeout() {
+                    CallFailure::Timeout
+                } else {
+                    CallFailure::Connection
+                };
+                let error = StepError::transient(format!("{what}: {}", describe(&error)));
+                return (Err(error), Some(failure));
             }
         };
         let received_at = chrono::Utc::now();
@@ -293,15 +354,25 @@ impl Call<'_> {
                 .headers()
                 .get(reqwest::header::LOCATION)
                 .map(|l| String::from_utf8_lossy(l.as_bytes()).into_owned());
-            return Err(StepError::misconfigured(format!(
+            let error = StepError::misconfigured(format!(
                 "{what} answered HTTP {} redirecting to {}: redirects are not followed; \
                  point the inventory at the device's real address",
                 status.as_u16(),
                 location.as_deref().unwrap_or("(no Location header)")
-            )));
+            ));
+            return (Err(error), None);
         }
         let headers = response.headers().clone();
-        let body = read_bounded(response, client.max_answer, &what).await?;
+        let body = match read_bounded(response, client.max_answer, &what).await {
+            Ok(body) => body,
+            Err(error) => {
+                // Cut off mid-answer is the host's trouble; too long an
+                // answer is the device's.
+                let failure =
+                    matches!(error, StepError::Retry { .. }).then_some(CallFailure::Connection);
+                return (Err(error), failure);
+            }
+        };
         let reply = Reply {
             what,
             status,
@@ -310,14 +381,15 @@ impl Call<'_> {
             received_at,
         };
         if status.is_server_error() {
-            return Err(StepError::transient(format!(
+            let error = StepError::transient(format!(
                 "{} answered HTTP {}: {}",
                 reply.what,
                 status.as_u16(),
                 reply.quote()
-            )));
+            ));
+            return (Err(error), Some(CallFailure::ServerError));
         }
-        Ok(reply)
+        (Ok(reply), None)
     }
 }
 

@@ -20,13 +20,14 @@
 
 use crate::{
     credentials::CredentialStore,
-    device_http::{DeviceClient, HttpClients},
+    device_http::{CallLog, DeviceClient, HttpClients},
     driver::{Action, Driver, Rejection, StepContext, StepError},
     metrics::WorkerMetrics,
 };
 use chrono::Utc;
 use flotilla_common::{
-    DeviceKind, Ending, ErrorClass, Event, EventBody, FinishedEvent, Job, RetryPolicy, StepEvent,
+    CallSample, DeviceKind, Ending, ErrorClass, Event, EventBody, FinishedEvent, Job, RetryPolicy,
+    StepEvent, job::host_key,
 };
 use rand::Rng;
 use serde::{Deserialize, Serialize};
@@ -154,28 +155,33 @@ pub(crate) async fn execute<D: Driver>(
     let step_timeout = job.policy.step_timeout.min(env.step_limit);
     let started = Instant::now();
     let cleanup = driver.cleanup(&step);
+    let calls = CallLog::default();
     let result = match env.http.get(&job.tls) {
         Err(error) => Err(error),
         Ok(http) => {
             let cx = StepContext {
                 job: &job,
-                http: DeviceClient::new(&http, &job.device, env.metrics),
+                http: DeviceClient::new(&http, &job.device, env.metrics, &calls),
                 credentials: &credentials,
                 image_dir: env.image_dir,
                 step_deadline: tokio::time::Instant::now() + step_timeout,
             };
             match tokio::time::timeout(step_timeout, driver.run(step, &cx)).await {
                 Ok(result) => result,
-                Err(_) => Err(StepError::transient(format!(
-                    "step {step_name} did not finish within {}",
-                    humantime::format_duration(step_timeout)
-                ))),
+                Err(_) => {
+                    calls.timed_out(started.elapsed());
+                    Err(StepError::transient(format!(
+                        "step {step_name} did not finish within {}",
+                        humantime::format_duration(step_timeout)
+                    )))
+                }
             }
         }
     };
     let took = started.elapsed();
     let mut record = StepRecord::new(&job, step_name, env.worker);
     record.duration = took;
+    record.calls = calls.sample(host_key(&job.device.address));
     let kind = job.device.kind;
 
     match result {
@@ -388,6 +394,7 @@ struct StepRecord {
     note: Option<String>,
     worker: String,
     tls_unverified: bool,
+    calls: Option<CallSample>,
 }
 
 impl StepRecord {
@@ -405,6 +412,7 @@ impl StepRecord {
             note: None,
             worker: worker.to_owned(),
             tls_unverified: !job.tls.verify,
+            calls: None,
         }
     }
 
@@ -429,6 +437,7 @@ impl StepRecord {
                 note: self.note,
                 worker: Some(self.worker),
                 tls_unverified: self.tls_unverified,
+                calls: self.calls,
             }),
         )
     }

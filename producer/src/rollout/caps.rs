@@ -9,7 +9,7 @@
 
 use crate::{campaign::Rollout, catalogue::LedgerSnapshot};
 use flotilla_common::{
-    CappedTarget, DeadLetteredEvent, Device, Event, EventBody, FinishedEvent, Target,
+    CappedTarget, DeadLetteredEvent, Device, Event, EventBody, FinishedEvent, Target, job::host_key,
 };
 use std::collections::{HashMap, HashSet};
 
@@ -148,14 +148,6 @@ pub fn api_host(device: &Device) -> String {
 /// The server a campaign's image is fetched from (`host:port`).
 pub fn image_host(target: &Target) -> String {
     host_key(&target.image_url)
-}
-
-fn host_key(url: &url::Url) -> String {
-    match (url.host_str(), url.port_or_known_default()) {
-        (Some(host), Some(port)) => format!("{host}:{port}"),
-        (Some(host), None) => host.to_owned(),
-        _ => url.as_str().to_owned(),
-    }
 }
 
 #[cfg(test)]

@@ -71,10 +71,29 @@ impl Held {
         all.into_iter().map(|(_, device)| device).collect()
     }
 
+    /// The first device held behind `host`.
+    pub fn first_of(&self, host: &str) -> Option<&Device> {
+        self.hosts.get(host)?.devices.front().map(|(_, d)| d)
+    }
+
+    /// The room `host`'s devices need from now on (its in-flight cap
+    /// changed).
+    pub fn retarget(&mut self, host: &str, targets: Vec<CappedTarget>) {
+        if let Some(held) = self.hosts.get_mut(host) {
+            held.targets = targets;
+        }
+    }
+
     /// Takes up to `n` devices in inventory order among the hosts that have
     /// room behind their capped targets (`ledger`, plus the devices taken
-    /// so far).
-    pub fn take(&mut self, n: usize, ledger: &CapLedger) -> Vec<Device> {
+    /// so far) and that `may_start` lets start one more (it is asked once
+    /// per device taken; a host it refuses is passed over for this call).
+    pub fn take(
+        &mut self,
+        n: usize,
+        ledger: &CapLedger,
+        mut may_start: impl FnMut(&str) -> bool,
+    ) -> Vec<Device> {
         let mut heads: BinaryHeap<Reverse<(u64, String)>> = self
             .hosts
             .iter()
@@ -95,7 +114,7 @@ impl Held {
                 .get_mut(&name)
                 .expect("every head is of a held host");
             // Room only shrinks within one call: a host passed over stays so.
-            if !ledger.has_room(&host.targets, &pending) {
+            if !ledger.has_room(&host.targets, &pending) || !may_start(&name) {
                 continue;
             }
             let (_, device) = host
@@ -156,7 +175,11 @@ mod tests {
         }
         let ledger = CapLedger::default();
         // "a" has room for two: d0, d1, then d2 of b; d3 waits behind a's cap.
-        let ids: Vec<String> = held.take(4, &ledger).into_iter().map(|d| d.id).collect();
+        let ids: Vec<String> = held
+            .take(4, &ledger, |_| true)
+            .into_iter()
+            .map(|d| d.id)
+            .collect();
         assert_eq!(ids, ["d0", "d1", "d2", "d4"]);
         assert_eq!(held.len(), 2);
         // The ledger's room counts too: "b" is full once one of its
@@ -171,7 +194,7 @@ mod tests {
         ));
         let mut one = Held::default();
         one.push(5, device("d5", "b"), "b".into(), capped("b", 1));
-        assert!(one.take(4, &full).is_empty());
+        assert!(one.take(4, &full, |_| true).is_empty());
         assert_eq!(held.drain().len(), 2);
         assert!(held.is_empty());
     }

@@ -10,10 +10,12 @@
 //! - devices read ahead, by API host: [`held`];
 //! - waves: [`plan`];
 //! - the start rate and its ramp: [`pacer`];
+//! - start rates per API host that follow the hosts' health: [`adaptive`];
 //! - the maintenance window: [`window`];
 //! - concurrency caps shared by all campaigns: [`caps`];
 //! - walking the inventory in order: [`cursor`].
 
+pub mod adaptive;
 pub mod caps;
 pub mod clock;
 pub mod controller;

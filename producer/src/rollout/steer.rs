@@ -6,6 +6,7 @@
 //! so what a forecast says is what the controller would do.
 
 use super::{
+    adaptive::Adaptive,
     caps::{CapLedger, api_host, targets_of},
     clock::Moment,
     cursor::Cursor,
@@ -13,8 +14,12 @@ use super::{
     held::Held,
     pacer::Pacer,
 };
-use crate::{Campaign, ProducerError, state::CampaignState};
+use crate::{
+    Campaign, ProducerError,
+    state::{CampaignState, Phase},
+};
 use flotilla_common::{Decision, DecisionEvent, Device, Event, EventBody, Thresholds};
+use std::time::Instant;
 
 /// Devices started in one go at most.
 const BATCH: u64 = 200;
@@ -82,6 +87,7 @@ pub async fn drive<F: Fleet>(
                     let until = steering.pacer_next(now);
                     fleet.wait(steering, until).await?;
                 } else {
+                    steering.started(&admitted, now.instant);
                     fleet.publish(steering, admitted, wave).await?;
                 }
             }
@@ -118,6 +124,8 @@ pub struct Steering<'a> {
     /// Room behind capped targets, across all campaigns.
     pub ledger: CapLedger,
     pacer: Option<Pacer>,
+    /// Start rates per API host, with `[rate] adaptive`.
+    adaptive: Option<Adaptive>,
     pub cursor: Cursor,
     held: Held,
 }
@@ -134,6 +142,7 @@ impl<'a> Steering<'a> {
             state,
             ledger,
             pacer: campaign.rollout.rate.clone().map(Pacer::new),
+            adaptive: campaign.rollout.adaptive.clone().map(Adaptive::new),
             cursor,
             held: Held::default(),
         }
@@ -147,6 +156,13 @@ impl<'a> Steering<'a> {
 
     /// What to do at `now`.
     pub fn next(&mut self, now: Moment) -> Result<Move, ProducerError> {
+        if let Some(change) = self.adapt(now.instant) {
+            return Ok(Move::Decide {
+                decision: change.decision,
+                reason: change.reason,
+                thresholds: Thresholds::default(),
+            });
+        }
         Ok(
             match decide::next(&self.state, &self.campaign.rollout, now.wall) {
                 Next::Done => Move::Done,
@@ -179,7 +195,12 @@ impl<'a> Steering<'a> {
         }
         let wave = self.state.current_wave().unwrap_or(0);
         self.read_ahead(wave)?;
-        let devices = self.held.take(allowed, &self.ledger);
+        let adaptive = &mut self.adaptive;
+        let devices = self.held.take(allowed, &self.ledger, |host| {
+            adaptive
+                .as_mut()
+                .is_none_or(|adaptive| adaptive.may_start(host, now.instant))
+        });
         if devices.is_empty() {
             if self.held.is_empty() {
                 return Err(ProducerError::InventoryChanged(format!(
@@ -192,12 +213,52 @@ impl<'a> Steering<'a> {
         Ok(Move::Start { devices, wave })
     }
 
-    /// When the start rate lets the next device start.
+    /// When the start rates (the campaign's, or a limited host's) let the
+    /// next device start.
     pub fn pacer_next(&self, now: Moment) -> Option<Moment> {
-        self.pacer
-            .as_ref()
-            .and_then(Pacer::next_at)
-            .map(|at| now.at_instant(at))
+        let host = self.adaptive.as_ref().and_then(Adaptive::next_start);
+        let campaign = self.pacer.as_ref().and_then(Pacer::next_at);
+        let at = match (campaign, host) {
+            (Some(campaign), Some(host)) => Some(campaign.min(host)),
+            (campaign, host) => campaign.or(host),
+        };
+        at.map(|at| now.at_instant(at))
+    }
+
+    /// Takes in what a step event says of its API host's health.
+    pub fn observe(&mut self, event: &Event, now: Instant) {
+        if let (Some(adaptive), EventBody::Step(step)) = (&mut self.adaptive, &event.body)
+            && event.campaign == self.campaign.id
+            && let Some(calls) = &step.calls
+        {
+            adaptive.observe(calls, now);
+        }
+    }
+
+    /// Devices just admitted, for the hosts' observed start rates.
+    fn started(&mut self, devices: &[Device], now: Instant) {
+        if let Some(adaptive) = &mut self.adaptive {
+            for device in devices {
+                adaptive.started(&api_host(device), now);
+            }
+        }
+    }
+
+    /// The adaptive rate's next change, after taking in the limits set by
+    /// the decisions made so far (the host's in-flight caps follow them).
+    fn adapt(&mut self, now: Instant) -> Option<super::adaptive::Change> {
+        let adaptive = self.adaptive.as_mut()?;
+        let changed = adaptive.sync(self.state.decisions(), now);
+        for host in changed {
+            let targets = self.held.first_of(&host).map(|device| self.targets(device));
+            if let Some(targets) = targets {
+                self.held.retarget(&host, targets);
+            }
+        }
+        if self.state.phase() != Phase::Running {
+            return None;
+        }
+        self.adaptive.as_mut()?.review(now)
     }
 
     /// Fills the read-ahead with devices of `wave` not yet started.
@@ -243,9 +304,18 @@ impl<'a> Steering<'a> {
         self.held.clear();
     }
 
-    /// The capped targets a device needs room behind.
+    /// The capped targets a device needs room behind: a host the adaptive
+    /// rate slowed down gets the same share of its in-flight cap.
     pub fn targets(&self, device: &Device) -> Vec<flotilla_common::CappedTarget> {
-        targets_of(device, &self.campaign.target, &self.campaign.rollout)
+        let mut targets = targets_of(device, &self.campaign.target, &self.campaign.rollout);
+        let host = api_host(device);
+        if let Some(share) = self.adaptive.as_ref().and_then(|a| a.share(&host)) {
+            let key = format!("host:{host}");
+            for target in targets.iter_mut().filter(|t| t.key == key) {
+                target.cap = ((f64::from(target.cap) * share).ceil() as u32).max(1);
+            }
+        }
+        targets
     }
 
     /// The event recording a decision, numbered after the last one.

@@ -5,6 +5,7 @@
 // Test helpers may unwrap: a panic is how a test fails.
 #![allow(clippy::unwrap_used)]
 
+mod adaptive_rate;
 mod appliance_readings;
 mod campaign_control;
 mod cluster;

@@ -385,6 +385,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
     fn apply_read(&mut self, steering: &mut Steering<'_>, offset: u64, event: &Event) {
         note_completed(&mut self.completed_at, offset, event, &self.campaign.id);
         steering.state.apply(event);
+        steering.observe(event, Instant::now());
         if self.capped {
             steering.ledger.apply(event);
         }
