@@ -25,7 +25,10 @@ pub(super) type Committed = Vec<Event>;
 
 /// A commit runs as a task of its own: it goes on while the controller
 /// does something else, and a handle is all the controller holds.
-type Commit = JoinHandle<(TxPublisher, Result<Committed, BrokerError>)>;
+type Commit = JoinHandle<Done>;
+
+/// A commit's channel (free again) and its answer.
+type Done = (TxPublisher, Result<Committed, BrokerError>);
 
 pub(super) struct Launcher {
     /// Channels in transaction mode with nothing sent on them.
@@ -101,9 +104,7 @@ impl Launcher {
 
 /// A commit task's result. The task only awaits the broker: it panics
 /// only if the controller's own code does, and so does the controller.
-fn joined(
-    done: Option<Result<(TxPublisher, Result<Committed, BrokerError>), tokio::task::JoinError>>,
-) -> (TxPublisher, Result<Committed, BrokerError>) {
+fn joined(done: Option<Result<Done, tokio::task::JoinError>>) -> Done {
     match done.expect("a commit is under way") {
         Ok(done) => done,
         Err(error) => std::panic::resume_unwind(error.into_panic()),
