@@ -440,6 +440,9 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         thresholds: Thresholds,
         control_offset: Option<u64>,
     ) -> Result<(), ProducerError> {
+        // Every batch sent before a decision is in the stream before it,
+        // and in its counts: nothing is published after a pause.
+        self.await_commits(steering).await?;
         info!(campaign = %self.campaign.id, ?decision, %reason, "decision");
         let worker_command = match &decision {
             Decision::Paused { .. } => Some(Command::Pause),
