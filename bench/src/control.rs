@@ -11,7 +11,7 @@
 
 use crate::stats::{Sample, ms};
 use flotilla_common::{
-    Decision, DeviceKind, Event, EventBody,
+    Decision, DeviceKind, EventBody,
     control::Command,
     stream::{Offset, StreamReader},
 };
@@ -178,11 +178,11 @@ async fn wait_for_decision(
             .next()
             .await
             .ok_or_else(|| anyhow::anyhow!("the events stream closed"))??;
-        if let Ok(event) = record.decode::<Event>()
-            && event.campaign == campaign
-            && let EventBody::Decision(decision) = &event.body
-            && wanted(&decision.decision)
-        {
+        let events = record.events().unwrap_or_default();
+        if events.iter().any(|event| {
+            event.campaign == campaign
+                && matches!(&event.body, EventBody::Decision(decision) if wanted(&decision.decision))
+        }) {
             return Ok(());
         }
     }
@@ -207,10 +207,9 @@ async fn start_time(history: usize) -> anyhow::Result<()> {
             .next()
             .await
             .ok_or_else(|| anyhow::anyhow!("the events stream closed"))??;
-        if let Ok(event) = record.decode::<Event>()
-            && event.campaign == campaign.id
-            && matches!(event.body, EventBody::Published(_))
-        {
+        if record.events().unwrap_or_default().iter().any(|event| {
+            event.campaign == campaign.id && matches!(event.body, EventBody::Published(_))
+        }) {
             break;
         }
     }

@@ -4,7 +4,7 @@
 //! and the producer's resume after a crash are all rebuilt from it. Events
 //! never hold a secret.
 
-use crate::{DeviceKind, Ending};
+use crate::{DeviceKind, EVENT_MESSAGE_TYPE, EVENTS_MESSAGE_TYPE, Ending};
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -291,10 +291,68 @@ pub struct DeadLetteredEvent {
     pub detail: String,
 }
 
+/// How events go into the events stream: a record holds one event
+/// (`flotilla.event.v1`, its body the event) or several written together
+/// (`flotilla.events.v1`, its body a JSON array of them, in order), so
+/// what is written at once costs the stream one record. A record's
+/// events share its offset; readers apply them all, in order, as one.
+pub struct EventRecord;
+
+impl EventRecord {
+    /// The body and AMQP `type` of a record holding `events` (at least
+    /// one).
+    pub fn encode(events: &[Event]) -> (Vec<u8>, &'static str) {
+        match events {
+            [one] => (
+                serde_json::to_vec(one).expect("an event serializes to JSON"),
+                EVENT_MESSAGE_TYPE,
+            ),
+            several => (
+                serde_json::to_vec(several).expect("events serialize to JSON"),
+                EVENTS_MESSAGE_TYPE,
+            ),
+        }
+    }
+
+    /// The events of a record of AMQP type `kind` (a record without a
+    /// type is read as one event, as every build before batches wrote).
+    pub fn decode(kind: Option<&str>, body: &[u8]) -> Result<Vec<Event>, serde_json::Error> {
+        if kind == Some(EVENTS_MESSAGE_TYPE) {
+            serde_json::from_slice(body)
+        } else {
+            serde_json::from_slice(body).map(|event| vec![event])
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::{ErrorClass, Outcome};
+
+    #[test]
+    fn a_record_gives_back_its_events_in_order() {
+        let published = |device: &str| {
+            Event::new(
+                "c",
+                EventBody::Published(PublishedEvent {
+                    device: device.into(),
+                    kind: DeviceKind::Dms,
+                    wave: Some(0),
+                }),
+            )
+        };
+        for events in [
+            vec![published("d1")],
+            vec![published("d1"), published("d2")],
+        ] {
+            let (body, kind) = EventRecord::encode(&events);
+            assert_eq!(kind == EVENT_MESSAGE_TYPE, events.len() == 1);
+            assert_eq!(EventRecord::decode(Some(kind), &body).unwrap(), events);
+        }
+        let (body, _) = EventRecord::encode(&[published("d1")]);
+        assert_eq!(EventRecord::decode(None, &body).unwrap().len(), 1);
+    }
 
     #[test]
     fn finished_event_is_flat_json_with_a_type_tag() {

@@ -35,8 +35,8 @@ pub mod topology;
 pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher, TxPublisher};
 pub use event::{
     CallFailure, CallSample, CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts,
-    DecisionEvent, Event, EventBody, FinishedEvent, PauseCause, PublishedEvent, StepEvent,
-    Thresholds,
+    DecisionEvent, Event, EventBody, EventRecord, FinishedEvent, PauseCause, PublishedEvent,
+    StepEvent, Thresholds,
 };
 pub use job::{Device, JOB_VERSION, Job, JobPolicy, RetryPolicy, Target};
 pub use kind::DeviceKind;
@@ -46,8 +46,11 @@ pub use topology::{Topology, TopologyError};
 
 /// The AMQP `type` of a job message.
 pub const JOB_MESSAGE_TYPE: &str = "flotilla.job.v1";
-/// The AMQP `type` of an event message.
+/// The AMQP `type` of an event message: one event.
 pub const EVENT_MESSAGE_TYPE: &str = "flotilla.event.v1";
+/// The AMQP `type` of a record holding several events, in order (see
+/// [`event::EventRecord`]).
+pub const EVENTS_MESSAGE_TYPE: &str = "flotilla.events.v1";
 
 /// Installs `ring` as the process's TLS crypto provider, once. Every entry
 /// point that makes HTTPS or AMQPS connections calls it; later calls do

@@ -11,7 +11,11 @@
 //! so it has been read. Markers are records of their own AMQP type; every
 //! reader skips them, its own included, unless it asks for them.
 
-use crate::{BrokerError, Message, Publisher, headers};
+use crate::{
+    BrokerError, Message, Publisher,
+    event::{Event, EventRecord},
+    headers,
+};
 use chrono::{DateTime, Utc};
 use futures::StreamExt;
 use lapin::{
@@ -69,8 +73,16 @@ pub struct Record {
 }
 
 impl Record {
+    /// The body as one value (a snapshot, a command). Read an events
+    /// stream's records with [`Record::events`]: one may hold several.
     pub fn decode<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
         serde_json::from_slice(&self.body)
+    }
+
+    /// The events of a record of the events stream, in order (see
+    /// [`EventRecord`]).
+    pub fn events(&self) -> Result<Vec<Event>, serde_json::Error> {
+        EventRecord::decode(self.kind.as_deref(), &self.body)
     }
 
     /// The id of the marker this record is, if it is one.

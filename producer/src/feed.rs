@@ -18,12 +18,16 @@ use flotilla_common::{
     stream::{self, Marker, Offset, StreamReader},
 };
 use lapin::Connection;
-use std::time::Duration;
+use std::{collections::VecDeque, time::Duration};
 use tracing::{debug, warn};
 
-/// The events stream, decoded, from a chosen offset.
+/// The events stream, decoded, from a chosen offset. A record may hold
+/// several events (see [`flotilla_common::EventRecord`]): each is handed
+/// out with the record's offset.
 pub struct EventFeed {
     reader: StreamReader,
+    /// The events of the last record read not handed out yet.
+    pending: VecDeque<(u64, Event)>,
 }
 
 impl EventFeed {
@@ -33,20 +37,28 @@ impl EventFeed {
         from: Offset,
     ) -> Result<Self, BrokerError> {
         let reader = StreamReader::open(connection, &topology.events(), from).await?;
-        Ok(EventFeed { reader })
+        Ok(EventFeed {
+            reader,
+            pending: VecDeque::new(),
+        })
     }
 
     /// The next event and its offset, waiting as long as it takes. Records
     /// this build cannot read are skipped with a warning.
     pub async fn next(&mut self) -> Result<(u64, Event), BrokerError> {
         loop {
+            if let Some(next) = self.pending.pop_front() {
+                return Ok(next);
+            }
             let record = self
                 .reader
                 .next()
                 .await
                 .ok_or(BrokerError::ConnectionLost)??;
-            match (record.offset, record.decode()) {
-                (Some(offset), Ok(event)) => return Ok((offset, event)),
+            match (record.offset, record.events()) {
+                (Some(offset), Ok(events)) => self
+                    .pending
+                    .extend(events.into_iter().map(|event| (offset, event))),
                 (_, Err(error)) => {
                     warn!(offset = ?record.offset, %error, "skipping an event this build cannot read")
                 }
@@ -68,6 +80,10 @@ impl EventFeed {
         end: Option<u64>,
         mut each: impl FnMut(u64, Event),
     ) -> Result<Option<u64>, ProducerError> {
+        // The rest of a record `next` began.
+        for (offset, event) in self.pending.drain(..) {
+            each(offset, event);
+        }
         // Where to stop: a marker of this reader's own. With `expect_first`,
         // the stream's bounds are learnt first: attached past the end of a
         // stream, a reader would wait for records that never come.
@@ -108,8 +124,8 @@ impl EventFeed {
             let Some(offset) = record.offset else {
                 continue;
             };
-            match record.decode::<Event>() {
-                Ok(event) => each(offset, event),
+            match record.events() {
+                Ok(events) => events.into_iter().for_each(|event| each(offset, event)),
                 Err(error) => {
                     warn!(offset, %error, "skipping an event this build cannot read")
                 }

@@ -203,12 +203,13 @@ pub fn rows(state: &CampaignState) -> Vec<ReportRow> {
     let mut rows: Vec<ReportRow> = state
         .devices()
         .map(|(id, record)| {
-            let finished = record.finished.as_ref();
-            let started = record.first_step_at.or(record.published_at);
+            let finished = record.finished(id);
+            let finished = finished.as_ref();
+            let started = record.first_step_at().or(record.published_at());
             ReportRow {
-                device: id.clone(),
-                kind: record.kind.map(|k| k.to_string()).unwrap_or_default(),
-                wave: record.wave.map(|w| w + 1),
+                device: id.to_owned(),
+                kind: record.kind().map(|k| k.to_string()).unwrap_or_default(),
+                wave: record.wave().map(|w| w + 1),
                 outcome: finished
                     .map_or("in_progress".to_owned(), |f| f.ending.outcome.to_string()),
                 error_class: finished
@@ -217,14 +218,14 @@ pub fn rows(state: &CampaignState) -> Vec<ReportRow> {
                     .unwrap_or_default(),
                 last_step: finished
                     .map(|f| f.last_step.clone())
-                    .or_else(|| record.last_step.clone())
+                    .or_else(|| record.last_step().map(str::to_owned))
                     .unwrap_or_default(),
-                steps: record.steps,
-                retries: record.retries,
+                steps: record.steps(),
+                retries: record.retries(),
                 started_at: started,
-                finished_at: record.finished_at,
+                finished_at: record.finished_at(),
                 duration_s: started
-                    .zip(record.finished_at)
+                    .zip(record.finished_at())
                     .map(|(s, f)| (f - s).num_milliseconds() as f64 / 1000.0),
                 target_version: target_version.to_owned(),
                 needs_attention: finished.is_some_and(|f| f.ending.needs_attention),

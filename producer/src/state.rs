@@ -15,8 +15,13 @@ use flotilla_common::{
     DeadLetteredEvent, Decision, DecisionCounts, DecisionEvent, DeviceKind, Ending, Event,
     EventBody, FinishedEvent, Outcome, PauseCause, StepEvent,
 };
+use record::{Finish, Stamp, StepNames};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+mod record;
+
+pub use record::DeviceRecord;
 
 /// The last step of a device the campaign ended without starting it.
 pub const NOT_STARTED: &str = "not_started";
@@ -83,28 +88,15 @@ pub struct RateLimit {
     pub full_per_minute: f64,
 }
 
-/// One device's story so far.
-#[derive(Debug, Clone, Default)]
-pub struct DeviceRecord {
-    pub kind: Option<DeviceKind>,
-    pub wave: Option<u32>,
-    pub published_at: Option<DateTime<Utc>>,
-    pub first_step_at: Option<DateTime<Utc>>,
-    /// Steps run, retries and polls included.
-    pub steps: u32,
-    /// Steps that met a transient error and were retried.
-    pub retries: u32,
-    pub last_step: Option<String>,
-    pub finished: Option<FinishedEvent>,
-    pub finished_at: Option<DateTime<Utc>>,
-}
-
 #[derive(Debug)]
 pub struct CampaignState {
     campaign: String,
     /// What the campaign was started with.
     plan: Option<Plan>,
-    devices: HashMap<String, DeviceRecord>,
+    /// Every device heard of: what grows with the campaign (see
+    /// [`DeviceRecord`]).
+    devices: HashMap<Box<str>, DeviceRecord>,
+    step_names: StepNames,
     waves: Vec<Tally>,
     totals: Tally,
     /// Devices finished without ever being published (cancelled first).
@@ -172,6 +164,7 @@ impl CampaignState {
             campaign: campaign.into(),
             plan: None,
             devices: HashMap::new(),
+            step_names: StepNames::default(),
             waves: Vec::new(),
             totals: Tally::default(),
             finished_unpublished: 0,
@@ -197,8 +190,8 @@ impl CampaignState {
         let mut in_flight: Vec<(String, Option<u32>)> = self
             .devices
             .iter()
-            .filter(|(_, r)| r.published_at.is_some() && r.finished.is_none())
-            .map(|(id, r)| (id.clone(), r.wave))
+            .filter(|(_, r)| r.is_published() && !r.is_finished())
+            .map(|(id, r)| (id.to_string(), r.wave))
             .collect();
         in_flight.sort();
         Snapshot {
@@ -238,10 +231,10 @@ impl CampaignState {
         let mut state = CampaignState::new(snapshot.campaign);
         state.partial = true;
         for (device, wave) in snapshot.in_flight {
-            let record = state.devices.entry(device).or_default();
+            let record = state.record_mut(&device);
             record.wave = wave;
             // Not the real time: only "published" matters to what follows.
-            record.published_at = Some(DateTime::<Utc>::UNIX_EPOCH);
+            record.published_at = Stamp::of(Some(DateTime::<Utc>::UNIX_EPOCH));
         }
         state.plan = snapshot.plan;
         state.waves = snapshot.waves;
@@ -281,12 +274,12 @@ impl CampaignState {
         }
         match &event.body {
             EventBody::Published(published) => {
-                let record = self.devices.entry(published.device.clone()).or_default();
+                let record = self.record_mut(&published.device);
                 record.kind = Some(published.kind);
-                if record.published_at.is_none() {
-                    record.published_at = Some(event.at);
-                    self.pace.started(event.at);
+                if !record.published_at.is_set() {
+                    record.published_at = Stamp::of(Some(event.at));
                     record.wave = published.wave;
+                    self.pace.started(event.at);
                     self.totals.published += 1;
                     *self.published_by_kind.entry(published.kind).or_default() += 1;
                     if let Some(tally) = published.wave.and_then(|w| self.waves.get_mut(w as usize))
@@ -308,27 +301,33 @@ impl CampaignState {
     }
 
     fn apply_step(&mut self, step: &StepEvent, at: DateTime<Utc>) {
-        if self.partial && !self.devices.contains_key(&step.device) {
+        if self.partial && !self.devices.contains_key(step.device.as_str()) {
             // A step of a device that had finished: a late redelivery.
             return;
         }
-        let record = self.devices.entry(step.device.clone()).or_default();
+        let last_step = self.step_names.intern(&step.step);
+        let record = self.record_mut(&step.device);
         record.kind = Some(step.kind);
         record.steps += 1;
-        if record.first_step_at.is_none() {
-            record.first_step_at = Some(at);
+        record.last_step = Some(last_step);
+        let first = !record.first_step_at.is_set();
+        if first {
+            record.first_step_at = Stamp::of(Some(at));
+        }
+        if step.error.is_some() {
+            record.retries += 1;
+        }
+        if first {
             self.pace.started(at);
         }
-        record.last_step = Some(step.step.clone());
         if let Some(error) = &step.error {
-            record.retries += 1;
             self.retried_errors.push(error.clone());
         }
     }
 
     fn apply_finished(&mut self, finished: &FinishedEvent, at: DateTime<Utc>) {
         if self.partial
-            && !self.devices.contains_key(&finished.device)
+            && !self.devices.contains_key(finished.device.as_str())
             && finished.last_step != NOT_STARTED
         {
             // Finished before the snapshot (only the controller ends a
@@ -336,14 +335,11 @@ impl CampaignState {
             self.repeated.push(finished.clone());
             return;
         }
-        let record = self.devices.entry(finished.device.clone()).or_default();
-        match &record.finished {
+        let record = self.record_mut(&finished.device);
+        match record.outcome() {
             // A redriven job's own outcome replaces its dead letter.
-            Some(first)
-                if first.ending.outcome == Outcome::DeadLettered
-                    && finished.ending.outcome != Outcome::DeadLettered =>
-            {
-                let (kind, wave) = (first.kind, record.wave);
+            Some(Outcome::DeadLettered) if finished.ending.outcome != Outcome::DeadLettered => {
+                let (kind, wave) = (record.kind.unwrap_or(finished.kind), record.wave);
                 self.totals.uncount(Outcome::DeadLettered);
                 if let Some(tally) = wave.and_then(|w| self.waves.get_mut(w as usize)) {
                     tally.uncount(Outcome::DeadLettered);
@@ -357,19 +353,21 @@ impl CampaignState {
                 return;
             }
             None => {
-                if record.published_at.is_none() {
+                if !record.published_at.is_set() {
                     self.finished_unpublished += 1;
                 }
             }
         }
-        let record = self.devices.entry(finished.device.clone()).or_default();
+        let finish = Finish::of(finished, &mut self.step_names);
+        let record = self.record_mut(&finished.device);
         record.kind = Some(finished.kind);
-        record.finished = Some(finished.clone());
-        record.finished_at = Some(at);
+        record.finished = Some(finish);
+        record.finished_at = Stamp::of(Some(at));
+        let wave = record.wave;
         self.pace.finished(at);
         let outcome = finished.ending.outcome;
         self.totals.count(outcome);
-        if let Some(tally) = record.wave.and_then(|w| self.waves.get_mut(w as usize)) {
+        if let Some(tally) = wave.and_then(|w| self.waves.get_mut(w as usize)) {
             tally.count(outcome);
         }
         *self
@@ -382,16 +380,15 @@ impl CampaignState {
     /// event. One of a device it never published (a forged or stray job)
     /// ends nothing.
     fn dead_lettered_as_finished(&self, dead: &DeadLetteredEvent) -> Option<FinishedEvent> {
-        let record = self.devices.get(&dead.device)?;
-        record.published_at?;
+        let record = self.devices.get(dead.device.as_str())?;
+        if !record.is_published() {
+            return None;
+        }
         Some(FinishedEvent {
             device: dead.device.clone(),
             kind: dead.kind.or(record.kind)?,
             seq: dead.seq.unwrap_or(0),
-            last_step: record
-                .last_step
-                .clone()
-                .unwrap_or_else(|| "not_started".to_owned()),
+            last_step: record.last_step().unwrap_or(NOT_STARTED).to_owned(),
             ending: Ending::dead_lettered(&dead.reason, &dead.detail),
             started_at: None,
         })
@@ -423,6 +420,15 @@ impl CampaignState {
                 });
                 self.waves = vec![Tally::default(); waves.len()];
                 self.phase = Phase::Running;
+                if !self.partial {
+                    // Room for every device at once: grown by doubling,
+                    // the map would briefly hold its old table and its
+                    // new one, half again its size, at the peak.
+                    let more = usize::try_from(*devices)
+                        .unwrap_or(0)
+                        .saturating_sub(self.devices.len());
+                    self.devices.reserve(more);
+                }
             }
             Decision::WaveStarted { wave } => {
                 self.current_wave = Some(*wave);
@@ -582,15 +588,26 @@ impl CampaignState {
     pub fn is_handled(&self, device: &str) -> bool {
         self.devices
             .get(device)
-            .is_some_and(|r| r.published_at.is_some() || r.finished.is_some())
+            .is_some_and(|r| r.is_published() || r.is_finished())
     }
 
     pub fn device(&self, device: &str) -> Option<&DeviceRecord> {
         self.devices.get(device)
     }
 
-    pub fn devices(&self) -> impl Iterator<Item = (&String, &DeviceRecord)> {
-        self.devices.iter()
+    pub fn devices(&self) -> impl Iterator<Item = (&str, &DeviceRecord)> {
+        self.devices.iter().map(|(id, record)| (&**id, record))
+    }
+
+    /// The device's record, a new one if it has none (its id is copied
+    /// only then).
+    fn record_mut(&mut self, device: &str) -> &mut DeviceRecord {
+        if !self.devices.contains_key(device) {
+            self.devices.insert(device.into(), DeviceRecord::default());
+        }
+        self.devices
+            .get_mut(device)
+            .expect("the record was just inserted")
     }
 
     pub fn published(&self) -> usize {
@@ -601,12 +618,16 @@ impl CampaignState {
         self.totals.finished as usize
     }
 
-    pub fn outcome_of(&self, device: &str) -> Option<&FinishedEvent> {
-        self.devices.get(device).and_then(|r| r.finished.as_ref())
+    /// The device's terminal event (its first, or the redriven job's that
+    /// replaced a dead letter).
+    pub fn outcome_of(&self, device: &str) -> Option<FinishedEvent> {
+        self.devices.get(device)?.finished(device)
     }
 
-    pub fn outcomes(&self) -> impl Iterator<Item = &FinishedEvent> {
-        self.devices.values().filter_map(|r| r.finished.as_ref())
+    pub fn outcomes(&self) -> impl Iterator<Item = FinishedEvent> + '_ {
+        self.devices
+            .iter()
+            .filter_map(|(id, record)| record.finished(id))
     }
 
     /// Terminal events beyond each device's first.

@@ -406,11 +406,12 @@ impl Harness {
                 Ok(Some(Ok(record))) => record,
                 Ok(other) => panic!("reading events: {other:?}"),
             };
-            if let Ok(event) = record.decode::<Event>()
-                && event.campaign == campaign
-                && let EventBody::Step(step) = event.body
-            {
-                steps.push(step);
+            for event in record.events().unwrap_or_default() {
+                if event.campaign == campaign
+                    && let EventBody::Step(step) = event.body
+                {
+                    steps.push(step);
+                }
             }
         }
         steps

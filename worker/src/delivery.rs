@@ -29,8 +29,8 @@ use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
-    JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers, signing,
-    telemetry,
+    EventRecord, JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers,
+    signing, telemetry,
 };
 use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -214,8 +214,8 @@ pub(crate) async fn run_step(
 }
 
 /// Sends the follow-up and the events, and commits them with the ack. The
-/// follow-up, or else the last event (a terminal step's outcome), is the
-/// hand-off's record.
+/// follow-up, or else the events' record (ending with a terminal step's
+/// outcome), is the hand-off's record.
 async fn hand_off(
     executed: Executed,
     delivery: &Delivery,
@@ -242,11 +242,12 @@ async fn hand_off(
             .send(&queue, &body, hands_off(message, delivery, shared))
             .await?;
     }
-    let last = executed.events.len().saturating_sub(1);
-    for (index, event) in executed.events.iter().enumerate() {
-        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let mut message = Message::new(EVENT_MESSAGE_TYPE).headers(trace_headers(incoming));
-        if recorded && index == last {
+    if !executed.events.is_empty() {
+        // The chain's events, in one record: the stream's cost is per
+        // record, and a chain writes several.
+        let (body, kind) = EventRecord::encode(&executed.events);
+        let mut message = Message::new(kind).headers(trace_headers(incoming));
+        if recorded {
             message = hands_off(message, delivery, shared);
         }
         publisher

@@ -11,7 +11,7 @@ use super::{
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use flotilla_common::{
-    Broker, Decision, DeviceKind, Event, EventBody, Job, JobPolicy, Topology,
+    Broker, Decision, DeviceKind, EventBody, Job, JobPolicy, Topology,
     cli::BrokerArgs,
     inventory::InventoryWriter,
     stream::{Offset, StreamReader},
@@ -301,20 +301,27 @@ async fn read_campaign(broker: &Broker, topology: &Topology) -> anyhow::Result<R
             .await
             .context("no `completed` decision in the events stream")?
             .context("the events stream closed")??;
-        let Ok(event) = record.decode::<Event>() else {
+        let Ok(events) = record.events() else {
             continue;
         };
-        if event.campaign != CAMPAIGN {
+        if events.iter().all(|event| event.campaign != CAMPAIGN) {
             continue;
         }
+        // Records, not events: what the stream is written in.
         read.records += 1;
-        read.state.apply(&event);
-        match &event.body {
-            EventBody::Step(_) => read.steps += 1,
-            EventBody::Decision(decision) if decision.decision == Decision::Completed => {
-                return Ok(read);
+        let mut completed = false;
+        for event in events.iter().filter(|event| event.campaign == CAMPAIGN) {
+            read.state.apply(event);
+            match &event.body {
+                EventBody::Step(_) => read.steps += 1,
+                EventBody::Decision(decision) if decision.decision == Decision::Completed => {
+                    completed = true;
+                }
+                _ => {}
             }
-            _ => {}
+        }
+        if completed {
+            return Ok(read);
         }
     }
 }
@@ -392,12 +399,11 @@ async fn fan_out_on(stage: &Stage, fleet: &Fleet, binaries: &Binaries) -> anyhow
             .await
             .context("the producer stopped publishing")?
             .context("the events stream closed")??;
-        if let Ok(event) = record.decode::<Event>()
-            && event.campaign == CAMPAIGN
-            && matches!(event.body, EventBody::Published(_))
-        {
-            first.get_or_insert(event.at);
-            published += 1;
+        for event in record.events().unwrap_or_default() {
+            if event.campaign == CAMPAIGN && matches!(event.body, EventBody::Published(_)) {
+                first.get_or_insert(event.at);
+                published += 1;
+            }
         }
     }
     let took = (Utc::now() - first.context("nothing published")?)

@@ -67,10 +67,10 @@ pub fn measured_durations(state: &CampaignState) -> BTreeMap<DeviceKind, Duratio
     let mut finished: BTreeMap<DeviceKind, (f64, u64)> = BTreeMap::new();
     for (_, record) in state.devices() {
         let (Some(kind), Some(published), Some(ended), Some(outcome)) = (
-            record.kind,
-            record.published_at,
-            record.finished_at,
-            record.finished.as_ref().map(|f| f.ending.outcome),
+            record.kind(),
+            record.published_at(),
+            record.finished_at(),
+            record.outcome(),
         ) else {
             continue;
         };

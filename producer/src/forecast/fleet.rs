@@ -203,7 +203,7 @@ impl<'a> VirtualFleet<'a> {
             let wave = steering
                 .state
                 .device(&device.device)
-                .and_then(|record| record.wave);
+                .and_then(|record| record.wave());
             let event = self.event(
                 steering,
                 EventBody::Finished(FinishedEvent {

@@ -128,6 +128,9 @@ pub struct Steering<'a> {
     adaptive: Option<Adaptive>,
     pub cursor: Cursor,
     held: Held,
+    /// Devices handed to [`Fleet::publish`] whose publication the state
+    /// does not show yet (their transaction is committing).
+    publishing: u64,
 }
 
 impl<'a> Steering<'a> {
@@ -145,6 +148,7 @@ impl<'a> Steering<'a> {
             adaptive: campaign.rollout.adaptive.clone().map(Adaptive::new),
             cursor,
             held: Held::default(),
+            publishing: 0,
         }
     }
 
@@ -185,6 +189,11 @@ impl<'a> Steering<'a> {
     /// Up to `wanted` devices of the current wave, as the rate and the
     /// caps allow.
     fn start(&mut self, now: Moment, wanted: u64) -> Result<Move, ProducerError> {
+        // Those being published are started already.
+        let wanted = wanted.saturating_sub(self.publishing);
+        if wanted == 0 {
+            return Ok(Move::Wait(None));
+        }
         let wanted = wanted.min(BATCH) as usize;
         let allowed = match &mut self.pacer {
             Some(pacer) => pacer.take(now.instant, wanted, self.state.totals().succeeded),
@@ -285,6 +294,19 @@ impl<'a> Steering<'a> {
         Ok(())
     }
 
+    /// `count` devices are being published: their commit is under way.
+    pub fn publishing(&mut self, count: usize) {
+        self.publishing += count as u64;
+    }
+
+    /// A batch's commit was answered: its `published` events are applied.
+    pub fn published(&mut self, events: &[Event]) {
+        for event in events {
+            self.state.apply(event);
+        }
+        self.publishing = self.publishing.saturating_sub(events.len() as u64);
+    }
+
     /// Holds a device again that lost the race for the last room.
     pub fn hold_again(&mut self, device: Device) {
         let targets = self.targets(&device);
@@ -302,6 +324,7 @@ impl<'a> Steering<'a> {
     pub fn reread(&mut self, cursor: Cursor) {
         self.cursor = cursor;
         self.held.clear();
+        self.publishing = 0;
     }
 
     /// The capped targets a device needs room behind: a host the adaptive

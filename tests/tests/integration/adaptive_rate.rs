@@ -43,7 +43,7 @@ fn starts_per_second(
     let started = state
         .devices()
         .filter(|(id, _)| host_of.get(*id).map(String::as_str) == Some(host))
-        .filter_map(|(_, record)| record.published_at)
+        .filter_map(|(_, record)| record.published_at())
         .filter(|at| *at >= from && *at < to)
         .count();
     started as f64 / (to - from).as_seconds_f64()
@@ -110,7 +110,7 @@ async fn a_dms_that_slows_down_gets_fewer_starts_until_it_recovers_and_the_other
         })
         .await
         .devices()
-        .filter_map(|(_, r)| r.published_at)
+        .filter_map(|(_, r)| r.published_at())
         .min()
         .unwrap();
     assert!(fleet.slow_down(slow_addr, Duration::from_millis(800)));

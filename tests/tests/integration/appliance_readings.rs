@@ -400,7 +400,10 @@ async fn npm_follows_an_image_still_arriving_and_ignores_an_earlier_failed_one()
     .await;
     worker.stop().await;
     let events = harness.all_events(&campaign.id).await;
-    for finished in events.outcomes().chain(events.repeated_outcomes()) {
+    for finished in events
+        .outcomes()
+        .chain(events.repeated_outcomes().iter().cloned())
+    {
         assert_eq!(
             finished.ending.outcome,
             Outcome::Succeeded,
@@ -593,7 +596,10 @@ async fn a_first_step_redelivered_two_minutes_late_neither_rearms_a_rule_nor_sta
     .await;
     worker.stop().await;
     let events = harness.all_events(&campaign.id).await;
-    for finished in events.outcomes().chain(events.repeated_outcomes()) {
+    for finished in events
+        .outcomes()
+        .chain(events.repeated_outcomes().iter().cloned())
+    {
         assert_eq!(
             finished.ending.outcome,
             Outcome::Succeeded,

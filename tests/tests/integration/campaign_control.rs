@@ -146,16 +146,12 @@ async fn the_ramp_starts_devices_at_the_configured_rates() {
 
     let mut starts: Vec<_> = state
         .devices()
-        .filter_map(|(_, r)| r.published_at)
+        .filter_map(|(_, r)| r.published_at())
         .collect();
     let mut successes: Vec<_> = state
         .devices()
-        .filter(|(_, r)| {
-            r.finished
-                .as_ref()
-                .is_some_and(|f| f.ending.outcome == Outcome::Succeeded)
-        })
-        .filter_map(|(_, r)| r.finished_at)
+        .filter(|(_, r)| r.outcome() == Some(Outcome::Succeeded))
+        .filter_map(|(_, r)| r.finished_at())
         .collect();
     starts.sort();
     successes.sort();
@@ -452,9 +448,12 @@ async fn raw_publications(harness: &Harness, campaign: &str) -> HashMap<String, 
     .unwrap();
     let mut counts = HashMap::new();
     while let Ok(Some(record)) = tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
-        let event: flotilla_common::Event = record.unwrap().decode().unwrap();
-        if let (true, EventBody::Published(published)) = (event.campaign == campaign, &event.body) {
-            *counts.entry(published.device.clone()).or_default() += 1;
+        for event in record.unwrap().events().unwrap() {
+            if let (true, EventBody::Published(published)) =
+                (event.campaign == campaign, &event.body)
+            {
+                *counts.entry(published.device.clone()).or_default() += 1;
+            }
         }
     }
     counts

@@ -47,12 +47,12 @@ async fn run_and_forecast(
 
     let first_start = state
         .devices()
-        .filter_map(|(_, r)| r.published_at)
+        .filter_map(|(_, r)| r.published_at())
         .min()
         .unwrap();
     let last_end = state
         .devices()
-        .filter_map(|(_, r)| r.finished_at)
+        .filter_map(|(_, r)| r.finished_at())
         .max()
         .unwrap();
     let took = (last_end - first_start).to_std().unwrap();

@@ -145,7 +145,7 @@ async fn time_paused_does_not_count_against_the_deadline() {
             &campaign.id,
             Duration::from_secs(30),
             "every device's first step",
-            |s| s.devices().filter(|(_, d)| d.steps > 0).count() == 10,
+            |s| s.devices().filter(|(_, d)| d.steps() > 0).count() == 10,
         )
         .await;
     let command = |command| {

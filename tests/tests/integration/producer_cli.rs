@@ -207,8 +207,8 @@ async fn a_retry_campaign_takes_only_the_devices_that_failed() {
     let retried = harness.all_events("cli-retry").await;
     let published: BTreeSet<String> = retried
         .devices()
-        .filter(|(_, r)| r.published_at.is_some())
-        .map(|(id, _)| id.clone())
+        .filter(|(_, r)| r.published_at().is_some())
+        .map(|(id, _)| id.to_owned())
         .collect();
     assert_eq!(published, failed);
     harness.teardown().await;
@@ -312,7 +312,7 @@ async fn plan_forecasts_from_a_past_campaign_and_refuses_without_durations() {
     let durations: Vec<f64> = state
         .devices()
         .map(|(_, r)| {
-            (r.finished_at.unwrap() - r.published_at.unwrap())
+            (r.finished_at().unwrap() - r.published_at().unwrap())
                 .num_microseconds()
                 .unwrap() as f64
                 / 1e6

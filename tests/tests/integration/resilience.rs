@@ -393,11 +393,12 @@ async fn events_never_carry_a_secret() {
         let record = record.unwrap();
         let text = String::from_utf8(record.body.clone()).unwrap();
         assert!(!text.contains(password), "a secret in an event: {text}");
-        let event: flotilla_common::Event = record.decode().unwrap();
-        if let EventBody::Finished(finished) = &event.body {
-            assert_eq!(finished.ending.outcome, Outcome::Succeeded);
+        for event in record.events().unwrap() {
+            if let EventBody::Finished(finished) = &event.body {
+                assert_eq!(finished.ending.outcome, Outcome::Succeeded);
+            }
+            seen += 1;
         }
-        seen += 1;
     }
     assert!(seen >= 5 * 5, "read {seen} events");
     harness.teardown().await;

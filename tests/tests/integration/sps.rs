@@ -315,7 +315,7 @@ async fn sps_steps_delivered_twice_never_fetch_or_upgrade_twice() {
         .wait_until(&fetch.id, Duration::from_secs(30), "fetches started", |s| {
             fetched.iter().all(|d| {
                 s.device(&d.id)
-                    .is_some_and(|r| r.last_step.as_deref() == Some("await_fetch"))
+                    .is_some_and(|r| r.last_step() == Some("await_fetch"))
             })
         })
         .await;
@@ -338,7 +338,10 @@ async fn sps_steps_delivered_twice_never_fetch_or_upgrade_twice() {
 
     for campaign in [&upgrade.id, &fetch.id] {
         let events = harness.all_events(campaign).await;
-        for finished in events.outcomes().chain(events.repeated_outcomes()) {
+        for finished in events
+            .outcomes()
+            .chain(events.repeated_outcomes().iter().cloned())
+        {
             assert_eq!(
                 finished.ending.outcome,
                 Outcome::Succeeded,
@@ -388,7 +391,7 @@ async fn sps_cleanup_cancels_a_running_fetch_on_cancel_and_on_the_deadline() {
             "a download under way",
             |s| {
                 s.device(&cancel_device[0].id)
-                    .is_some_and(|r| r.last_step.as_deref() == Some("await_fetch"))
+                    .is_some_and(|r| r.last_step() == Some("await_fetch"))
             },
         )
         .await;

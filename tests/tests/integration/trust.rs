@@ -80,12 +80,15 @@ async fn dead_lettered_events(harness: &Harness, campaign: &str) -> Vec<Event> {
     while let Ok(Some(Ok(record))) =
         tokio::time::timeout(Duration::from_secs(1), reader.next()).await
     {
-        if let Ok(event) = record.decode::<Event>()
-            && event.campaign == campaign
-            && matches!(event.body, EventBody::DeadLettered(_))
-        {
-            found.push(event);
-        }
+        found.extend(
+            record
+                .events()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|event| {
+                    event.campaign == campaign && matches!(event.body, EventBody::DeadLettered(_))
+                }),
+        );
     }
     found
 }
@@ -322,7 +325,7 @@ async fn job_keys_rotate_old_and_new_accepted_new_signed() {
     let rotating = harness.start_worker_with(config, fleet_credentials(&fleet));
     harness
         .wait_until(&campaign.id, Duration::from_secs(30), "a step", |s| {
-            s.device(&device.id).is_some_and(|d| d.steps >= 2)
+            s.device(&device.id).is_some_and(|d| d.steps() >= 2)
         })
         .await;
     rotating.stop().await;

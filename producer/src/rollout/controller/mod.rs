@@ -29,8 +29,8 @@ use crate::{
 use chrono::Utc;
 use flotilla_common::{
     Broker, BrokerError, ClaimEvent, Decision, DecisionEvent, Device, EVENT_MESSAGE_TYPE, Ending,
-    Event, EventBody, FinishedEvent, JOB_MESSAGE_TYPE, Job, Message, PauseCause, PublishedEvent,
-    Publisher, Thresholds, Topology, TxPublisher,
+    Event, EventBody, EventRecord, FinishedEvent, JOB_MESSAGE_TYPE, Job, Message, PauseCause,
+    PublishedEvent, Publisher, Thresholds, Topology, TxPublisher,
     control::{self, Command, ControlMessage},
     ops::Readiness,
     signing::Keyring,
@@ -47,8 +47,10 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn};
 
+mod launch;
 mod session;
 
+use launch::Launcher;
 use session::note_completed;
 
 /// Devices recorded cancelled in one transaction at most.
@@ -147,7 +149,7 @@ struct Controller<'a, O> {
     /// Decisions, claims, commands and snapshots, confirmed one by one.
     decisions: Publisher,
     /// Jobs with their `published` events, in transactions.
-    jobs: TxPublisher,
+    launcher: Launcher,
     keyring: Keyring,
     event_rx: mpsc::Receiver<Result<(u64, Event), BrokerError>>,
     control_rx: mpsc::Receiver<Result<(u64, ControlMessage), BrokerError>>,
@@ -224,63 +226,29 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
         Ok(admitted)
     }
 
-    /// Publishes the devices' jobs and `published` events in one
-    /// transaction.
+    /// Publishes the devices' jobs and the record of their `published`
+    /// events in one transaction, committed in the background (see
+    /// [`launch`]): the devices count as being published until it is
+    /// answered.
     async fn publish(
         &mut self,
         steering: &mut Steering<'_>,
         devices: Vec<Device>,
         wave: u32,
     ) -> Result<(), ProducerError> {
+        let (channel, committed) = self.launcher.channel().await?;
+        if let Some(events) = committed {
+            steering.published(&events);
+        }
+        steering.publishing(devices.len());
         let mut published = Vec::with_capacity(devices.len());
         for device in devices {
-            let mut job = Job::new(
-                &self.campaign.id,
-                device,
-                self.campaign.target.clone(),
-                self.campaign.policy.clone(),
-            );
-            job.settings = self.campaign.settings_for(job.device.kind);
-            job.tls = self
-                .campaign
-                .tls
-                .profile_for(job.device.group.as_deref())
-                .clone();
-            let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
-            // The device's rollout is one trace, started here; the job
-            // carries its context to every step.
-            let rollout_span = info_span!(
-                parent: None,
-                "rollout",
-                otel.name = %format!("rollout {}", job.device.kind),
-                campaign = %job.campaign,
-                device = %job.device.id,
-                kind = %job.device.kind,
-            );
-            let mut headers = FieldTable::default();
-            rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
-            let message = Message::new(JOB_MESSAGE_TYPE)
-                .id(format!("{}/{}/0", job.campaign, job.device.id))
-                .headers(headers)
-                .signed(&self.keyring, &body);
-            self.jobs
-                .send(&self.topology.jobs(), &body, message)
-                .await?;
-            let event = Event::new(
-                &self.campaign.id,
-                EventBody::Published(PublishedEvent {
-                    device: job.device.id.clone(),
-                    kind: job.device.kind,
-                    wave: Some(wave),
-                }),
-            );
-            self.add_to_transaction(&event).await?;
+            let (body, message, event) = self.job_message(device, wave);
+            channel.send(&self.topology.jobs(), &body, message).await?;
             published.push(event);
         }
-        self.jobs.commit().await?;
-        for event in &published {
-            steering.state.apply(event);
-        }
+        self.add_to_transaction(&channel, &published).await?;
+        self.launcher.commit(channel, published);
         Ok(())
     }
 
@@ -303,6 +271,7 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
                 self.control_position = Some(offset);
                 self.command(steering, offset, &message).await?;
             }
+            committed = self.launcher.committed() => steering.published(&committed?),
             _ = tokio::time::sleep_until(until.into()) => {}
         }
         Ok(())
@@ -311,6 +280,8 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
     /// Records every device never started as cancelled, so each device of
     /// the campaign ends with one outcome.
     async fn cancel_unstarted(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        // Devices being published are not unstarted.
+        self.await_commits(steering).await?;
         let mut unstarted = steering.release_held();
         while let Some((_, device)) = steering.cursor.next_device()? {
             if !steering.state.is_handled(&device.id) {
@@ -319,8 +290,9 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
         }
         info!(campaign = %self.campaign.id, devices = unstarted.len(), "recording unstarted devices as cancelled");
         for chunk in unstarted.chunks(BATCH) {
+            let mut events = Vec::with_capacity(chunk.len());
             for device in chunk {
-                let event = Event::new(
+                events.push(Event::new(
                     &self.campaign.id,
                     EventBody::Finished(FinishedEvent {
                         device: device.id.clone(),
@@ -335,10 +307,12 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
                         },
                         started_at: None,
                     }),
-                );
-                self.add_to_transaction(&event).await?;
+                ));
             }
-            self.jobs.commit().await?;
+            let (channel, _) = self.launcher.channel().await?;
+            self.add_to_transaction(&channel, &events).await?;
+            channel.commit().await?;
+            self.launcher.give_back(channel);
         }
         // Counted as they come back from the stream, the one record: counting
         // them here too would end each of these devices twice.
@@ -360,6 +334,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
     /// Records the campaign's end in the catalogue, once its `completed`
     /// decision is read back (its offset is where readers stop).
     async fn finish(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        self.await_commits(steering).await?;
         self.read_until_completed(steering).await?;
         if !self.ended_recorded
             && let Some(events_offset) = self.completed_at
@@ -466,6 +441,9 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         thresholds: Thresholds,
         control_offset: Option<u64>,
     ) -> Result<(), ProducerError> {
+        // Every batch sent before a decision is in the stream before it,
+        // and in its counts: nothing is published after a pause.
+        self.await_commits(steering).await?;
         info!(campaign = %self.campaign.id, ?decision, %reason, "decision");
         let worker_command = match &decision {
             Decision::Paused { .. } => Some(Command::Pause),
@@ -542,8 +520,9 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         Ok(())
     }
 
-    /// Applies every event and command already received.
+    /// Applies every event, command and commit answer already received.
     async fn drain(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        self.apply_committed(steering)?;
         while let Ok(event) = self.event_rx.try_recv() {
             let (offset, event) = event?;
             self.apply_read(steering, offset, &event);
@@ -556,16 +535,80 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         Ok(())
     }
 
-    /// Adds an event to the open transaction of `jobs`.
-    async fn add_to_transaction(&self, event: &Event) -> Result<(), ProducerError> {
-        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        self.jobs
-            .send(
-                &self.topology.events(),
-                &body,
-                Message::new(EVENT_MESSAGE_TYPE),
-            )
+    /// A device's first job (its body and message, signed) and the event
+    /// recording its publication in `wave`.
+    fn job_message(&self, device: Device, wave: u32) -> (Vec<u8>, Message, Event) {
+        let mut job = Job::new(
+            &self.campaign.id,
+            device,
+            self.campaign.target.clone(),
+            self.campaign.policy.clone(),
+        );
+        job.settings = self.campaign.settings_for(job.device.kind);
+        job.tls = self
+            .campaign
+            .tls
+            .profile_for(job.device.group.as_deref())
+            .clone();
+        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
+        // The device's rollout is one trace, started here; the job
+        // carries its context to every step.
+        let rollout_span = info_span!(
+            parent: None,
+            "rollout",
+            otel.name = %format!("rollout {}", job.device.kind),
+            campaign = %job.campaign,
+            device = %job.device.id,
+            kind = %job.device.kind,
+        );
+        let mut headers = FieldTable::default();
+        rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
+        let message = Message::new(JOB_MESSAGE_TYPE)
+            .id(format!("{}/{}/0", job.campaign, job.device.id))
+            .headers(headers)
+            .signed(&self.keyring, &body);
+        let event = Event::new(
+            &self.campaign.id,
+            EventBody::Published(PublishedEvent {
+                device: job.device.id,
+                kind: job.device.kind,
+                wave: Some(wave),
+            }),
+        );
+        (body, message, event)
+    }
+
+    /// Adds the events to the transaction open on `channel`, as one record.
+    async fn add_to_transaction(
+        &self,
+        channel: &TxPublisher,
+        events: &[Event],
+    ) -> Result<(), ProducerError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (body, kind) = EventRecord::encode(events);
+        channel
+            .send(&self.topology.events(), &body, Message::new(kind))
             .await?;
+        Ok(())
+    }
+
+    /// Applies the batches whose commits have been answered, without
+    /// waiting.
+    fn apply_committed(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        for committed in self.launcher.answered() {
+            steering.published(&committed?);
+        }
+        Ok(())
+    }
+
+    /// Waits for every commit under way, applying each batch.
+    async fn await_commits(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
+        while self.launcher.is_committing() {
+            let committed = self.launcher.committed().await?;
+            steering.published(&committed);
+        }
         Ok(())
     }
 

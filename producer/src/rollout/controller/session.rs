@@ -122,7 +122,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
 
         let mut control = ControlFeed::open(connection, topology, Offset::First).await?;
         let commands = control.catch_up(connection).await?;
-        let jobs = TxPublisher::open(connection).await?;
+        let launcher = Launcher::open(connection).await?;
         let controller = Controller {
             campaign,
             topology,
@@ -136,7 +136,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
             snapshot: None,
             connection: None,
             decisions,
-            jobs,
+            launcher,
             keyring: spec.keyring.clone(),
             event_rx: forward(events),
             control_rx: forward_control(control),
@@ -201,7 +201,7 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         let (position, control_from) = (self.position, self.control_position);
         let read_on = async {
             let decisions = Publisher::open(&connection).await?;
-            let jobs = TxPublisher::open(&connection).await?;
+            let launcher = Launcher::open(&connection).await?;
             let mut events =
                 EventFeed::open(&connection, self.topology, Offset::At(position + 1)).await?;
             let mut read = Vec::new();
@@ -214,9 +214,11 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
             let control_from = control_from.map_or(Offset::First, |p| Offset::At(p + 1));
             let mut control = ControlFeed::open(&connection, self.topology, control_from).await?;
             let commands = control.catch_up(&connection).await?;
-            Ok::<_, ProducerError>((decisions, jobs, events, read, position, control, commands))
+            Ok::<_, ProducerError>((
+                decisions, launcher, events, read, position, control, commands,
+            ))
         };
-        let (decisions, jobs, events, read, position, control, commands) = match read_on.await {
+        let (decisions, launcher, events, read, position, control, commands) = match read_on.await {
             Ok(read) => read,
             Err(error) => {
                 // Another attempt may get another connection: free this
@@ -232,7 +234,10 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         self.position = self.position.max(position);
         self.connection = Some(connection);
         self.decisions = decisions;
-        self.jobs = jobs;
+        // Batches whose commits were not answered are in the stream (read
+        // above) or nowhere: the devices of those nowhere are read again
+        // with the inventory and published anew.
+        self.launcher = launcher;
         steering.reread(Cursor::open(&self.inventory, self.only.clone())?);
         self.event_rx = forward(events);
         self.control_rx = forward_control(control);
