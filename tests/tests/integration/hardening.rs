@@ -179,7 +179,7 @@ async fn time_paused_does_not_count_against_the_deadline() {
 
 /// Workers killed at random keep every job on one chain: a delivery
 /// redelivered after its hand-off was committed is dropped unrun (the
-/// fence), so no device sees an acting call twice.
+/// fence), so no step is reported twice and no CPE upgrades twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_a_sigkill_storm_every_job_keeps_one_chain() {
     let harness = Harness::new("storm").await;
@@ -226,12 +226,18 @@ async fn under_a_sigkill_storm_every_job_keeps_one_chain() {
             step.step
         );
     }
-    // ...and every CPE was armed and called once, and upgraded once.
+    // ...and every CPE upgraded once. A worker killed before its hand-off
+    // was committed leaves its delivery to run again from the chain's
+    // first step, which re-arms the same rule (an update in place) and may
+    // call the CPE again before its result is in: the CPE's rule runs
+    // once whatever the number of calls. What the fence stops (a delivery
+    // whose hand-off was committed running again) would show above as a
+    // step reported twice.
     for device in fleet.devices() {
         let cpe = fleet.get::<dms::Cpe>(&device.id).unwrap();
         let calls = cpe.dms().acting_calls(cpe.id());
-        assert_eq!(calls.connection_requests, 1, "{}: {calls:?}", device.id);
-        assert_eq!(calls.rule_posts, 1, "{}: {calls:?}", device.id);
+        assert!(calls.rule_posts >= 1, "{}: {calls:?}", device.id);
+        assert!(calls.connection_requests >= 1, "{}: {calls:?}", device.id);
         assert_eq!(fleet.upgrades_of(&device.id), 1, "{}", device.id);
     }
     assert!(state.repeated_outcomes().is_empty());
