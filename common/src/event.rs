@@ -141,26 +141,31 @@ pub enum Decision {
     },
     /// The adaptive rate changed the start rate of one API host, from what
     /// its devices' calls told over the last window.
-    RateChanged {
-        /// The API host (`host:port`).
-        host: String,
-        /// Starts per minute before the change: the host's limit, or the
-        /// rate it was getting when it had none.
-        from_per_minute: f64,
-        /// Starts per minute from now on; `None`: no limit of its own again.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        to_per_minute: Option<f64>,
-        /// The rate it was getting before its first cut, where a recovery
-        /// lifts the limit.
-        full_per_minute: f64,
-        /// What was judged: calls in the window, their p95 latency and the
-        /// share that failed transiently.
-        calls: u64,
-        p95_ms: u64,
-        error_ratio: f64,
-    },
+    RateChanged(RateChange),
     Cancelled,
     Completed,
+}
+
+/// One change of an API host's start rate by the adaptive rate, and what
+/// it judged.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RateChange {
+    /// The API host (`host:port`).
+    pub host: String,
+    /// Starts per minute before the change: the host's limit, or the rate
+    /// it was getting when it had none.
+    pub from_per_minute: f64,
+    /// Starts per minute from now on; `None`: no limit of its own again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_per_minute: Option<f64>,
+    /// The rate it was getting before its first cut, where a recovery
+    /// lifts the limit.
+    pub full_per_minute: f64,
+    /// Calls judged, their p95 latency and the share that failed
+    /// transiently.
+    pub calls: u64,
+    pub p95_ms: u64,
+    pub error_ratio: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

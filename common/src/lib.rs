@@ -36,7 +36,7 @@ pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher, TxPu
 pub use event::{
     CallFailure, CallSample, CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts,
     DecisionEvent, Event, EventBody, EventRecord, FinishedEvent, PauseCause, PublishedEvent,
-    StepEvent, Thresholds,
+    RateChange, StepEvent, Thresholds,
 };
 pub use job::{Device, JOB_VERSION, Job, JobPolicy, RetryPolicy, Target};
 pub use kind::DeviceKind;

@@ -54,13 +54,11 @@
 //! verify = false                   # no certificate checks (every step event says so)
 //! ```
 
-use crate::rollout::{
-    adaptive::AdaptiveRate,
-    pacer::{Ramp, Rate},
-    plan::WaveSize,
-    window::Window,
-};
+mod rate;
+
+use crate::rollout::{adaptive::AdaptiveRate, pacer::Rate, plan::WaveSize, window::Window};
 use flotilla_common::{DeviceKind, JobPolicy, RetryPolicy, Target, TlsProfile, settings, tls};
+use rate::RateSection;
 use serde::Deserialize;
 use std::{
     collections::BTreeMap,
@@ -211,37 +209,6 @@ struct BudgetEntry {
 
 fn one() -> u64 {
     1
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RateSection {
-    per_minute: f64,
-    ramp: Option<RampSection>,
-    adaptive: Option<AdaptiveSection>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AdaptiveSection {
-    #[serde(default, with = "humantime_serde")]
-    window: Option<Duration>,
-    #[serde(default, with = "humantime_serde")]
-    p95_over: Option<Duration>,
-    error_ratio_over: Option<f64>,
-    decrease: Option<f64>,
-    /// Default: a tenth of `per_minute`.
-    increase: Option<f64>,
-    min_calls: Option<u64>,
-    min_per_minute: Option<f64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RampSection {
-    factor: f64,
-    every_successes: u64,
-    max_per_minute: f64,
 }
 
 #[derive(Deserialize)]
@@ -520,35 +487,9 @@ fn parse_rollout(
         }
     }
     if let Some(rate) = rate {
-        let ramp = rate.ramp.map(|ramp| Ramp {
-            factor: ramp.factor,
-            every_successes: ramp.every_successes,
-            max_per_minute: ramp.max_per_minute,
-        });
-        if rate.per_minute.is_nan() || rate.per_minute <= 0.0 {
-            problems.push(format!(
-                "rate.per_minute {} must be above 0",
-                rate.per_minute
-            ));
-        }
-        if let Some(ramp) = &ramp {
-            if ramp.factor.is_nan() || ramp.factor <= 1.0 {
-                problems.push(format!("rate.ramp.factor {} must be above 1", ramp.factor));
-            }
-            if ramp.every_successes == 0 {
-                problems.push("rate.ramp.every_successes must be at least 1".to_owned());
-            }
-            if ramp.max_per_minute.is_nan() || ramp.max_per_minute < rate.per_minute {
-                problems.push("rate.ramp.max_per_minute is below rate.per_minute".to_owned());
-            }
-        }
-        if let Some(adaptive) = rate.adaptive {
-            rollout.adaptive = Some(adaptive_rate(adaptive, rate.per_minute, problems));
-        }
-        rollout.rate = Some(Rate {
-            per_minute: rate.per_minute,
-            ramp,
-        });
+        let (rate, adaptive) = rate::read(rate, problems);
+        rollout.rate = Some(rate);
+        rollout.adaptive = adaptive;
     }
     if let Some(concurrency) = concurrency {
         for (name, cap) in [
@@ -572,52 +513,6 @@ fn parse_rollout(
 }
 
 /// Reads the CA files of the `[tls]` section into profiles.
-/// The `[rate] adaptive` settings, defaults filled in, with a problem
-/// for each value out of range.
-fn adaptive_rate(
-    section: AdaptiveSection,
-    per_minute: f64,
-    problems: &mut Vec<String>,
-) -> AdaptiveRate {
-    let adaptive = AdaptiveRate {
-        window: section.window.unwrap_or(Duration::from_secs(60)),
-        p95_over: section.p95_over.unwrap_or(Duration::from_secs(2)),
-        error_ratio_over: section.error_ratio_over.unwrap_or(0.05),
-        decrease: section.decrease.unwrap_or(0.5),
-        increase: section.increase.unwrap_or(per_minute / 10.0),
-        min_calls: section.min_calls.unwrap_or(20),
-        min_per_minute: section.min_per_minute.unwrap_or(1.0),
-    };
-    if adaptive.window < Duration::from_secs(1) {
-        problems.push("rate.adaptive.window must be at least 1s".to_owned());
-    }
-    if !(0.0..1.0).contains(&adaptive.error_ratio_over) {
-        problems.push(format!(
-            "rate.adaptive.error_ratio_over {} must be at least 0 and below 1",
-            adaptive.error_ratio_over
-        ));
-    }
-    if !(adaptive.decrease > 0.0 && adaptive.decrease < 1.0) {
-        problems.push(format!(
-            "rate.adaptive.decrease {} must be above 0 and below 1",
-            adaptive.decrease
-        ));
-    }
-    if adaptive.increase.is_nan() || adaptive.increase <= 0.0 {
-        problems.push(format!(
-            "rate.adaptive.increase {} must be above 0",
-            adaptive.increase
-        ));
-    }
-    if !(adaptive.min_per_minute > 0.0 && adaptive.min_per_minute <= per_minute) {
-        problems.push(format!(
-            "rate.adaptive.min_per_minute {} must be above 0 and at most rate.per_minute",
-            adaptive.min_per_minute
-        ));
-    }
-    adaptive
-}
-
 fn read_tls(section: &TlsSection, dir: &Path, problems: &mut Vec<String>) -> TlsSettings {
     let default = TlsProfile {
         ca_pem: section
@@ -703,6 +598,17 @@ mod tests {
         assert!(campaign.target.sha256.starts_with("9f86"));
     }
 
+    /// `text` fails to parse, naming each of `expected`.
+    fn names_every_problem(text: &str, expected: &[&str]) {
+        let problems = Campaign::parse(text).unwrap_err();
+        for expected in expected {
+            assert!(
+                problems.contains(expected),
+                "{expected} missing from: {problems}"
+            );
+        }
+    }
+
     #[test]
     fn every_problem_is_named() {
         let bad = GOOD
@@ -710,13 +616,10 @@ mod tests {
             .replace("http://files", "ftp://files")
             .replace("9F86", "ZZ")
             .replace("2s", "1h");
-        let problems = Campaign::parse(&bad).unwrap_err();
-        for expected in ["id \"fw 7.2\"", "scheme \"ftp\"", "sha256", "poll_interval"] {
-            assert!(
-                problems.contains(expected),
-                "{expected} missing from: {problems}"
-            );
-        }
+        names_every_problem(
+            &bad,
+            &["id \"fw 7.2\"", "scheme \"ftp\"", "sha256", "poll_interval"],
+        );
     }
 
     #[test]
@@ -750,19 +653,16 @@ mod tests {
             "{GOOD}\n[waves]\nsizes = [0, \"x\"]\nsuccess_gate = 1.5\n\
              [failure_budget]\ncampaign = {{ ratio = 2.0 }}\n[rate]\nper_minute = 0\n"
         );
-        let problems = Campaign::parse(&bad).unwrap_err();
-        for expected in [
-            "waves.sizes: 0 is not a positive count",
-            "waves.sizes: \"x\" is neither",
-            "waves.success_gate 1.5",
-            "failure_budget.campaign.ratio 2",
-            "rate.per_minute 0 must be above 0",
-        ] {
-            assert!(
-                problems.contains(expected),
-                "{expected} missing from: {problems}"
-            );
-        }
+        names_every_problem(
+            &bad,
+            &[
+                "waves.sizes: 0 is not a positive count",
+                "waves.sizes: \"x\" is neither",
+                "waves.success_gate 1.5",
+                "failure_budget.campaign.ratio 2",
+                "rate.per_minute 0 must be above 0",
+            ],
+        );
     }
 
     #[test]
@@ -781,19 +681,16 @@ mod tests {
             "{GOOD}\n[rate]\nper_minute = 60\nadaptive = {{ window = \"10ms\", decrease = 1.5, \
              increase = 0, error_ratio_over = 1, min_per_minute = 100 }}\n"
         );
-        let problems = Campaign::parse(&bad).unwrap_err();
-        for expected in [
-            "rate.adaptive.window must be at least 1s",
-            "rate.adaptive.decrease 1.5 must be above 0 and below 1",
-            "rate.adaptive.increase 0 must be above 0",
-            "rate.adaptive.error_ratio_over 1 must be at least 0 and below 1",
-            "rate.adaptive.min_per_minute 100 must be above 0 and at most rate.per_minute",
-        ] {
-            assert!(
-                problems.contains(expected),
-                "{expected} missing from: {problems}"
-            );
-        }
+        names_every_problem(
+            &bad,
+            &[
+                "rate.adaptive.window must be at least 1s",
+                "rate.adaptive.decrease 1.5 must be above 0 and below 1",
+                "rate.adaptive.increase 0 must be above 0",
+                "rate.adaptive.error_ratio_over 1 must be at least 0 and below 1",
+                "rate.adaptive.min_per_minute 100 must be above 0 and at most rate.per_minute",
+            ],
+        );
         let unknown =
             format!("{GOOD}\n[rate]\nper_minute = 60\nadaptive = {{ p99_over = \"1s\" }}\n");
         assert!(Campaign::parse(&unknown).unwrap_err().contains("p99_over"));

@@ -146,7 +146,7 @@ pub fn decision_name(decision: &Decision) -> String {
         Decision::Paused { .. } => "paused".into(),
         Decision::Resumed => "resumed".into(),
         Decision::WindowClosed { .. } => "window closed".into(),
-        Decision::RateChanged { .. } => "rate changed".into(),
+        Decision::RateChanged(_) => "rate changed".into(),
         Decision::Cancelled => "cancelled".into(),
         Decision::Completed => "completed".into(),
     }

@@ -9,7 +9,7 @@ use crate::{
     state::{CampaignState, Phase},
 };
 use chrono::{DateTime, Duration, Utc};
-use flotilla_common::{Decision, DecisionEvent, PauseCause, Thresholds};
+use flotilla_common::{Decision, DecisionEvent, PauseCause, RateChange, Thresholds};
 use serde::Serialize;
 use std::collections::BTreeMap;
 
@@ -183,20 +183,7 @@ pub struct DecisionJson {
     pub thresholds: Thresholds,
     /// A `rate_changed` decision's host and numbers.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub rate: Option<RateChangeJson>,
-}
-
-/// What a `rate_changed` decision changed, and what it judged.
-#[derive(Debug, Serialize)]
-pub struct RateChangeJson {
-    pub host: String,
-    pub from_per_minute: f64,
-    /// `null`: the host's limit was lifted.
-    pub to_per_minute: Option<f64>,
-    pub full_per_minute: f64,
-    pub calls: u64,
-    pub p95_ms: u64,
-    pub error_ratio: f64,
+    pub rate: Option<RateChange>,
 }
 
 /// A host the adaptive rate holds down.
@@ -292,7 +279,7 @@ impl DecisionJson {
             Decision::Paused { cause } => ("paused", None, Some(*cause), None),
             Decision::Resumed => ("resumed", None, None, None),
             Decision::WindowClosed { opens_at } => ("window_closed", None, None, Some(*opens_at)),
-            Decision::RateChanged { .. } => ("rate_changed", None, None, None),
+            Decision::RateChanged(_) => ("rate_changed", None, None, None),
             Decision::Cancelled => ("cancelled", None, None, None),
             Decision::Completed => ("completed", None, None, None),
         };
@@ -305,23 +292,7 @@ impl DecisionJson {
             reason: event.reason.clone(),
             thresholds: event.thresholds.clone(),
             rate: match &event.decision {
-                Decision::RateChanged {
-                    host,
-                    from_per_minute,
-                    to_per_minute,
-                    full_per_minute,
-                    calls,
-                    p95_ms,
-                    error_ratio,
-                } => Some(RateChangeJson {
-                    host: host.clone(),
-                    from_per_minute: *from_per_minute,
-                    to_per_minute: *to_per_minute,
-                    full_per_minute: *full_per_minute,
-                    calls: *calls,
-                    p95_ms: *p95_ms,
-                    error_ratio: *error_ratio,
-                }),
+                Decision::RateChanged(change) => Some(change.clone()),
                 _ => None,
             },
         }

@@ -348,6 +348,13 @@ impl Harness {
         tracker
     }
 
+    /// Sends an operator's command for `campaign` on the control stream.
+    pub async fn command(&self, campaign: &str, command: flotilla_common::control::Command) {
+        flotilla_producer::send_command(&self.broker, &self.topology, campaign, command, None)
+            .await
+            .expect("the command is sent");
+    }
+
     /// Follows the events stream until `condition` holds for `campaign`.
     pub async fn wait_until(
         &self,

@@ -20,7 +20,7 @@
 //! arrived, never by the workers' clocks.
 
 use super::pacer::{Pacer, Rate};
-use flotilla_common::{CallSample, Decision, DecisionEvent};
+use flotilla_common::{CallSample, Decision, DecisionEvent, RateChange};
 use std::{
     collections::{BTreeMap, VecDeque},
     time::{Duration, Instant},
@@ -56,7 +56,7 @@ pub struct AdaptiveRate {
 /// A change the controller should make, and the words for it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {
-    pub decision: Decision,
+    pub rate: RateChange,
     pub reason: String,
 }
 
@@ -153,17 +153,11 @@ impl Adaptive {
         let mut changed = Vec::new();
         let new = decisions.partition_point(|d| d.seq < self.synced);
         for event in &decisions[new..] {
-            if let Decision::RateChanged {
-                host,
-                to_per_minute,
-                full_per_minute,
-                ..
-            } = &event.decision
-            {
-                let state = self.hosts.entry(host.clone()).or_default();
-                state.limit = to_per_minute.map(|per_minute| Limit {
+            if let Decision::RateChanged(change) = &event.decision {
+                let state = self.hosts.entry(change.host.clone()).or_default();
+                state.limit = change.to_per_minute.map(|per_minute| Limit {
                     per_minute,
-                    full_per_minute: *full_per_minute,
+                    full_per_minute: change.full_per_minute,
                     pacer: Pacer::new(Rate {
                         per_minute,
                         ramp: None,
@@ -171,7 +165,7 @@ impl Adaptive {
                 });
                 state.changed_at = Some(now);
                 state.calls.clear();
-                changed.push(host.clone());
+                changed.push(change.host.clone());
             }
         }
         if let Some(last) = decisions.last() {
@@ -258,7 +252,7 @@ impl Host {
 
     fn verdict(&self, min_calls: u64) -> Option<Verdict> {
         let calls = self.calls.len() as u64;
-        if calls == 0 || calls < min_calls {
+        if calls < min_calls.max(1) {
             return None;
         }
         let mut latencies: Vec<u64> = self.calls.iter().map(|(_, ms, _)| *ms).collect();
@@ -317,7 +311,7 @@ fn change(
         ),
     };
     Change {
-        decision: Decision::RateChanged {
+        rate: RateChange {
             host: host.to_owned(),
             from_per_minute: from,
             to_per_minute: to,
@@ -368,7 +362,7 @@ mod tests {
     fn decided(seq: u32, change: Change) -> DecisionEvent {
         DecisionEvent {
             seq,
-            decision: change.decision,
+            decision: Decision::RateChanged(change.rate),
             reason: change.reason,
             counts: DecisionCounts::default(),
             thresholds: Thresholds::default(),
@@ -390,22 +384,17 @@ mod tests {
             adaptive.observe(&sample("b", 50, None), now);
         }
         let cut = adaptive.review(now).expect("a is slow");
-        let Decision::RateChanged {
-            ref host,
-            from_per_minute,
-            to_per_minute,
-            full_per_minute,
-            p95_ms,
-            ..
-        } = cut.decision
-        else {
-            panic!("{cut:?}")
-        };
+        let rate = &cut.rate;
         assert_eq!(
-            (host.as_str(), from_per_minute, to_per_minute, p95_ms),
+            (
+                rate.host.as_str(),
+                rate.from_per_minute,
+                rate.to_per_minute,
+                rate.p95_ms
+            ),
             ("a", 120.0, Some(60.0), 900)
         );
-        assert_eq!(full_per_minute, 120.0);
+        assert_eq!(rate.full_per_minute, 120.0);
         assert!(
             cut.reason
                 .starts_with("a: 120 → 60 starts per minute, p95 900ms")
@@ -426,13 +415,7 @@ mod tests {
         // Healthy a window later: +30, then lifted at 120.
         let later = now + Duration::from_secs(10);
         let raise = adaptive.review(later).expect("a recovered");
-        assert!(matches!(
-            raise.decision,
-            Decision::RateChanged {
-                to_per_minute: Some(90.0),
-                ..
-            }
-        ));
+        assert_eq!(raise.rate.to_per_minute, Some(90.0));
         decisions.push(decided(1, raise));
         adaptive.sync(&decisions, later);
         for _ in 0..20 {
@@ -445,13 +428,7 @@ mod tests {
             lift.reason
                 .contains("90 → full rate (120 starts per minute")
         );
-        assert!(matches!(
-            lift.decision,
-            Decision::RateChanged {
-                to_per_minute: None,
-                ..
-            }
-        ));
+        assert_eq!(lift.rate.to_per_minute, None);
         decisions.push(decided(2, lift));
         adaptive.sync(&decisions, later + Duration::from_secs(10));
         assert_eq!(adaptive.share("a"), None);
@@ -495,6 +472,6 @@ mod tests {
             "{}",
             cut.reason
         );
-        assert!(matches!(cut.decision, Decision::RateChanged { ref host, .. } if host == "a"));
+        assert_eq!(cut.rate.host, "a");
     }
 }

@@ -162,7 +162,7 @@ impl<'a> Steering<'a> {
     pub fn next(&mut self, now: Moment) -> Result<Move, ProducerError> {
         if let Some(change) = self.adapt(now.instant) {
             return Ok(Move::Decide {
-                decision: change.decision,
+                decision: Decision::RateChanged(change.rate),
                 reason: change.reason,
                 thresholds: Thresholds::default(),
             });
@@ -331,8 +331,14 @@ impl<'a> Steering<'a> {
     /// rate slowed down gets the same share of its in-flight cap.
     pub fn targets(&self, device: &Device) -> Vec<flotilla_common::CappedTarget> {
         let mut targets = targets_of(device, &self.campaign.target, &self.campaign.rollout);
+        if targets.is_empty() {
+            return targets;
+        }
+        let Some(adaptive) = &self.adaptive else {
+            return targets;
+        };
         let host = api_host(device);
-        if let Some(share) = self.adaptive.as_ref().and_then(|a| a.share(&host)) {
+        if let Some(share) = adaptive.share(&host) {
             let key = format!("host:{host}");
             for target in targets.iter_mut().filter(|t| t.key == key) {
                 target.cap = ((f64::from(target.cap) * share).ceil() as u32).max(1);

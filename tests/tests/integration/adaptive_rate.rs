@@ -7,7 +7,6 @@ use flotilla_common::{Decision, DeviceKind, control::Command};
 use flotilla_producer::{
     CampaignState,
     rollout::{adaptive::AdaptiveRate, pacer::Rate},
-    send_command,
 };
 use flotilla_sim::{Fleet, FleetSpec, faults::FaultSpec};
 use flotilla_tests::{Harness, fleet_credentials};
@@ -21,12 +20,9 @@ fn changes(state: &CampaignState, host: &str) -> Vec<(f64, Option<f64>)> {
         .decisions()
         .iter()
         .filter_map(|d| match &d.decision {
-            Decision::RateChanged {
-                host: changed,
-                from_per_minute,
-                to_per_minute,
-                ..
-            } if changed == host => Some((*from_per_minute, *to_per_minute)),
+            Decision::RateChanged(change) if change.host == host => {
+                Some((change.from_per_minute, change.to_per_minute))
+            }
             _ => None,
         })
         .collect()
@@ -138,15 +134,7 @@ async fn a_dms_that_slows_down_gets_fewer_starts_until_it_recovers_and_the_other
     let lifted_at = Utc::now();
     tokio::time::sleep(2 * WINDOW).await;
     let stopped_at = Utc::now();
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        id,
-        Command::Cancel,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(id, Command::Cancel).await;
     let state = tokio::time::timeout(Duration::from_secs(60), controller.finished())
         .await
         .unwrap();
@@ -161,7 +149,7 @@ async fn a_dms_that_slows_down_gets_fewer_starts_until_it_recovers_and_the_other
     let reasons: Vec<&str> = state
         .decisions()
         .iter()
-        .filter(|d| matches!(d.decision, Decision::RateChanged { .. }))
+        .filter(|d| matches!(d.decision, Decision::RateChanged(_)))
         .map(|d| d.reason.as_str())
         .collect();
     assert!(

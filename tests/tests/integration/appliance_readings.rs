@@ -10,7 +10,6 @@
 
 use chrono::Duration as Span;
 use flotilla_common::{DeviceKind, ErrorClass, Outcome, Publisher, control::Command};
-use flotilla_producer::send_command;
 use flotilla_sim::{
     Fleet, FleetSpec, GatewayFault, NpmFault, Quirks, SpsFault, dms, flowgateway,
     netprofiler::Netprofiler, npm::Npm, sps::Sps,
@@ -317,15 +316,7 @@ async fn npm_checks_the_target_at_initialized_and_resets_an_update_it_initialize
         || async { stuck.get::<Npm>(&cancel_device.id).unwrap().update_state() == "INITIALIZING" },
     )
     .await;
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &cancelled.id,
-        Command::Cancel,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&cancelled.id, Command::Cancel).await;
 
     let target_events = harness
         .wait_finished(&target.id, 1, Duration::from_secs(60))

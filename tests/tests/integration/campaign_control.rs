@@ -83,15 +83,7 @@ async fn a_canary_over_its_failure_budget_pauses_the_campaign_until_resumed() {
     let still = harness.all_events(&campaign.id).await;
     assert_eq!(still.published(), 5);
 
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &campaign.id,
-        Command::Resume,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&campaign.id, Command::Resume).await;
     let state = tokio::time::timeout(Duration::from_secs(60), controller.finished())
         .await
         .unwrap();
@@ -277,15 +269,7 @@ async fn pause_parks_every_job_without_calling_devices_and_resume_finishes() {
         "a paused campaign called its devices"
     );
 
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &campaign.id,
-        Command::Resume,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&campaign.id, Command::Resume).await;
     let state = tokio::time::timeout(Duration::from_secs(60), controller.finished())
         .await
         .unwrap();
@@ -316,15 +300,7 @@ async fn cancel_mid_campaign_cleans_up_every_job_and_leaves_nothing_running() {
             |s| s.totals().succeeded >= 1,
         )
         .await;
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &campaign.id,
-        Command::Cancel,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&campaign.id, Command::Cancel).await;
     let state = tokio::time::timeout(Duration::from_secs(60), controller.finished())
         .await
         .unwrap();
@@ -386,15 +362,7 @@ async fn a_closed_maintenance_window_starts_nothing() {
         .await;
     assert_eq!(waiting.published(), 0);
     // Cancelling records every device as not started.
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &campaign.id,
-        Command::Cancel,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&campaign.id, Command::Cancel).await;
     let state = controller.finished().await;
     assert_eq!(state.published(), 0);
     assert_eq!(state.totals().cancelled, 10);

@@ -6,7 +6,6 @@ use flotilla_common::{
     DeviceKind, EVENT_MESSAGE_TYPE, ErrorClass, Message, Outcome, Publisher, control::Command,
     headers,
 };
-use flotilla_producer::send_command;
 use flotilla_sim::{Fleet, FleetSpec, Quirks, dms};
 use flotilla_tests::{Harness, fleet_credentials};
 use futures::StreamExt;
@@ -148,18 +147,9 @@ async fn time_paused_does_not_count_against_the_deadline() {
             |s| s.devices().filter(|(_, d)| d.steps() > 0).count() == 10,
         )
         .await;
-    let command = |command| {
-        send_command(
-            &harness.broker,
-            &harness.topology,
-            &campaign.id,
-            command,
-            None,
-        )
-    };
-    command(Command::Pause).await.unwrap();
+    harness.command(&campaign.id, Command::Pause).await;
     tokio::time::sleep(Duration::from_secs(7)).await;
-    command(Command::Resume).await.unwrap();
+    harness.command(&campaign.id, Command::Resume).await;
 
     let state = harness
         .wait_finished(&campaign.id, 10, Duration::from_secs(60))

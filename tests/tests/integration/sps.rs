@@ -7,7 +7,7 @@
 use flotilla_common::{
     Device, DeviceKind, ErrorClass, Outcome, Publisher, StepEvent, control::Command,
 };
-use flotilla_producer::{Campaign, send_command};
+use flotilla_producer::Campaign;
 use flotilla_sim::{Fleet, FleetSpec, SpsFault, sps};
 use flotilla_tests::{Harness, eventually, fleet_credentials};
 use std::time::Duration;
@@ -403,15 +403,7 @@ async fn sps_cleanup_cancels_a_running_fetch_on_cancel_and_on_the_deadline() {
             == 1
     })
     .await;
-    send_command(
-        &harness.broker,
-        &harness.topology,
-        &cancelled.id,
-        Command::Cancel,
-        None,
-    )
-    .await
-    .unwrap();
+    harness.command(&cancelled.id, Command::Cancel).await;
 
     let cancel_events = harness
         .wait_finished(&cancelled.id, 1, Duration::from_secs(30))

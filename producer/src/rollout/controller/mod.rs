@@ -47,8 +47,10 @@ use std::{
 use tokio::sync::mpsc;
 use tracing::{info, info_span, warn};
 
+mod jobs;
 mod launch;
 mod session;
+mod snapshots;
 
 use launch::Launcher;
 use session::note_completed;
@@ -367,46 +369,6 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         self.position = self.position.max(offset);
     }
 
-    /// When the next snapshot is due (`None`: now, there is none yet): soon
-    /// after a change, else a heartbeat.
-    fn snapshot_due(&self) -> Option<Instant> {
-        match self.snapshot {
-            None => None,
-            Some((at, covers)) if covers != self.position => Some(at + SNAPSHOT_EVERY),
-            Some((at, _)) => Some(at + SNAPSHOT_HEARTBEAT),
-        }
-    }
-
-    /// Writes the campaign's state (and the ledger, if capped) as of the
-    /// events read so far, when due. What the controller applied before
-    /// reading it back (its own publications and decisions) is in it too:
-    /// a reader applying the events after `position` sees those again and
-    /// counts them once, as the state does.
-    async fn snapshot_if_due(&mut self, steering: &Steering<'_>) -> Result<(), ProducerError> {
-        if self.snapshot_due().is_some_and(|due| Instant::now() < due) {
-            return Ok(());
-        }
-        let covers = self.position;
-        catalogue::write_snapshot(
-            &self.decisions,
-            self.topology,
-            covers,
-            &steering.state.snapshot(),
-        )
-        .await?;
-        if self.capped {
-            catalogue::write_ledger(
-                &self.decisions,
-                self.topology,
-                covers,
-                &steering.ledger.snapshot(),
-            )
-            .await?;
-        }
-        self.snapshot = Some((Instant::now(), covers));
-        Ok(())
-    }
-
     /// Writes the `started` decision, or checks a restarted run uses the
     /// files the campaign started with.
     async fn start_or_resume(
@@ -531,83 +493,6 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
             let (offset, message) = command?;
             self.control_position = Some(offset);
             self.command(steering, offset, &message).await?;
-        }
-        Ok(())
-    }
-
-    /// A device's first job (its body and message, signed) and the event
-    /// recording its publication in `wave`.
-    fn job_message(&self, device: Device, wave: u32) -> (Vec<u8>, Message, Event) {
-        let mut job = Job::new(
-            &self.campaign.id,
-            device,
-            self.campaign.target.clone(),
-            self.campaign.policy.clone(),
-        );
-        job.settings = self.campaign.settings_for(job.device.kind);
-        job.tls = self
-            .campaign
-            .tls
-            .profile_for(job.device.group.as_deref())
-            .clone();
-        let body = serde_json::to_vec(&job).expect("a job serializes to JSON");
-        // The device's rollout is one trace, started here; the job
-        // carries its context to every step.
-        let rollout_span = info_span!(
-            parent: None,
-            "rollout",
-            otel.name = %format!("rollout {}", job.device.kind),
-            campaign = %job.campaign,
-            device = %job.device.id,
-            kind = %job.device.kind,
-        );
-        let mut headers = FieldTable::default();
-        rollout_span.in_scope(|| telemetry::inject_current(&mut headers));
-        let message = Message::new(JOB_MESSAGE_TYPE)
-            .id(format!("{}/{}/0", job.campaign, job.device.id))
-            .headers(headers)
-            .signed(&self.keyring, &body);
-        let event = Event::new(
-            &self.campaign.id,
-            EventBody::Published(PublishedEvent {
-                device: job.device.id,
-                kind: job.device.kind,
-                wave: Some(wave),
-            }),
-        );
-        (body, message, event)
-    }
-
-    /// Adds the events to the transaction open on `channel`, as one record.
-    async fn add_to_transaction(
-        &self,
-        channel: &TxPublisher,
-        events: &[Event],
-    ) -> Result<(), ProducerError> {
-        if events.is_empty() {
-            return Ok(());
-        }
-        let (body, kind) = EventRecord::encode(events);
-        channel
-            .send(&self.topology.events(), &body, Message::new(kind))
-            .await?;
-        Ok(())
-    }
-
-    /// Applies the batches whose commits have been answered, without
-    /// waiting.
-    fn apply_committed(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
-        for committed in self.launcher.answered() {
-            steering.published(&committed?);
-        }
-        Ok(())
-    }
-
-    /// Waits for every commit under way, applying each batch.
-    async fn await_commits(&mut self, steering: &mut Steering<'_>) -> Result<(), ProducerError> {
-        while self.launcher.is_committing() {
-            let committed = self.launcher.committed().await?;
-            steering.published(&committed);
         }
         Ok(())
     }
