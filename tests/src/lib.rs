@@ -7,33 +7,37 @@
 //! exits (see `container.rs`). Each test gets its own queue prefix, so tests
 //! sharing a broker never see each other's messages.
 
+mod binaries;
 mod container;
+mod events;
+mod handles;
+mod keys;
 pub mod otlp;
 pub mod proxy;
+
+pub use binaries::{binary, binary_blocking};
+pub use handles::{ControllerHandle, WorkerHandle};
+pub use keys::{FLEET_ALLOWED_HOSTS, TEST_KEY_ID, fleet_credentials, fleet_login, job_key};
 
 use chrono::{DateTime, Utc};
 use flotilla_common::{
     Broker, Device, Event, EventBody, JOB_MESSAGE_TYPE, Job, JobPolicy, Message, PublishedEvent,
-    Publisher, RetryPolicy, StepEvent, Target, Topology,
+    Publisher, RetryPolicy, Target, Topology,
     cli::BrokerArgs,
     inventory::InventoryWriter,
     signing::{KeyArgs, Keyring},
-    stream::{Offset, StreamReader},
 };
-use flotilla_producer::{
-    Campaign, CampaignState, ProducerError, RunSpec, check_inventory, run_campaign,
-};
+use flotilla_producer::{Campaign, RunSpec, check_inventory, run_campaign};
 use flotilla_sim::Fleet;
-use flotilla_worker::{CredentialStore, Credentials, WorkerConfig, WorkerError};
+use flotilla_worker::{CredentialStore, WorkerConfig};
 use lapin::{options::QueueDeclareOptions, types::FieldTable};
 use rand::Rng;
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
-    sync::OnceLock,
     time::Duration,
 };
-use tokio::{sync::OnceCell, task::JoinHandle};
+use tokio::sync::OnceCell;
 use tokio_util::sync::CancellationToken;
 
 /// Delay tiers short enough for tests to run quickly.
@@ -320,167 +324,11 @@ impl Harness {
         }
     }
 
-    /// Follows the events stream until `devices` devices of `campaign` have
-    /// finished.
-    pub async fn wait_finished(
-        &self,
-        campaign: &str,
-        devices: usize,
-        within: Duration,
-    ) -> CampaignState {
-        let mut tracker = CampaignState::new(campaign);
-        let follow = flotilla_producer::follow_campaign(
-            &self.broker,
-            &self.topology,
-            &mut tracker,
-            within,
-            |t| t.finished() >= devices,
-            |_| {},
-        );
-        match tokio::time::timeout(within, follow).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => panic!("following {campaign}: {error}"),
-            Err(_) => panic!(
-                "{campaign}: only {} of {devices} devices finished within {within:?}",
-                tracker.finished()
-            ),
-        }
-        tracker
-    }
-
     /// Sends an operator's command for `campaign` on the control stream.
     pub async fn command(&self, campaign: &str, command: flotilla_common::control::Command) {
         flotilla_producer::send_command(&self.broker, &self.topology, campaign, command, None)
             .await
             .expect("the command is sent");
-    }
-
-    /// Follows the events stream until `condition` holds for `campaign`.
-    pub async fn wait_until(
-        &self,
-        campaign: &str,
-        within: Duration,
-        what: &str,
-        condition: impl FnMut(&CampaignState) -> bool,
-    ) -> CampaignState {
-        let mut state = CampaignState::new(campaign);
-        let follow = flotilla_producer::follow_campaign(
-            &self.broker,
-            &self.topology,
-            &mut state,
-            within,
-            condition,
-            |_| {},
-        );
-        match tokio::time::timeout(within, follow).await {
-            Ok(Ok(())) => state,
-            Ok(Err(error)) => panic!("{campaign}: waiting for {what}: {error}"),
-            Err(_) => panic!("{campaign}: no {what} within {within:?}"),
-        }
-    }
-
-    /// Every event of `campaign` in the stream now (reads until it has been
-    /// quiet for a second).
-    pub async fn all_events(&self, campaign: &str) -> CampaignState {
-        let mut tracker = CampaignState::new(campaign);
-        let result = flotilla_producer::follow_campaign(
-            &self.broker,
-            &self.topology,
-            &mut tracker,
-            Duration::from_secs(1),
-            |_| false,
-            |_| {},
-        )
-        .await;
-        assert!(
-            matches!(result, Err(flotilla_producer::FollowError::Quiet(_))),
-            "reading events: {result:?}"
-        );
-        tracker
-    }
-
-    /// Every step event of `campaign` in the stream now, in stream order
-    /// (reads until it has been quiet for a second).
-    pub async fn step_events(&self, campaign: &str) -> Vec<StepEvent> {
-        let connection = self.broker.connection().await.expect("broker reachable");
-        let mut reader = StreamReader::open(&connection, &self.topology.events(), Offset::First)
-            .await
-            .expect("the events stream opens");
-        let mut steps = Vec::new();
-        loop {
-            let record = match tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(record))) => record,
-                Ok(other) => panic!("reading events: {other:?}"),
-            };
-            for event in record.events().unwrap_or_default() {
-                if event.campaign == campaign
-                    && let EventBody::Step(step) = event.body
-                {
-                    steps.push(step);
-                }
-            }
-        }
-        steps
-    }
-
-    /// Appends `count` events of an unrelated campaign to the events stream,
-    /// as fast as the broker takes them: several channels, each keeping
-    /// many publishes in flight before waiting for their confirms.
-    pub async fn write_filler(&self, count: usize) {
-        const CHANNELS: usize = 4;
-        const IN_FLIGHT: usize = 1000;
-        let event = Event::new(
-            "filler",
-            EventBody::Step(StepEvent {
-                device: "cpe-filler-000001".into(),
-                kind: flotilla_common::DeviceKind::Dms,
-                seq: 3,
-                step: "poll_result".into(),
-                attempt: 1,
-                duration_ms: 4,
-                next: Some("poll_result".into()),
-                delay_ms: Some(1000),
-                error: None,
-                note: Some("download 42%".into()),
-                worker: Some("filler".into()),
-                tls_unverified: false,
-                calls: None,
-            }),
-        );
-        let body = std::sync::Arc::new(serde_json::to_vec(&event).expect("an event serializes"));
-        let mut tasks = tokio::task::JoinSet::new();
-        for channel in 0..CHANNELS {
-            let (broker, queue, body) = (self.broker.clone(), self.topology.events(), body.clone());
-            let share = count / CHANNELS + usize::from(channel < count % CHANNELS);
-            tasks.spawn(async move {
-                let connection = broker.connection().await.expect("broker reachable");
-                let publisher = Publisher::open(&connection).await.expect("a publisher");
-                let mut pending = Vec::with_capacity(IN_FLIGHT);
-                for _ in 0..share {
-                    let confirm = publisher
-                        .send(
-                            &queue,
-                            &body,
-                            Message::new(flotilla_common::EVENT_MESSAGE_TYPE),
-                        )
-                        .await
-                        .expect("publishing filler");
-                    pending.push(confirm);
-                    if pending.len() == IN_FLIGHT {
-                        for confirm in pending.drain(..) {
-                            confirm.wait().await.expect("filler confirmed");
-                        }
-                    }
-                }
-                for confirm in pending {
-                    confirm.wait().await.expect("filler confirmed");
-                }
-            });
-        }
-        while let Some(done) = tasks.join_next().await {
-            done.expect("a filler task did not panic");
-        }
     }
 
     /// Messages ready in a queue (not counting those held by consumers).
@@ -596,152 +444,6 @@ impl Drop for Harness {
         let _ = cleanup.join();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A campaign controller running in the background.
-pub struct ControllerHandle {
-    task: JoinHandle<Result<CampaignState, ProducerError>>,
-}
-
-impl ControllerHandle {
-    /// Waits for the controller to finish the campaign.
-    pub async fn finished(self) -> CampaignState {
-        self.task
-            .await
-            .expect("the controller did not panic")
-            .expect("the controller ran the campaign to its end")
-    }
-
-    /// Waits for the controller, returning its error.
-    pub async fn result(self) -> Result<CampaignState, ProducerError> {
-        self.task.await.expect("the controller did not panic")
-    }
-
-    /// Stops the controller at once, as a crash would.
-    pub fn abort(&self) {
-        self.task.abort();
-    }
-}
-
-/// An in-process worker.
-pub struct WorkerHandle {
-    stop: CancellationToken,
-    task: JoinHandle<Result<(), WorkerError>>,
-}
-
-impl WorkerHandle {
-    /// Asks the worker to stop and waits for it to drain.
-    pub async fn stop(self) {
-        self.stop.cancel();
-        self.task
-            .await
-            .expect("the worker task did not panic")
-            .expect("the worker stopped cleanly");
-    }
-}
-
-/// The test's job key id.
-pub const TEST_KEY_ID: &str = "test";
-/// Where the simulated fleet's credentials may go: its devices are all on
-/// loopback addresses.
-pub const FLEET_ALLOWED_HOSTS: &str = "127.0.0.0/8";
-
-/// Writes a new random job key named `id` into `dir`, and returns the
-/// settings that name it and the keyring they read.
-pub fn job_key(dir: &Path, id: &str) -> (KeyArgs, Keyring) {
-    let key: [u8; 32] = rand::rng().random();
-    let path = dir.join(format!("job-key-{id}"));
-    std::fs::write(&path, format!("{}\n", hex::encode(key))).expect("the temp dir is writable");
-    let keys = KeyArgs {
-        job_keys: Some(format!("{id}={}", path.display())),
-        signing_key_id: None,
-    };
-    let keyring = keys.keyring().expect("a fresh key file reads");
-    (keys, keyring)
-}
-
-/// The credentials the simulated fleet accepts, as workers resolve them:
-/// a user and password, the secrets of Flow Gateway backups, and the
-/// fleet's addresses as where they may go.
-pub fn fleet_credentials(fleet: &Fleet) -> CredentialStore {
-    CredentialStore::with_given([fleet_login(fleet)])
-}
-
-/// The fleet's credentials reference with every field its devices accept.
-pub fn fleet_login(fleet: &Fleet) -> Credentials {
-    let (user, password) = fleet.login();
-    Credentials::new(flotilla_sim::CREDENTIALS_REFERENCE)
-        .with("username", user)
-        .with("password", password)
-        .with("backup_password", fleet.backup_password())
-        .with("security_password", "sim-backup-encryption-key")
-        .with("allowed_hosts", FLEET_ALLOWED_HOSTS)
-}
-
-/// The path of a workspace binary, built first so it is never stale. The
-/// build runs off the test's runtime: blocking it for the length of a build
-/// would starve the broker connection's heartbeats.
-pub async fn binary(name: &str) -> PathBuf {
-    let name = name.to_owned();
-    tokio::task::spawn_blocking(move || binary_blocking(&name))
-        .await
-        .expect("the build task did not panic")
-}
-
-/// [`binary`], for tests without a runtime.
-pub fn binary_blocking(name: &str) -> PathBuf {
-    static BUILD_LOCK: OnceLock<std::sync::Mutex<()>> = OnceLock::new();
-    let _guard = BUILD_LOCK
-        .get_or_init(Default::default)
-        .lock()
-        .expect("no build panicked");
-    let exe = std::env::current_exe().expect("the test binary knows its path");
-    // <target>/<profile>/deps/<test binary>, or <target>/<profile>/<binary>
-    // for a workspace binary such as flotilla-bench.
-    let parent = exe
-        .parent()
-        .expect("binaries live in <target>/<profile>[/deps]");
-    let profile_dir = match parent.file_name().and_then(|n| n.to_str()) {
-        Some("deps") => parent
-            .parent()
-            .expect("test binaries live in <target>/<profile>/deps"),
-        _ => parent,
-    };
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") | None => "dev",
-        Some(other) => other,
-    };
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned());
-    let workspace = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("the tests crate sits in the workspace");
-    let mut build = std::process::Command::new(cargo);
-    build
-        .args(["build", "--quiet", "--profile", profile, "--bin", name])
-        .current_dir(workspace);
-    // Cargo gives a test process its package's variables (CARGO_MANIFEST_DIR
-    // and the like). A build that inherits them sees a changed environment
-    // and rebuilds ring and everything above it, and the next `cargo test`
-    // rebuilds it all back: minutes on two cores.
-    for (key, _) in std::env::vars_os() {
-        if key.to_str().is_some_and(|key| {
-            [
-                "CARGO_MANIFEST_",
-                "CARGO_PKG_",
-                "CARGO_CRATE_",
-                "CARGO_PRIMARY_PACKAGE",
-                "CARGO_BIN_",
-                "CARGO_TARGET_TMPDIR",
-            ]
-            .iter()
-            .any(|prefix| key.starts_with(prefix))
-        }) {
-            build.env_remove(key);
-        }
-    }
-    let status = build.status().expect("running cargo build");
-    assert!(status.success(), "cargo build --bin {name} failed");
-    profile_dir.join(name)
 }
 
 fn parse_duration(text: &str) -> Duration {

@@ -216,36 +216,7 @@ pub(crate) fn decision() -> impl Strategy<Value = Decision> {
         .prop_map(|cause| Decision::Paused { cause }),
         Just(Decision::Resumed),
         time().prop_map(|opens_at| Decision::WindowClosed { opens_at }),
-        (
-            text(),
-            finite(),
-            proptest::option::of(finite()),
-            finite(),
-            any::<u64>(),
-            any::<u64>(),
-            0.0..=1.0f64,
-        )
-            .prop_map(
-                |(
-                    host,
-                    from_per_minute,
-                    to_per_minute,
-                    full_per_minute,
-                    calls,
-                    p95_ms,
-                    error_ratio,
-                )| {
-                    Decision::RateChanged(RateChange {
-                        host,
-                        from_per_minute,
-                        to_per_minute,
-                        full_per_minute,
-                        calls,
-                        p95_ms,
-                        error_ratio,
-                    })
-                }
-            ),
+        rate_change().prop_map(Decision::RateChanged),
         Just(Decision::Cancelled),
         Just(Decision::Completed),
     ]
@@ -509,4 +480,18 @@ pub(crate) fn corrupt(bytes: Vec<u8>, at: usize, how: u8, garbage: Vec<u8>) -> V
         }
     }
     bytes
+}
+
+prop_compose! {
+    fn rate_change()(
+        host in text(),
+        from_per_minute in finite(),
+        to_per_minute in proptest::option::of(finite()),
+        full_per_minute in finite(),
+        calls in any::<u64>(),
+        p95_ms in any::<u64>(),
+        error_ratio in 0.0..=1.0f64,
+    ) -> RateChange {
+        RateChange { host, from_per_minute, to_per_minute, full_per_minute, calls, p95_ms, error_ratio }
+    }
 }
