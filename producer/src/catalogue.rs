@@ -51,9 +51,9 @@ const SNAPSHOT_LOOKBACK: Duration = Duration::from_secs(12);
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "entry", rename_all = "snake_case")]
-enum Entry {
+enum Entry<Id = String> {
     Created(Created),
-    Ended(Box<Ended>),
+    Ended(Box<Ended<Id>>),
 }
 
 /// A campaign's first entry.
@@ -68,14 +68,14 @@ pub struct Created {
 }
 
 /// A campaign's last entry, written once its `completed` decision is in
-/// the events stream.
+/// the events stream. `Id` as in [`Snapshot`].
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Ended {
+pub struct Ended<Id = String> {
     pub campaign: String,
     pub at: DateTime<Utc>,
     /// The offset of the `completed` decision.
     pub events_offset: u64,
-    pub snapshot: Snapshot,
+    pub snapshot: Snapshot<Id>,
 }
 
 /// What the catalogue says about one campaign, and where every capped
@@ -164,7 +164,7 @@ impl Lookup {
 async fn append(
     publisher: &Publisher,
     topology: &Topology,
-    entry: &Entry,
+    entry: &Entry<&str>,
 ) -> Result<(), BrokerError> {
     let body = serde_json::to_vec(entry).expect("a catalogue entry serializes to JSON");
     publisher
@@ -187,7 +187,7 @@ pub async fn record_created(
 pub async fn record_ended(
     publisher: &Publisher,
     topology: &Topology,
-    ended: Ended,
+    ended: Ended<&str>,
 ) -> Result<(), BrokerError> {
     append(publisher, topology, &Entry::Ended(Box::new(ended))).await
 }
@@ -205,7 +205,7 @@ pub async fn write_snapshot(
     publisher: &Publisher,
     topology: &Topology,
     covers: u64,
-    snapshot: &Snapshot,
+    snapshot: &Snapshot<&str>,
 ) -> Result<(), BrokerError> {
     let body = serde_json::to_vec(snapshot).expect("a snapshot serializes to JSON");
     let message = Message::new(SNAPSHOT_MESSAGE_TYPE)

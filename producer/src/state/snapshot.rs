@@ -12,12 +12,16 @@ use std::collections::BTreeSet;
 /// devices. Devices in flight are kept (with their wave) so that their
 /// outcomes still count in the right wave, and so that a terminal event
 /// repeated for a device that had already finished is known as a repeat.
+///
+/// `Id` is how a device's id is held: borrowed from the state when a
+/// snapshot is written (a second's snapshot of 100,000 devices in flight
+/// would otherwise copy each of their ids), owned when one is read back.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Snapshot<Id = String> {
     pub campaign: String,
     plan: Option<Plan>,
     /// Published and not finished: device and wave.
-    in_flight: Vec<(String, Option<u32>)>,
+    in_flight: Vec<(Id, Option<u32>)>,
     waves: Vec<Tally>,
     totals: Tally,
     finished_unpublished: u64,
@@ -36,7 +40,7 @@ pub struct Snapshot {
     pace: PaceLog,
 }
 
-impl Snapshot {
+impl<Id> Snapshot<Id> {
     pub fn phase(&self) -> Phase {
         self.phase
     }
@@ -44,12 +48,12 @@ impl Snapshot {
 
 impl CampaignState {
     /// The state as a snapshot: everything but the finished devices.
-    pub fn snapshot(&self) -> Snapshot {
-        let mut in_flight: Vec<(String, Option<u32>)> = self
+    pub fn snapshot(&self) -> Snapshot<&str> {
+        let mut in_flight: Vec<(&str, Option<u32>)> = self
             .devices
             .iter()
             .filter(|(_, r)| r.is_published() && !r.is_finished())
-            .map(|(id, r)| (id.to_string(), r.wave))
+            .map(|(id, r)| (&**id, r.wave))
             .collect();
         in_flight.sort();
         Snapshot {
