@@ -18,24 +18,9 @@ impl Harness {
         devices: usize,
         within: Duration,
     ) -> CampaignState {
-        let mut tracker = CampaignState::new(campaign);
-        let follow = flotilla_producer::follow_campaign(
-            &self.broker,
-            &self.topology,
-            &mut tracker,
-            within,
-            |t| t.finished() >= devices,
-            |_| {},
-        );
-        match tokio::time::timeout(within, follow).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => panic!("following {campaign}: {error}"),
-            Err(_) => panic!(
-                "{campaign}: only {} of {devices} devices finished within {within:?}",
-                tracker.finished()
-            ),
-        }
-        tracker
+        let what = format!("{devices} finished devices");
+        self.wait_until(campaign, within, &what, |t| t.finished() >= devices)
+            .await
     }
 
     /// Follows the events stream until `condition` holds for `campaign`.
@@ -58,7 +43,10 @@ impl Harness {
         match tokio::time::timeout(within, follow).await {
             Ok(Ok(())) => state,
             Ok(Err(error)) => panic!("{campaign}: waiting for {what}: {error}"),
-            Err(_) => panic!("{campaign}: no {what} within {within:?}"),
+            Err(_) => panic!(
+                "{campaign}: no {what} within {within:?} ({} devices finished)",
+                state.finished()
+            ),
         }
     }
 

@@ -185,6 +185,7 @@ impl Stamp {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_common::ErrorClass;
 
     #[test]
     fn a_record_stays_small() {
@@ -196,7 +197,6 @@ mod tests {
             std::mem::size_of::<DeviceRecord>()
         );
     }
-    use flotilla_common::ErrorClass;
 
     #[test]
     fn a_record_gives_back_the_finished_event_it_was_told() {
