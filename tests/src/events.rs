@@ -4,7 +4,7 @@
 use crate::Harness;
 use flotilla_common::{
     Event, EventBody, Message, Publisher, StepEvent,
-    stream::{Offset, StreamReader},
+    stream::{Marker, Offset, StreamReader},
 };
 use flotilla_producer::CampaignState;
 use std::time::Duration;
@@ -50,49 +50,54 @@ impl Harness {
         }
     }
 
-    /// Every event of `campaign` in the stream now (reads until it has been
-    /// quiet for a second).
+    /// Every event of `campaign` in the stream now.
     pub async fn all_events(&self, campaign: &str) -> CampaignState {
         let mut tracker = CampaignState::new(campaign);
-        let result = flotilla_producer::follow_campaign(
-            &self.broker,
-            &self.topology,
-            &mut tracker,
-            Duration::from_secs(1),
-            |_| false,
-            |_| {},
-        )
+        self.each_event_now(|event| {
+            if event.campaign == campaign {
+                tracker.apply(&event);
+            }
+        })
         .await;
-        assert!(
-            matches!(result, Err(flotilla_producer::FollowError::Quiet(_))),
-            "reading events: {result:?}"
-        );
         tracker
     }
 
-    /// Every step event of `campaign` in the stream now, in stream order
-    /// (reads until it has been quiet for a second).
+    /// Every step event of `campaign` in the stream now, in stream order.
     pub async fn step_events(&self, campaign: &str) -> Vec<StepEvent> {
+        let mut steps = Vec::new();
+        self.each_event_now(|event| {
+            if event.campaign == campaign
+                && let EventBody::Step(step) = event.body
+            {
+                steps.push(step);
+            }
+        })
+        .await;
+        steps
+    }
+
+    /// Hands every event written to the stream before the call to `each`,
+    /// reading up to a marker of its own (see `flotilla_common::stream`).
+    async fn each_event_now(&self, mut each: impl FnMut(Event)) {
         let connection = self.broker.connection().await.expect("broker reachable");
-        let mut reader = StreamReader::open(&connection, &self.topology.events(), Offset::First)
+        let events = self.topology.events();
+        let mut reader = StreamReader::open(&connection, &events, Offset::First)
             .await
             .expect("the events stream opens");
-        let mut steps = Vec::new();
-        loop {
-            let record = match tokio::time::timeout(Duration::from_secs(1), reader.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(record))) => record,
-                Ok(other) => panic!("reading events: {other:?}"),
-            };
-            for event in record.events().unwrap_or_default() {
-                if event.campaign == campaign
-                    && let EventBody::Step(step) = event.body
-                {
-                    steps.push(step);
-                }
-            }
-        }
-        steps
+        let now = Marker::publish(&connection, &events)
+            .await
+            .expect("a marker is appended");
+        reader
+            .read_to(&now, |record| {
+                record
+                    .events()
+                    .unwrap_or_default()
+                    .into_iter()
+                    .for_each(&mut each)
+            })
+            .await
+            .expect("reading the events stream");
+        let _ = connection.close(200, "read the events".into()).await;
     }
 
     /// Appends `count` events of an unrelated campaign to the events stream,

@@ -25,7 +25,7 @@ use flotilla_common::{
     control::ControlMessage,
     headers,
     ops::Readiness,
-    stream::{Offset, Record, StreamReader},
+    stream::{Marker, Offset, Record, StreamReader},
 };
 use futures::{FutureExt, StreamExt};
 use lapin::{
@@ -39,9 +39,6 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 const RECONNECT_BACKOFF_MIN: Duration = Duration::from_millis(250);
-/// The control stream is read to its end before jobs are taken; a pause
-/// this long without a record means the end.
-const CONTROL_CATCH_UP: Duration = Duration::from_millis(300);
 const RECONNECT_BACKOFF_MAX: Duration = Duration::from_secs(15);
 /// How long a worker that has consumed before keeps trying a login the
 /// broker refuses before it gives up.
@@ -173,12 +170,14 @@ async fn session(
     }
     *connected_before = true;
     // Know every campaign's mode before taking a job, so no step of a
-    // paused or cancelled campaign runs.
+    // paused or cancelled campaign runs: every command written before the
+    // marker is read before it comes back, however busy the stream.
     let mut control =
         StreamReader::open(&connection, &shared.topology.control(), Offset::First).await?;
-    while let Ok(record) = tokio::time::timeout(CONTROL_CATCH_UP, control.next()).await {
-        apply_control(shared, record)?;
-    }
+    let caught_up = Marker::publish(&connection, control.stream()).await?;
+    control
+        .read_to(&caught_up, |record| apply_control(shared, &record))
+        .await?;
     let jobs = shared.topology.jobs();
     let (fence, fence_reads) = fence::new(shared.topology.handoffs());
     let fence_reads = fence_reads.serve(&connection);
@@ -204,11 +203,11 @@ async fn session(
             _ = shutdown.cancelled() => break Ok(()),
             // Runs as long as the session holds `fence`, past this loop.
             () = &mut fence_reads => break Err(BrokerError::ConnectionLost.into()),
-            record = control.next() => {
-                if let Err(error) = apply_control(shared, record) {
-                    break Err(error);
-                }
-            }
+            record = control.next() => match record {
+                Some(Ok(record)) => apply_control(shared, &record),
+                Some(Err(error)) => break Err(error.into()),
+                None => break Err(BrokerError::ConnectionLost.into()),
+            },
             Some(joined) = slots.join_next() => match joined {
                 Ok((slot, result)) => {
                     stopped.push(slot);
@@ -318,11 +317,7 @@ impl Slot {
 }
 
 /// Folds one control-stream record into the worker's book.
-fn apply_control(
-    shared: &Shared,
-    record: Option<Result<Record, BrokerError>>,
-) -> Result<(), SessionError> {
-    let record = record.ok_or(BrokerError::ConnectionLost)??;
+fn apply_control(shared: &Shared, record: &Record) {
     match record.decode::<ControlMessage>() {
         Ok(message) => {
             info!(campaign = %message.campaign, command = message.command.as_str(), by = %message.by, "campaign command");
@@ -336,7 +331,6 @@ fn apply_control(
             warn!(offset = ?record.offset, %error, "skipping a control record this build cannot read")
         }
     }
-    Ok(())
 }
 
 /// One delivery, up to its committed hand-off.

@@ -280,6 +280,69 @@ async fn pause_parks_every_job_without_calling_devices_and_resume_finishes() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_joining_while_commands_keep_coming_knows_every_earlier_pause() {
+    let harness = Harness::new("busy-control").await;
+    let fleet = Fleet::start(cpes(8, (200, 400), FaultSpec::NONE))
+        .await
+        .unwrap();
+    let campaign = harness.campaign("busy-control");
+    harness.command(&campaign.id, Command::Pause).await;
+    harness.publish(&campaign, fleet.devices()).await;
+    // Another campaign's operator never stops typing: the control stream
+    // is never quiet while the worker joins.
+    let typing = tokio_util::sync::CancellationToken::new();
+    let noise = tokio::spawn({
+        let (broker, topology, typing) = (
+            harness.broker.clone(),
+            harness.topology.clone(),
+            typing.clone(),
+        );
+        async move {
+            for command in [Command::Pause, Command::Resume].into_iter().cycle() {
+                send_command(&broker, &topology, "someone-else", command, None)
+                    .await
+                    .unwrap();
+                tokio::select! {
+                    _ = typing.cancelled() => break,
+                    _ = tokio::time::sleep(Duration::from_millis(40)) => {}
+                }
+            }
+        }
+    });
+    let metrics_addr = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let mut config = harness.worker_config("joins-late");
+    config.metrics_addr = flotilla_worker::Listen::On(metrics_addr);
+    let worker = harness.start_worker_with(config, fleet_credentials(&fleet));
+    let scrape = format!("http://{metrics_addr}/metrics");
+    flotilla_tests::eventually(Duration::from_secs(20), "parked jobs", || async {
+        let Ok(response) = reqwest::get(&scrape).await else {
+            return false;
+        };
+        let text = response.text().await.unwrap_or_default();
+        text.lines()
+            .find_map(|l| l.strip_prefix("flotilla_worker_parked_total "))
+            .and_then(|n| n.parse::<u64>().ok())
+            .is_some_and(|n| n >= 8)
+    })
+    .await;
+    let dms = fleet.get::<dms::Cpe>(&fleet.devices()[0].id).unwrap().dms();
+    assert_eq!(dms.requests(), 0, "a paused campaign called its devices");
+
+    harness.command(&campaign.id, Command::Resume).await;
+    let state = harness
+        .wait_finished(&campaign.id, 8, Duration::from_secs(60))
+        .await;
+    typing.cancel();
+    noise.await.unwrap();
+    worker.stop().await;
+    assert_eq!(state.totals().succeeded, 8);
+    harness.teardown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_campaign_cleans_up_every_job_and_leaves_nothing_running() {
     let harness = Harness::new("cancel").await;
     let fleet = Fleet::start(cpes(60, (800, 1500), FaultSpec::NONE))

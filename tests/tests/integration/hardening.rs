@@ -260,14 +260,16 @@ async fn a_refused_hand_off_returns_its_delivery_at_once_and_is_counted() {
     let harness = Harness::new("handoff").await;
     let fleet = Fleet::start(cpes(5, Quirks::default())).await.unwrap();
     let campaign = harness.campaign("handoff");
-    harness.publish(&campaign, fleet.devices()).await;
 
-    // A broker user of this test's own that may read and declare but not
-    // publish: every hand-off is refused (the broker closes the channel).
+    // A broker user of this test's own, allowed everything until the worker
+    // is consuming, then no more publishing: every hand-off is refused (the
+    // broker closes the channel). A worker refused from the start never
+    // takes a delivery: its session's first publish, the marker that tells
+    // it has read the control stream, is refused already.
     let user = harness.topology.prefix().to_owned();
     rabbitmqctl(&["add_user", &user, "handoff-password"]);
     let _user = TestUser(user.clone());
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", "^$", ".*"]);
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]);
     let mut url: url::Url = harness.args.amqp_url.parse().unwrap();
     url.set_username(&user).unwrap();
     url.set_password(Some("handoff-password")).unwrap();
@@ -279,6 +281,13 @@ async fn a_refused_hand_off_returns_its_delivery_at_once_and_is_counted() {
     config.broker.amqp_url = url.to_string();
     config.metrics_addr = flotilla_worker::Listen::On(metrics_addr);
     let worker = harness.start_worker_with(config, fleet_credentials(&fleet));
+    let readyz = format!("http://{metrics_addr}/readyz");
+    let ready =
+        || async { matches!(reqwest::get(&readyz).await, Ok(r) if r.status().is_success()) };
+    flotilla_tests::eventually(Duration::from_secs(30), "the worker consuming", ready).await;
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", "^$", ".*"]);
+    harness.publish(&campaign, fleet.devices()).await;
+
     let scrape = format!("http://{metrics_addr}/metrics");
     let failures = || async {
         let text = reqwest::get(&scrape).await.ok()?.text().await.ok()?;
@@ -288,9 +297,24 @@ async fn a_refused_hand_off_returns_its_delivery_at_once_and_is_counted() {
             .ok()
     };
     flotilla_tests::eventually(Duration::from_secs(30), "refused hand-offs", || async {
-        failures().await.is_some_and(|n| n >= 5)
+        failures().await.is_some_and(|n| n >= 1)
     })
     .await;
+    // The sessions after it are refused before they take anything.
+    flotilla_tests::eventually(Duration::from_secs(30), "/readyz not ready", || async {
+        !ready().await
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        !ready().await,
+        "a worker that cannot hand off says it is ready"
+    );
+    assert_eq!(
+        harness.ready_messages(&harness.topology.jobs()).await,
+        5,
+        "every refused delivery is back in the queue"
+    );
 
     // Allowed again: the deliveries were back in the queue all along, so
     // every job finishes now, not at the broker's consumer timeout.
