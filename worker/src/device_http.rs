@@ -40,21 +40,25 @@ use url::Url;
 
 /// How much of a device's answer an error message quotes.
 const QUOTE_LIMIT: usize = 300;
-/// Idle keep-alive connections kept per device host, and for how long. A
-/// rollout moves from host to host (an inventory lists a DMS's CPEs
-/// together): unbounded, every host a worker ever called kept an idle
-/// connection per slot that called it, with its buffers, for 90 s (371 MiB
-/// of a worker's memory over 200 DMS hosts at 100,000 CPEs). A host still
-/// being called keeps its connections: capped at 8, reconnecting cost a
-/// tenth of the throughput.
-const IDLE_PER_HOST: usize = 32;
-const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an idle keep-alive connection to a device host is kept. While
+/// a host is called, it keeps as many idle connections as the worker has
+/// slots: every slot may call it at once, and each connection released
+/// beyond a smaller cap is closed only for the next step to open another
+/// (a cap of 32 under 64 slots opened one connection per CPE and cost a
+/// tenth of the throughput). A rollout moves from host to host (an
+/// inventory lists a DMS's CPEs together), so a host not called for a
+/// second lets its connections go: kept 5 s, the hosts a worker had just
+/// left held 119 MiB of its memory at 100,000 CPEs over 200 DMS hosts
+/// (kept 90 s, 371 MiB).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// The worker's HTTP clients to devices, one per TLS profile, built on first
 /// use and kept for the worker's lifetime.
 #[derive(Clone)]
 pub(crate) struct HttpClients {
     timeout: Duration,
+    /// Idle connections kept per host: the worker's slots.
+    idle_per_host: usize,
     /// The most bytes read of one answer.
     max_answer: u64,
     clients: Arc<Mutex<HashMap<TlsProfile, reqwest::Client>>>,
@@ -69,11 +73,17 @@ pub(crate) struct DeviceHttp {
 impl HttpClients {
     /// Builds the client of the default profile at once, so a worker that
     /// cannot build any client fails at start rather than on every job.
-    pub(crate) fn new(timeout: Duration, max_answer: u64) -> Result<Self, reqwest::Error> {
+    pub(crate) fn new(
+        timeout: Duration,
+        max_answer: u64,
+        slots: u16,
+    ) -> Result<Self, reqwest::Error> {
         let default = TlsProfile::default();
-        let client = build_client(timeout, &default)?;
+        let idle_per_host = usize::from(slots);
+        let client = build_client(timeout, idle_per_host, &default)?;
         Ok(HttpClients {
             timeout,
+            idle_per_host,
             max_answer,
             clients: Arc::new(Mutex::new(HashMap::from([(default, client)]))),
         })
@@ -99,7 +109,7 @@ impl HttpClients {
         }
         // Built outside the lock: reading the CA takes a moment, and two
         // tasks building the same profile at once only waste a little work.
-        let client = build_client(self.timeout, profile).map_err(|e| {
+        let client = build_client(self.timeout, self.idle_per_host, profile).map_err(|e| {
             StepError::worker_lacks(format!(
                 "cannot build an HTTPS client with the campaign's TLS settings: {}",
                 describe(&e)
@@ -111,6 +121,7 @@ impl HttpClients {
 
 fn build_client(
     timeout: Duration,
+    idle_per_host: usize,
     profile: &TlsProfile,
 ) -> Result<reqwest::Client, reqwest::Error> {
     let mut builder = reqwest::Client::builder()
@@ -119,7 +130,7 @@ fn build_client(
         // Without it, a device that writes headers and body separately
         // makes each keep-alive call wait ~40 ms for a delayed ACK.
         .tcp_nodelay(true)
-        .pool_max_idle_per_host(IDLE_PER_HOST)
+        .pool_max_idle_per_host(idle_per_host)
         .pool_idle_timeout(IDLE_TIMEOUT)
         .redirect(reqwest::redirect::Policy::none())
         .user_agent(concat!("flotilla/", env!("CARGO_PKG_VERSION")));

@@ -132,7 +132,11 @@ pub async fn run(
         topology: config.broker.topology(),
         control: Default::default(),
         registry: Registry::standard(),
-        http: device_http::HttpClients::new(config.http_timeout, config.max_answer_size)?,
+        http: device_http::HttpClients::new(
+            config.http_timeout,
+            config.max_answer_size,
+            config.concurrency,
+        )?,
         credentials,
         keyring,
         image_dir,
