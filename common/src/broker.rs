@@ -60,6 +60,9 @@ pub enum BrokerError {
     /// text.
     #[error("reading stream {stream}: {reason}")]
     Read { stream: String, reason: String },
+    /// A transaction several hand-offs shared failed; each gets its text.
+    #[error("committing hand-offs: {reason}")]
+    Commit { reason: String },
 }
 
 impl From<lapin::Error> for BrokerError {

@@ -21,6 +21,7 @@ use crate::{
     device_http::HttpClients,
     driver::Rejection,
     fence::Fence,
+    lane::Outbox,
     metrics::WorkerMetrics,
     registry::{Prepared, Registry},
     step::{Executed, StepEnv},
@@ -29,10 +30,10 @@ use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
     BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
-    EventRecord, JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, TxPublisher, headers,
-    signing, telemetry,
+    EventRecord, JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, headers, signing,
+    telemetry,
 };
-use lapin::{message::Delivery, options::BasicAckOptions, types::FieldTable};
+use lapin::{message::Delivery, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
 use tracing::{Instrument, debug, info, warn};
 
@@ -90,7 +91,7 @@ impl Shared {
 /// it and returns the delivery to the queue.
 pub(crate) async fn handle(
     delivery: &Delivery,
-    publisher: &TxPublisher,
+    outbox: &mut Outbox,
     shared: &Shared,
     fence: &Fence,
 ) -> Result<(), BrokerError> {
@@ -100,7 +101,7 @@ pub(crate) async fn handle(
     match shared.keyring.verify(&delivery.data, incoming) {
         Ok(key) => shared.metrics.verified(key),
         Err(unverified) => {
-            return dead_letter_unverified(delivery, publisher, shared, unverified).await;
+            return dead_letter_unverified(delivery, outbox, shared, unverified).await;
         }
     }
     if delivery.redelivered
@@ -108,13 +109,13 @@ pub(crate) async fn handle(
         && fence.handed_off(&hop, published_at(delivery)).await?
     {
         info!(%hop, "dropping a redelivered delivery: its hand-off is on the broker already");
-        commit(delivery, publisher).await?;
+        commit(delivery, outbox).await?;
         shared.metrics.redelivery_dropped();
         return Ok(());
     }
     let job = match decode(&delivery.data) {
         Ok(job) => job,
-        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+        Err(rejection) => return dead_letter(delivery, outbox, shared, rejection).await,
     };
     // The last delivery the broker's limit allows: dead-letter it here,
     // with its terminal event, rather than let the broker dead-letter it
@@ -127,7 +128,7 @@ pub(crate) async fn handle(
             reason: "delivery_limit",
             detail: format!("delivered {count} times before (the queue's limit is {limit})"),
         };
-        return dead_letter(delivery, publisher, shared, rejection).await;
+        return dead_letter(delivery, outbox, shared, rejection).await;
     }
 
     if let Some(due_ms) = headers::get_int(incoming, headers::DUE_AT_MS) {
@@ -142,10 +143,8 @@ pub(crate) async fn handle(
                 .headers(carried_headers(incoming))
                 .header(headers::DUE_AT_MS, due_ms)
                 .signed(&shared.keyring, &delivery.data);
-            publisher
-                .send(&queue, &delivery.data, hands_off(message, delivery, shared))
-                .await?;
-            return commit(delivery, publisher).await;
+            outbox.send(&queue, &delivery.data, hands_off(message, delivery, shared));
+            return commit(delivery, outbox).await;
         }
         shared
             .metrics
@@ -168,10 +167,8 @@ pub(crate) async fn handle(
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due)
             .signed(&shared.keyring, &body);
-        publisher
-            .send(&queue, &body, hands_off(message, delivery, shared))
-            .await?;
-        commit(delivery, publisher).await?;
+        outbox.send(&queue, &body, hands_off(message, delivery, shared));
+        commit(delivery, outbox).await?;
         shared.metrics.parked();
         return Ok(());
     }
@@ -181,7 +178,7 @@ pub(crate) async fn handle(
     let labels = StepLabels::of(&job);
     let prepared = match shared.registry.get(job.device.kind).prepare(job) {
         Ok(prepared) => prepared,
-        Err(rejection) => return dead_letter(delivery, publisher, shared, rejection).await,
+        Err(rejection) => return dead_letter(delivery, outbox, shared, rejection).await,
     };
     let span = labels.span(prepared.step_name(), incoming);
     if shared.panic_for_device.as_deref() == Some(labels.device()) {
@@ -190,12 +187,12 @@ pub(crate) async fn handle(
     let executed = match chain::run(prepared, span.clone(), mode, incoming, shared).await {
         Ok(executed) => executed,
         Err(rejection) => {
-            return dead_letter(delivery, publisher, shared, rejection)
+            return dead_letter(delivery, outbox, shared, rejection)
                 .instrument(span)
                 .await;
         }
     };
-    hand_off(executed, delivery, incoming, publisher, shared)
+    hand_off(executed, delivery, incoming, outbox, shared)
         .instrument(span)
         .await
 }
@@ -220,7 +217,7 @@ async fn hand_off(
     executed: Executed,
     delivery: &Delivery,
     incoming: Option<&FieldTable>,
-    publisher: &TxPublisher,
+    outbox: &mut Outbox,
     shared: &Shared,
 ) -> Result<(), BrokerError> {
     let recorded = executed.follow_up.is_none();
@@ -238,9 +235,7 @@ async fn hand_off(
             None => shared.topology.jobs(),
         };
         let message = message.signed(&shared.keyring, &body);
-        publisher
-            .send(&queue, &body, hands_off(message, delivery, shared))
-            .await?;
+        outbox.send(&queue, &body, hands_off(message, delivery, shared));
     }
     if !executed.events.is_empty() {
         // The chain's events, in one record: the stream's cost is per
@@ -250,11 +245,9 @@ async fn hand_off(
         if recorded {
             message = hands_off(message, delivery, shared);
         }
-        publisher
-            .send(&shared.topology.events(), &body, message)
-            .await?;
+        outbox.send(&shared.topology.events(), &body, message);
     }
-    commit(delivery, publisher).await?;
+    commit(delivery, outbox).await?;
     // Counted once the broker holds the outcome, so a redelivery after a
     // failed hand-off does not count it twice.
     for event in &executed.events {
@@ -305,19 +298,12 @@ fn decode(data: &[u8]) -> Result<Job, Rejection> {
 /// its campaign, a cancel and the concurrency caps do not wait for it.
 pub(crate) async fn dead_letter(
     delivery: &Delivery,
-    publisher: &TxPublisher,
+    outbox: &mut Outbox,
     shared: &Shared,
     rejection: Rejection,
 ) -> Result<(), BrokerError> {
     let event = terminal_event(&delivery.data, &rejection);
-    bury(
-        delivery,
-        publisher,
-        shared,
-        rejection,
-        Burial::Verified(event),
-    )
-    .await
+    bury(delivery, outbox, shared, rejection, Burial::Verified(event)).await
 }
 
 /// Sends a message that does not verify to the dead-letter queue, as it
@@ -326,7 +312,7 @@ pub(crate) async fn dead_letter(
 /// forger must not be able to end them.
 async fn dead_letter_unverified(
     delivery: &Delivery,
-    publisher: &TxPublisher,
+    outbox: &mut Outbox,
     shared: &Shared,
     unverified: signing::Unverified,
 ) -> Result<(), BrokerError> {
@@ -334,7 +320,7 @@ async fn dead_letter_unverified(
         reason: unverified.reason(),
         detail: unverified.to_string(),
     };
-    bury(delivery, publisher, shared, rejection, Burial::Unverified).await
+    bury(delivery, outbox, shared, rejection, Burial::Unverified).await
 }
 
 /// What a dead letter leaves besides itself.
@@ -353,7 +339,7 @@ enum Burial {
 /// Dead-letters the delivery, with what `burial` says, in one hand-off.
 async fn bury(
     delivery: &Delivery,
-    publisher: &TxPublisher,
+    outbox: &mut Outbox,
     shared: &Shared,
     rejection: Rejection,
     burial: Burial,
@@ -374,17 +360,13 @@ async fn bury(
         Burial::Verified(event) => event,
         Burial::Unverified => None,
     };
-    publisher
-        .send(&shared.topology.dead(), &delivery.data, message)
-        .await?;
+    outbox.send(&shared.topology.dead(), &delivery.data, message);
     if let Some(event) = &event {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
         let message = hands_off(Message::new(EVENT_MESSAGE_TYPE), delivery, shared);
-        publisher
-            .send(&shared.topology.events(), &body, message)
-            .await?;
+        outbox.send(&shared.topology.events(), &body, message);
     }
-    commit(delivery, publisher).await?;
+    commit(delivery, outbox).await?;
     shared.metrics.dead_lettered(rejection.reason);
     if let Some(Event {
         campaign,
@@ -423,24 +405,10 @@ fn terminal_event(data: &[u8], rejection: &Rejection) -> Option<Event> {
     ))
 }
 
-/// Commits everything sent for the delivery, then acks it in a second
-/// commit.
-///
-/// One commit for both is not one outcome: RabbitMQ applies a commit's
-/// acks at once but its messages queue by queue, and a connection lost
-/// mid-commit was seen (1 job in 200, the broker connection cut under load)
-/// to keep the ack and an event while losing the next job message. The
-/// first commit's answer comes once every queue holds its message; only
-/// then is the delivery acked. A worker that dies between the two commits
-/// leaves its delivery to be redelivered with its hand-off already
-/// published, as with publisher confirms: that window is still open.
-pub(crate) async fn commit(
-    delivery: &Delivery,
-    publisher: &TxPublisher,
-) -> Result<(), BrokerError> {
-    publisher.commit().await?;
-    delivery.acker.ack(BasicAckOptions::default()).await?;
-    publisher.commit().await?;
+/// Commits everything sent for the delivery, then acks it, in its lane's
+/// next round (see [`crate::lane`]).
+pub(crate) async fn commit(delivery: &Delivery, outbox: &mut Outbox) -> Result<(), BrokerError> {
+    outbox.commit(&delivery.acker).await?;
     debug!(tag = delivery.delivery_tag, "handed off and acked");
     Ok(())
 }

@@ -30,6 +30,7 @@ mod device_http;
 mod driver;
 mod drivers;
 mod fence;
+mod lane;
 pub mod metrics;
 mod registry;
 mod step;

@@ -125,8 +125,9 @@ impl WorkerMetrics {
             )?,
             handoff_failures: IntCounter::new(
                 "flotilla_worker_handoff_failures_total",
-                "Deliveries whose hand-off (what follows, its events and the ack, one \
-                 transaction) failed; each went back to the queue at once.",
+                "Failed hand-offs (a lane's commit of what follows, the events and the \
+                 acks refused, or its channel broken); each time, every delivery of the \
+                 worker went back to the queue at once.",
             )?,
             deliveries: IntCounter::new(
                 "flotilla_worker_deliveries_total",

@@ -1,0 +1,165 @@
+//! A lane: one channel in transaction mode whose deliveries hand off
+//! together.
+//!
+//! A transaction covers everything sent on its channel since the last
+//! commit, so several deliveries taken on one channel can share a commit.
+//! A delivery's step writes its hand-off into an [`Outbox`]; nothing goes
+//! to the broker until the step is done. Its commit queues the outbox for
+//! the lane's [`Committer`], which sends every outbox queued since its last
+//! round, commits them, acks their deliveries and commits again (see
+//! [`Committer::serve`]). A delivery waits only for the round its own
+//! outbox is in, never for another delivery's step. Rounds of up to 16
+//! deliveries carried about a sixth more DMS CPEs a second than a commit
+//! per delivery (see `SLOTS_PER_LANE` in [`crate::consumer`]).
+
+use flotilla_common::{BrokerError, Message, TxPublisher};
+use lapin::{Acker, Channel, options::BasicAckOptions};
+use tokio::sync::{mpsc, oneshot};
+use tracing::debug;
+
+/// Outboxes waiting for a round, at most: more than a lane has deliveries.
+const QUEUED: usize = 64;
+
+/// What one delivery hands off, until its commit.
+pub(crate) struct Outbox {
+    lane: Handle,
+    messages: Vec<Outgoing>,
+}
+
+struct Outgoing {
+    queue: String,
+    body: Vec<u8>,
+    message: Message,
+}
+
+impl Outbox {
+    /// Adds a persistent message to the hand-off.
+    pub(crate) fn send(&mut self, queue: &str, body: &[u8], message: Message) {
+        self.messages.push(Outgoing {
+            queue: queue.to_owned(),
+            body: body.to_vec(),
+            message,
+        });
+    }
+
+    /// Drops everything added so far (a step that panicked half-way).
+    pub(crate) fn discard(&mut self) {
+        self.messages.clear();
+    }
+
+    /// Commits everything added so far, then acks the delivery of `acker`
+    /// (see [`Committer::serve`]). An error means the lane failed: the
+    /// session closes its connection, which returns the delivery to the
+    /// queue.
+    pub(crate) async fn commit(&mut self, acker: &Acker) -> Result<(), BrokerError> {
+        let (done, committed) = oneshot::channel();
+        let queued = Queued {
+            messages: std::mem::take(&mut self.messages),
+            acker: acker.clone(),
+            done,
+        };
+        self.lane
+            .rounds
+            .send(queued)
+            .await
+            .map_err(|_| BrokerError::ConnectionLost)?;
+        committed.await.map_err(|_| BrokerError::ConnectionLost)?
+    }
+}
+
+/// The deliveries' handle on their lane's commits.
+#[derive(Clone)]
+pub(crate) struct Handle {
+    rounds: mpsc::Sender<Queued>,
+}
+
+struct Queued {
+    messages: Vec<Outgoing>,
+    acker: Acker,
+    done: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// Commits the outboxes a lane's deliveries queue; runs as long as the
+/// lane.
+pub(crate) struct Committer {
+    publisher: TxPublisher,
+    rounds: mpsc::Receiver<Queued>,
+}
+
+/// A lane on `channel`, which must be the channel its deliveries came on
+/// (their acks are part of its transactions).
+pub(crate) async fn new(channel: Channel) -> Result<(Handle, Committer), BrokerError> {
+    let publisher = TxPublisher::on(channel).await?;
+    let (sender, receiver) = mpsc::channel(QUEUED);
+    Ok((
+        Handle { rounds: sender },
+        Committer {
+            publisher,
+            rounds: receiver,
+        },
+    ))
+}
+
+impl Handle {
+    /// An empty outbox for one of the lane's deliveries.
+    pub(crate) fn outbox(&self) -> Outbox {
+        Outbox {
+            lane: self.clone(),
+            messages: Vec::new(),
+        }
+    }
+}
+
+impl Committer {
+    /// Runs rounds until every [`Handle`] is gone or the channel
+    /// fails: each takes every outbox queued, sends their messages, commits,
+    /// acks their deliveries and commits the acks.
+    ///
+    /// One commit for messages and acks is not one outcome: RabbitMQ
+    /// applies a commit's acks at once but its messages queue by queue, and
+    /// a connection lost mid-commit was seen (1 job in 200, the broker
+    /// connection cut under load) to keep the ack and an event while losing
+    /// the next job message. The first commit's answer comes once every
+    /// queue holds its message; only then are the deliveries acked. A
+    /// worker that dies between the two commits leaves its deliveries to be
+    /// redelivered with their hand-offs already published, as with
+    /// publisher confirms: the fence drops them.
+    pub(crate) async fn serve(mut self) -> Result<(), BrokerError> {
+        let mut round = Vec::new();
+        while let Some(first) = self.rounds.recv().await {
+            round.push(first);
+            while let Ok(next) = self.rounds.try_recv() {
+                round.push(next);
+            }
+            let committed = self.commit(&mut round).await;
+            for queued in round.drain(..) {
+                let answer = match &committed {
+                    Ok(()) => Ok(()),
+                    Err(error) => Err(BrokerError::Commit {
+                        reason: error.to_string(),
+                    }),
+                };
+                let _ = queued.done.send(answer);
+            }
+            committed?;
+        }
+        Ok(())
+    }
+
+    async fn commit(&self, round: &mut [Queued]) -> Result<(), BrokerError> {
+        for queued in round.iter_mut() {
+            for outgoing in queued.messages.drain(..) {
+                self.publisher
+                    .send(&outgoing.queue, &outgoing.body, outgoing.message)
+                    .await?;
+            }
+        }
+        self.publisher.commit().await?;
+        for queued in round.iter() {
+            queued.acker.ack(BasicAckOptions::default()).await?;
+        }
+        self.publisher.commit().await?;
+        debug!(deliveries = round.len(), "handed off and acked");
+        Ok(())
+    }
+}
