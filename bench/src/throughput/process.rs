@@ -161,6 +161,9 @@ pub(crate) fn spawn_producer(
         .envs(env.broker_env())
         .env("FLOTILLA_METRICS_ADDR", "off")
         .env("RUST_LOG", "warn")
+        // As the producer's image runs it (see the Dockerfile): its memory
+        // figures are those of a deployment.
+        .env("MALLOC_MMAP_THRESHOLD_", "131072")
         .stdout(stdout)
         .stderr(stderr)
         .kill_on_drop(true)
