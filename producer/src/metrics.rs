@@ -12,7 +12,7 @@ use prometheus::{
     core::{Collector, Desc},
     proto::MetricFamily,
 };
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// The `state` label values of `flotilla_campaign_devices`.
 const STATES: [&str; 6] = [
@@ -29,6 +29,10 @@ pub struct ProducerMetrics {
     published: IntCounterVec,
     devices: IntGaugeVec,
     paused: IntGaugeVec,
+    host_rate: GaugeVec,
+    /// The hosts `host_rate` has a series for: one whose limit is lifted
+    /// loses it.
+    limited_hosts: BTreeSet<String>,
     /// Devices published per kind at the last observation; `None` before
     /// the first, so a restarted producer does not count the publications
     /// it only replayed.
@@ -74,7 +78,16 @@ impl ProducerMetrics {
             ),
             &["campaign"],
         )?;
+        let host_rate = GaugeVec::new(
+            Opts::new(
+                "flotilla_campaign_host_rate_per_minute",
+                "Starts per minute the adaptive rate holds an API host to while it is below \
+                 full rate; no series for a host at full rate.",
+            ),
+            &["campaign", "host"],
+        )?;
         registry.register(Box::new(published.clone()))?;
+        registry.register(Box::new(host_rate.clone()))?;
         registry.register(Box::new(devices.clone()))?;
         registry.register(Box::new(budget.clone()))?;
         registry.register(Box::new(min_finished.clone()))?;
@@ -115,6 +128,8 @@ impl ProducerMetrics {
             published,
             devices,
             paused,
+            host_rate,
+            limited_hosts: BTreeSet::new(),
             seen: None,
         })
     }
@@ -159,6 +174,21 @@ impl ProducerMetrics {
         }
         let paused = matches!(state.phase(), Phase::Paused(_));
         self.paused.with_label_values(&[id]).set(i64::from(paused));
+
+        let limits = state.rate_limits();
+        for lifted in self
+            .limited_hosts
+            .iter()
+            .filter(|host| !limits.contains_key(host.as_str()))
+        {
+            let _ = self.host_rate.remove_label_values(&[id, lifted]);
+        }
+        for (host, limit) in &limits {
+            self.host_rate
+                .with_label_values(&[id, host])
+                .set(limit.per_minute);
+        }
+        self.limited_hosts = limits.keys().map(|host| (*host).to_owned()).collect();
     }
 }
 
@@ -215,6 +245,68 @@ sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_limited_host_has_its_rate_until_the_limit_is_lifted() {
+        use flotilla_common::{
+            Decision, DecisionCounts, DecisionEvent, Event, EventBody, RateChange, Thresholds,
+        };
+        let campaign = Campaign::parse(CAMPAIGN).unwrap();
+        let registry = Registry::new();
+        let mut metrics = ProducerMetrics::new(&registry, &campaign).unwrap();
+        let mut state = CampaignState::new("windowed");
+        let change = |seq, host: &str, to: Option<f64>| {
+            Event::new(
+                "windowed",
+                EventBody::Decision(DecisionEvent {
+                    seq,
+                    decision: Decision::RateChanged(RateChange {
+                        host: host.into(),
+                        from_per_minute: 300.0,
+                        to_per_minute: to,
+                        full_per_minute: 300.0,
+                        calls: 20,
+                        p95_ms: 900,
+                        error_ratio: 0.0,
+                    }),
+                    reason: String::new(),
+                    counts: DecisionCounts::default(),
+                    thresholds: Thresholds::default(),
+                    control_offset: None,
+                }),
+            )
+        };
+        let rates = |registry: &Registry| -> Vec<(String, f64)> {
+            registry
+                .gather()
+                .into_iter()
+                .filter(|f| f.name() == "flotilla_campaign_host_rate_per_minute")
+                .flat_map(|f| f.get_metric().to_vec())
+                .map(|m| {
+                    (
+                        m.get_label()[1].value().to_owned(),
+                        m.get_gauge().get_value(),
+                    )
+                })
+                .collect()
+        };
+        metrics.observe(&state);
+        assert_eq!(rates(&registry), [], "no host is limited at the start");
+        state.apply(&change(1, "dms-a:7547", Some(150.0)));
+        state.apply(&change(2, "dms-b:7547", Some(75.0)));
+        metrics.observe(&state);
+        assert_eq!(
+            rates(&registry),
+            [
+                ("dms-a:7547".to_owned(), 150.0),
+                ("dms-b:7547".to_owned(), 75.0)
+            ]
+        );
+        state.apply(&change(3, "dms-a:7547", None));
+        state.apply(&change(4, "dms-b:7547", Some(38.0)));
+        metrics.observe(&state);
+        assert_eq!(rates(&registry), [("dms-b:7547".to_owned(), 38.0)]);
     }
 
     #[test]
