@@ -19,12 +19,21 @@ use flotilla_common::{
 };
 use lapin::Connection;
 use std::collections::HashSet;
-use tokio::sync::{mpsc, oneshot};
+use tokio::{
+    sync::{mpsc, oneshot},
+    time::timeout,
+};
 use tracing::debug;
 
 /// Broker and worker clocks differ a little; a read starts this much
 /// before the redelivered message was published.
 const CLOCK_MARGIN: chrono::Duration = chrono::Duration::seconds(5);
+/// A read that gets nothing for this long, not even its own marker, is
+/// stuck (a stream member restarting under it can leave a consumer that
+/// never delivers): it fails, and with it the session, whose next
+/// connection reads again. A read that moves is never cut short, however
+/// much of the stream it reads.
+const READ_STALL: std::time::Duration = std::time::Duration::from_secs(15);
 /// Lookups waiting for the read under way, at most.
 const QUEUED_LOOKUPS: usize = 1024;
 
@@ -124,17 +133,35 @@ async fn read(
     since: DateTime<Utc>,
     wanted: &HashSet<String>,
 ) -> Result<HashSet<String>, BrokerError> {
-    let mut reader = StreamReader::open(connection, stream, Offset::Since(since)).await?;
-    let marker = Marker::publish(connection, stream).await?;
+    let stalled = || BrokerError::Read {
+        stream: stream.to_owned(),
+        reason: format!("nothing came for {READ_STALL:?}"),
+    };
+    let mut reader = timeout(
+        READ_STALL,
+        StreamReader::open(connection, stream, Offset::Since(since)),
+    )
+    .await
+    .map_err(|_| stalled())??;
+    let marker = timeout(READ_STALL, Marker::publish(connection, stream))
+        .await
+        .map_err(|_| stalled())??;
     let mut found = HashSet::new();
-    reader
-        .read_to(&marker, |record| {
-            if let Some(after) = record.header_text(headers::AFTER_HOP)
-                && wanted.contains(&after)
-            {
-                found.insert(after);
+    loop {
+        let record = timeout(READ_STALL, reader.next_any())
+            .await
+            .map_err(|_| stalled())?
+            .ok_or(BrokerError::ConnectionLost)??;
+        match record.marker() {
+            Some(id) if marker.is(&id) => return Ok(found),
+            Some(_) => {}
+            None => {
+                if let Some(after) = record.header_text(headers::AFTER_HOP)
+                    && wanted.contains(&after)
+                {
+                    found.insert(after);
+                }
             }
-        })
-        .await?;
-    Ok(found)
+        }
+    }
 }

@@ -14,9 +14,16 @@
 
 use flotilla_common::{BrokerError, Message, TxPublisher};
 use lapin::{Acker, Channel, options::BasicAckOptions};
+use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tracing::debug;
 
+/// A round that takes longer than this is stuck (a queue's leader moving
+/// in the middle of a commit can leave it unanswered): it fails, and with
+/// it the session, whose deliveries go back to the queue. Rounds take
+/// milliseconds; a broker blocking publishers (a memory alarm) makes the
+/// worker reconnect at this pace, each time returning its deliveries.
+const ROUND_LIMIT: Duration = Duration::from_secs(30);
 /// Outboxes waiting for a round, at most: more than a lane has deliveries.
 const QUEUED: usize = 64;
 
@@ -131,7 +138,13 @@ impl Committer {
             while let Ok(next) = self.rounds.try_recv() {
                 round.push(next);
             }
-            let committed = self.commit(&mut round).await;
+            let committed = tokio::time::timeout(ROUND_LIMIT, self.commit(&mut round))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(BrokerError::Commit {
+                        reason: format!("no answer within {ROUND_LIMIT:?}"),
+                    })
+                });
             for queued in round.drain(..) {
                 let answer = match &committed {
                     Ok(()) => Ok(()),
