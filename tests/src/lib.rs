@@ -457,6 +457,21 @@ fn parse_duration(text: &str) -> Duration {
     }
 }
 
+/// The value of the metric `name` (a series without labels) that the
+/// process serving `/metrics` at `addr` reports now, if it answers.
+pub async fn scrape(addr: std::net::SocketAddr, name: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))?
+        .parse()
+        .ok()
+}
+
 /// Polls `condition` every 50 ms until it holds, or panics after `within`.
 pub async fn eventually<F, Fut>(within: Duration, what: &str, mut condition: F)
 where

@@ -437,7 +437,7 @@ async fn return_panicked(
     if let Some(id) = delivery.properties.message_id() {
         message = message.id(id.as_str());
     }
-    outbox.send(&shared.topology.jobs(), &delivery.data, message);
+    outbox.send(&shared.topology.jobs(), delivery.data.clone(), message);
     delivery::commit(delivery, outbox).await
 }
 

@@ -143,7 +143,11 @@ pub(crate) async fn handle(
                 .headers(carried_headers(incoming))
                 .header(headers::DUE_AT_MS, due_ms)
                 .signed(&shared.keyring, &delivery.data);
-            outbox.send(&queue, &delivery.data, hands_off(message, delivery, shared));
+            outbox.send(
+                &queue,
+                delivery.data.clone(),
+                hands_off(message, delivery, shared),
+            );
             return commit(delivery, outbox).await;
         }
         shared
@@ -167,7 +171,7 @@ pub(crate) async fn handle(
             .headers(carried_headers(incoming))
             .header(headers::DUE_AT_MS, due)
             .signed(&shared.keyring, &body);
-        outbox.send(&queue, &body, hands_off(message, delivery, shared));
+        outbox.send(&queue, body, hands_off(message, delivery, shared));
         commit(delivery, outbox).await?;
         shared.metrics.parked();
         return Ok(());
@@ -235,7 +239,7 @@ async fn hand_off(
             None => shared.topology.jobs(),
         };
         let message = message.signed(&shared.keyring, &body);
-        outbox.send(&queue, &body, hands_off(message, delivery, shared));
+        outbox.send(&queue, body, hands_off(message, delivery, shared));
     }
     if !executed.events.is_empty() {
         // The chain's events, in one record: the stream's cost is per
@@ -245,7 +249,7 @@ async fn hand_off(
         if recorded {
             message = hands_off(message, delivery, shared);
         }
-        outbox.send(&shared.topology.events(), &body, message);
+        outbox.send(&shared.topology.events(), body, message);
     }
     commit(delivery, outbox).await?;
     // Counted once the broker holds the outcome, so a redelivery after a
@@ -360,11 +364,11 @@ async fn bury(
         Burial::Verified(event) => event,
         Burial::Unverified => None,
     };
-    outbox.send(&shared.topology.dead(), &delivery.data, message);
+    outbox.send(&shared.topology.dead(), delivery.data.clone(), message);
     if let Some(event) = &event {
         let body = serde_json::to_vec(event).expect("an event serializes to JSON");
         let message = hands_off(Message::new(EVENT_MESSAGE_TYPE), delivery, shared);
-        outbox.send(&shared.topology.events(), &body, message);
+        outbox.send(&shared.topology.events(), body, message);
     }
     commit(delivery, outbox).await?;
     shared.metrics.dead_lettered(rejection.reason);

@@ -41,10 +41,10 @@ struct Outgoing {
 
 impl Outbox {
     /// Adds a persistent message to the hand-off.
-    pub(crate) fn send(&mut self, queue: &str, body: &[u8], message: Message) {
+    pub(crate) fn send(&mut self, queue: &str, body: Vec<u8>, message: Message) {
         self.messages.push(Outgoing {
             queue: queue.to_owned(),
-            body: body.to_vec(),
+            body,
             message,
         });
     }

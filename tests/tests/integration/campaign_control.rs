@@ -316,16 +316,10 @@ async fn a_worker_joining_while_commands_keep_coming_knows_every_earlier_pause()
     let mut config = harness.worker_config("joins-late");
     config.metrics_addr = flotilla_worker::Listen::On(metrics_addr);
     let worker = harness.start_worker_with(config, fleet_credentials(&fleet));
-    let scrape = format!("http://{metrics_addr}/metrics");
     flotilla_tests::eventually(Duration::from_secs(20), "parked jobs", || async {
-        let Ok(response) = reqwest::get(&scrape).await else {
-            return false;
-        };
-        let text = response.text().await.unwrap_or_default();
-        text.lines()
-            .find_map(|l| l.strip_prefix("flotilla_worker_parked_total "))
-            .and_then(|n| n.parse::<u64>().ok())
-            .is_some_and(|n| n >= 8)
+        flotilla_tests::scrape(metrics_addr, "flotilla_worker_parked_total")
+            .await
+            .is_some_and(|n| n >= 8.0)
     })
     .await;
     let dms = fleet.get::<dms::Cpe>(&fleet.devices()[0].id).unwrap().dms();

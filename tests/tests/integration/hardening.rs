@@ -288,16 +288,10 @@ async fn a_refused_hand_off_returns_its_delivery_at_once_and_is_counted() {
     rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", "^$", ".*"]);
     harness.publish(&campaign, fleet.devices()).await;
 
-    let scrape = format!("http://{metrics_addr}/metrics");
-    let failures = || async {
-        let text = reqwest::get(&scrape).await.ok()?.text().await.ok()?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("flotilla_worker_handoff_failures_total "))?
-            .parse::<u64>()
-            .ok()
-    };
     flotilla_tests::eventually(Duration::from_secs(30), "refused hand-offs", || async {
-        failures().await.is_some_and(|n| n >= 1)
+        flotilla_tests::scrape(metrics_addr, "flotilla_worker_handoff_failures_total")
+            .await
+            .is_some_and(|n| n >= 1.0)
     })
     .await;
     // The sessions after it are refused before they take anything.
