@@ -21,6 +21,7 @@
 //! queue would block each other. Every argument here is accepted by
 //! RabbitMQ 3.10 through 4.x.
 
+use crate::{Broker, BrokerError};
 use lapin::{
     Channel, Connection, ErrorKind,
     options::{BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions, QueueDeleteOptions},
@@ -123,6 +124,8 @@ pub enum TopologyError {
         #[source]
         source: lapin::Error,
     },
+    #[error("connecting to declare the queues: {0}")]
+    Connect(#[from] BrokerError),
 }
 
 impl Topology {
@@ -240,7 +243,8 @@ impl Topology {
 
     /// Declares every queue. Safe to run from any number of processes; a
     /// queue that exists with other arguments is reported by name.
-    pub async fn declare(&self, connection: &Connection) -> Result<(), TopologyError> {
+    pub async fn declare(&self, broker: &Broker) -> Result<(), TopologyError> {
+        let connection = broker.connection().await?;
         // A failed declaration closes its channel; one channel for the whole
         // sequence is fine because we stop at the first failure.
         let channel =
@@ -301,10 +305,10 @@ impl Topology {
             ),
         ];
         for (stream, retention) in &streams {
-            declare_stream(connection, stream, retention).await?;
+            declare_stream(&connection, stream, retention).await?;
         }
         for (stream, ..) in &streams {
-            await_stream_leader(connection, stream).await?;
+            await_stream_leader(broker, stream).await?;
         }
         Ok(())
     }
@@ -411,10 +415,15 @@ async fn declare_stream(
 /// A stream declared a moment ago has no leader yet, and until it has, the
 /// broker refuses its readers (and can fail its writers). Waits, briefly,
 /// until a reader can attach.
-async fn await_stream_leader(connection: &Connection, stream: &str) -> Result<(), TopologyError> {
+///
+/// RabbitMQ refuses a reader that comes too soon by closing its whole
+/// connection, not only its channel, so each attempt takes a connection
+/// from the pool, which replaces one that was closed.
+async fn await_stream_leader(broker: &Broker, stream: &str) -> Result<(), TopologyError> {
     let deadline = tokio::time::Instant::now() + STREAM_LEADER_WAIT;
     loop {
-        match attach_reader(connection, stream).await {
+        let connection = broker.connection().await?;
+        match attach_reader(&connection, stream).await {
             Ok(()) => return Ok(()),
             Err(source) if tokio::time::Instant::now() >= deadline => {
                 return Err(TopologyError::Broker {

@@ -95,11 +95,15 @@ impl ProducerError {
         let amqp = match self {
             ProducerError::Broker(
                 BrokerError::ConnectionLost | BrokerError::Unreachable { .. },
-            ) => {
+            )
+            | ProducerError::Topology(TopologyError::Connect(
+                BrokerError::ConnectionLost | BrokerError::Unreachable { .. },
+            )) => {
                 return true;
             }
             ProducerError::Broker(BrokerError::Amqp(error))
-            | ProducerError::Topology(TopologyError::Broker { source: error, .. }) => error,
+            | ProducerError::Topology(TopologyError::Broker { source: error, .. })
+            | ProducerError::Topology(TopologyError::Connect(BrokerError::Amqp(error))) => error,
             _ => return false,
         };
         !matches!(

@@ -105,12 +105,8 @@ impl Harness {
         };
         let broker = Broker::new(&args.amqp_url, &prefix).expect("the test AMQP URL is valid");
         let topology = args.topology();
-        let connection = broker
-            .connection()
-            .await
-            .expect("the test broker is reachable");
         topology
-            .declare(&connection)
+            .declare(&broker)
             .await
             .expect("a fresh prefix declares cleanly");
         let dir = std::env::temp_dir().join(&prefix);

@@ -162,15 +162,16 @@ async fn session(
     shutdown: &CancellationToken,
     connected_before: &mut bool,
 ) -> Result<(), SessionError> {
-    let connection = broker.connection().await?;
     shared
         .topology
-        .declare(&connection)
+        .declare(broker)
         .await
         .map_err(|error| match error {
             TopologyError::Broker { source, .. } => SessionError::Broker(source.into()),
+            TopologyError::Connect(error) => SessionError::Broker(error),
             mismatch => SessionError::Topology(mismatch),
         })?;
+    let connection = broker.connection().await?;
     // Counted once connected, not once every lane is open: opening them
     // takes a round trip each, and a connection can drop before the last.
     if *connected_before {

@@ -78,7 +78,7 @@ impl Stage {
         };
         let broker = Broker::new(amqp_url, "flotilla-bench")?;
         let topology = args.topology();
-        topology.declare(&*broker.connection().await?).await?;
+        topology.declare(&broker).await?;
         let dir = std::env::temp_dir().join(&prefix);
         std::fs::create_dir_all(&dir)?;
         let (user, password) = fleet.login();

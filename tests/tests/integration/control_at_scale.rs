@@ -436,7 +436,7 @@ async fn a_campaign_whose_events_are_gone_is_refused_never_started_over() {
         )
         .await
         .unwrap();
-    harness.topology.declare(&connection).await.unwrap();
+    harness.topology.declare(&harness.broker).await.unwrap();
 
     let (output, _) = tokio::time::timeout(
         Duration::from_secs(30),

@@ -312,7 +312,7 @@ async fn the_topology_declares_twice_and_names_a_queue_that_disagrees() {
     let harness = Harness::new("topology").await;
     let connection = harness.broker.connection().await.unwrap();
     // A second process declaring the same topology is fine.
-    harness.topology.declare(&connection).await.unwrap();
+    harness.topology.declare(&harness.broker).await.unwrap();
 
     // A delay queue someone declared with another TTL is named, with the
     // argument that differs.
@@ -348,7 +348,7 @@ async fn the_topology_declares_twice_and_names_a_queue_that_disagrees() {
         )
         .await
         .unwrap();
-    let error = other.declare(&connection).await.unwrap_err();
+    let error = other.declare(&harness.broker).await.unwrap_err();
     let text = error.to_string();
     assert!(
         matches!(error, TopologyError::Mismatch { ref queue, .. } if *queue == delay_queue),

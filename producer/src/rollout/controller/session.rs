@@ -15,8 +15,8 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         spec: &RunSpec<'_>,
         observe: O,
     ) -> Result<(Controller<'a, O>, Steering<'a>), ProducerError> {
+        topology.declare(broker).await?;
         let connection = broker.connection().await?;
-        topology.declare(&connection).await?;
         hold_campaign_lock(&connection, topology, &campaign.id).await?;
         let (mut controller, mut steering, commands) =
             match Self::read_in(&connection, topology, campaign, spec, observe).await {
@@ -195,8 +195,8 @@ impl<'a, O: FnMut(&CampaignState)> Controller<'a, O> {
         }
         // Commands received but not applied are read again: the control
         // feed reopens after the last one applied.
+        self.topology.declare(broker).await?;
         let connection = broker.connection().await?;
-        self.topology.declare(&connection).await?;
         hold_campaign_lock(&connection, self.topology, &self.campaign.id).await?;
         let (position, control_from) = (self.position, self.control_position);
         let read_on = async {
