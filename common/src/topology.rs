@@ -307,6 +307,10 @@ impl Topology {
         for (stream, retention) in &streams {
             declare_stream(&connection, stream, retention).await?;
         }
+        // Back to the pool before the waits take theirs from it: held, it
+        // would make the pool open a second connection, kept for good (a
+        // lapin connection's buffers are 8 MiB).
+        drop(connection);
         for (stream, ..) in &streams {
             await_stream_leader(broker, stream).await?;
         }
