@@ -93,17 +93,13 @@ impl ProducerError {
     /// a nack) is not.
     pub fn is_connection_loss(&self) -> bool {
         let amqp = match self {
-            ProducerError::Broker(
-                BrokerError::ConnectionLost | BrokerError::Unreachable { .. },
-            )
-            | ProducerError::Topology(TopologyError::Connect(
-                BrokerError::ConnectionLost | BrokerError::Unreachable { .. },
-            )) => {
-                return true;
-            }
-            ProducerError::Broker(BrokerError::Amqp(error))
-            | ProducerError::Topology(TopologyError::Broker { source: error, .. })
-            | ProducerError::Topology(TopologyError::Connect(BrokerError::Amqp(error))) => error,
+            ProducerError::Broker(broker)
+            | ProducerError::Topology(TopologyError::Connect(broker)) => match broker {
+                BrokerError::ConnectionLost | BrokerError::Unreachable { .. } => return true,
+                BrokerError::Amqp(error) => error,
+                _ => return false,
+            },
+            ProducerError::Topology(TopologyError::Broker { source: error, .. }) => error,
             _ => return false,
         };
         !matches!(
