@@ -10,7 +10,7 @@
 //! worker refuses, say) is left for the next redrive, not taken round again.
 
 use flotilla_common::{
-    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, Topology, TxPublisher, headers,
+    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, Topology, TxPublisher, broker, headers,
 };
 use lapin::{
     message::BasicGetMessage,
@@ -109,7 +109,7 @@ pub async fn list(
         }
     }
     // Nothing was acked: closing puts every message back.
-    let _ = connection.close(200, "dead letters listed".into()).await;
+    broker::close_connection(&connection, "dead letters listed").await;
     Ok(letters)
 }
 
@@ -168,7 +168,7 @@ pub async fn redrive(
         publisher.commit().await?;
         redriven += 1;
     }
-    let _ = connection.close(200, "dead letters redriven".into()).await;
+    broker::close_connection(&connection, "dead letters redriven").await;
     Ok(redriven)
 }
 

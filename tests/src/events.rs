@@ -3,7 +3,7 @@
 
 use crate::Harness;
 use flotilla_common::{
-    Event, EventBody, Message, Publisher, StepEvent,
+    Event, EventBody, Message, Publisher, StepEvent, broker,
     stream::{Marker, Offset, StreamReader},
 };
 use flotilla_producer::CampaignState;
@@ -97,7 +97,7 @@ impl Harness {
             })
             .await
             .expect("reading the events stream");
-        let _ = connection.close(200, "read the events".into()).await;
+        broker::close_connection(&connection, "read the events").await;
     }
 
     /// Appends `count` events of an unrelated campaign to the events stream,

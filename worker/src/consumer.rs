@@ -24,7 +24,7 @@ use crate::{
     lane::{self, Committer, Outbox},
 };
 use flotilla_common::{
-    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, TopologyError,
+    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, TopologyError, broker,
     control::ControlMessage,
     headers,
     ops::Readiness,
@@ -241,7 +241,7 @@ async fn session(
     // Closing the connection returns every delivery still unacked (after a
     // failed hand-off, a lost connection or the grace period) at once, and
     // only then are the lanes dropped.
-    let _ = connection.close(200, "worker session ending".into()).await;
+    broker::close_connection(&connection, "worker session ending").await;
     lanes.abort_all();
     while lanes.join_next().await.is_some() {}
     drop(stopped);
