@@ -486,6 +486,24 @@ impl TxPublisher {
         Ok(())
     }
 
+    /// Adds persistent messages to the current transaction, all handed to
+    /// the connection at once. lapin writes from a thread of its own and
+    /// answers each publish once it has written it: sent one by one, every
+    /// message waits for a round trip to that thread, sent together they
+    /// share one.
+    pub async fn send_all<'a>(
+        &self,
+        messages: impl IntoIterator<Item = (&'a str, &'a [u8], Message)>,
+    ) -> Result<(), BrokerError> {
+        futures::future::try_join_all(
+            messages
+                .into_iter()
+                .map(|(queue, body, message)| self.send(queue, body, message)),
+        )
+        .await?;
+        Ok(())
+    }
+
     /// Makes every message sent since the last commit durable at once.
     pub async fn commit(&self) -> Result<(), BrokerError> {
         self.channel.tx_commit().await?;
@@ -560,8 +578,18 @@ impl Message {
     /// stream). One publish reaches all its queues or none, even if the
     /// publisher dies at once, so the record exists exactly when this
     /// message does.
-    pub fn hands_off(mut self, hop: &str, handoffs: &str) -> Self {
-        headers::set(&mut self.headers, headers::AFTER_HOP, hop);
+    pub fn hands_off(self, hop: &str, handoffs: &str) -> Self {
+        self.hands_off_all(&[hop], handoffs)
+    }
+
+    /// Makes this message the record of the hand-offs of several
+    /// deliveries (see [`Message::hands_off`] and [`headers::join_hops`]).
+    pub fn hands_off_all(mut self, hops: &[&str], handoffs: &str) -> Self {
+        headers::set(
+            &mut self.headers,
+            headers::AFTER_HOP,
+            headers::join_hops(hops),
+        );
         self.headers.insert(
             headers::CC.into(),
             AMQPValue::FieldArray(vec![AMQPValue::LongString(handoffs.into())].into()),

@@ -92,9 +92,30 @@ pub fn get_text(table: Option<&FieldTable>, name: &str) -> Option<String> {
     }
 }
 
+/// The hops of the deliveries a hand-off record names (its
+/// [`AFTER_HOP`]): one, or several separated by spaces when a lane's
+/// events record hands off a whole round. Text, not an array: a stream
+/// keeps only headers of simple types.
+pub fn join_hops(hops: &[&str]) -> String {
+    hops.join(" ")
+}
+
+/// The hops of a hand-off record's [`AFTER_HOP`] (see [`join_hops`]).
+pub fn split_hops(text: &str) -> impl Iterator<Item = &str> {
+    text.split(' ').filter(|hop| !hop.is_empty())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hops_joined_split_back() {
+        let joined = join_hops(&["h1", "h2"]);
+        assert_eq!(split_hops(&joined).collect::<Vec<_>>(), ["h1", "h2"]);
+        assert_eq!(split_hops(&join_hops(&["h1"])).collect::<Vec<_>>(), ["h1"]);
+        assert_eq!(split_hops("").count(), 0);
+    }
 
     #[test]
     fn values_read_back_as_written() {

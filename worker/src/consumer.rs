@@ -24,7 +24,7 @@ use crate::{
     lane::{self, Committer, Outbox},
 };
 use flotilla_common::{
-    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, TopologyError, broker,
+    Broker, BrokerError, JOB_MESSAGE_TYPE, Message, Topology, TopologyError, broker,
     control::ControlMessage,
     headers,
     ops::Readiness,
@@ -200,7 +200,7 @@ async fn session(
         if stop_taking.is_cancelled() {
             break;
         }
-        let lane = Lane::open(&connection, &jobs, slots).await?;
+        let lane = Lane::open(&connection, &shared.topology, slots).await?;
         lanes.spawn(lane.run(shared.clone(), fence.clone(), stop_taking.clone()));
     }
     readiness.set(true);
@@ -266,15 +266,15 @@ struct Lane {
 impl Lane {
     async fn open(
         connection: &lapin::Connection,
-        queue: &str,
+        topology: &Topology,
         slots: u16,
     ) -> Result<Lane, BrokerError> {
         let channel = connection.create_channel().await?;
         channel.basic_qos(slots, BasicQosOptions::default()).await?;
-        let (handle, committer) = lane::new(channel.clone()).await?;
+        let (handle, committer) = lane::new(channel.clone(), topology).await?;
         let consumer = channel
             .basic_consume(
-                queue.into(),
+                topology.jobs().into(),
                 "".into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),

@@ -29,9 +29,8 @@ use crate::{
 use chrono::{DateTime, Utc};
 use flotilla_common::control::{ControlBook, Mode};
 use flotilla_common::{
-    BrokerError, DeadLetteredEvent, DeviceKind, EVENT_MESSAGE_TYPE, Ending, Event, EventBody,
-    EventRecord, JOB_MESSAGE_TYPE, JOB_VERSION, Job, Message, Topology, headers, signing,
-    telemetry,
+    BrokerError, DeadLetteredEvent, DeviceKind, Ending, Event, EventBody, JOB_MESSAGE_TYPE,
+    JOB_VERSION, Job, Message, Topology, headers, signing, telemetry,
 };
 use lapin::{message::Delivery, types::FieldTable};
 use std::{sync::RwLock, time::Duration};
@@ -215,8 +214,8 @@ pub(crate) async fn run_step(
 }
 
 /// Sends the follow-up and the events, and commits them with the ack. The
-/// follow-up, or else the events' record (ending with a terminal step's
-/// outcome), is the hand-off's record.
+/// follow-up, or else the round's events record (which holds a terminal
+/// step's outcome), is the hand-off's record.
 async fn hand_off(
     executed: Executed,
     delivery: &Delivery,
@@ -241,25 +240,25 @@ async fn hand_off(
         let message = message.signed(&shared.keyring, &body);
         outbox.send(&queue, body, hands_off(message, delivery, shared));
     }
-    if !executed.events.is_empty() {
-        // The chain's events, in one record: the stream's cost is per
-        // record, and a chain writes several.
-        let (body, kind) = EventRecord::encode(&executed.events);
-        let mut message = Message::new(kind).headers(trace_headers(incoming));
-        if recorded {
-            message = hands_off(message, delivery, shared);
-        }
-        outbox.send(&shared.topology.events(), body, message);
-    }
+    let finished: Vec<(String, DeviceKind, Ending)> = executed
+        .events
+        .iter()
+        .filter_map(|event| match &event.body {
+            EventBody::Finished(finished) => Some((
+                event.campaign.clone(),
+                finished.kind,
+                finished.ending.clone(),
+            )),
+            _ => None,
+        })
+        .collect();
+    let hop = if recorded { record_hop(delivery) } else { None };
+    outbox.record(executed.events, hop);
     commit(delivery, outbox).await?;
     // Counted once the broker holds the outcome, so a redelivery after a
     // failed hand-off does not count it twice.
-    for event in &executed.events {
-        if let EventBody::Finished(finished) = &event.body {
-            shared
-                .metrics
-                .job_finished(&event.campaign, finished.kind, &finished.ending);
-        }
+    for (campaign, kind, ending) in &finished {
+        shared.metrics.job_finished(campaign, *kind, ending);
     }
     Ok(())
 }
@@ -366,9 +365,7 @@ async fn bury(
     };
     outbox.send(&shared.topology.dead(), delivery.data.clone(), message);
     if let Some(event) = &event {
-        let body = serde_json::to_vec(event).expect("an event serializes to JSON");
-        let message = hands_off(Message::new(EVENT_MESSAGE_TYPE), delivery, shared);
-        outbox.send(&shared.topology.events(), body, message);
+        outbox.record(vec![event.clone()], record_hop(delivery));
     }
     commit(delivery, outbox).await?;
     shared.metrics.dead_lettered(rejection.reason);
@@ -421,10 +418,15 @@ pub(crate) async fn commit(delivery: &Delivery, outbox: &mut Outbox) -> Result<(
 /// [`crate::fence`]). A delivery without a hop (from a build before the
 /// fence) has no record, and its redeliveries run again.
 pub(crate) fn hands_off(message: Message, delivery: &Delivery, shared: &Shared) -> Message {
-    match headers::get_text(delivery.properties.headers().as_ref(), headers::HOP) {
+    match record_hop(delivery) {
         Some(hop) => message.hands_off(&hop, &shared.topology.handoffs()),
         None => message,
     }
+}
+
+/// The hop the record of `delivery`'s hand-off names, if it has one.
+fn record_hop(delivery: &Delivery) -> Option<String> {
+    headers::get_text(delivery.properties.headers().as_ref(), headers::HOP)
 }
 
 /// When the delivery's message was published, as far as its headers say:

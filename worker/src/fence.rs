@@ -7,7 +7,9 @@
 //! hand-off is also appended, in the same publish, to the handoffs stream
 //! with the hop of the delivery it hands off (see
 //! [`flotilla_common::Message::hands_off`]); a redelivered delivery whose hop
-//! is found there is dropped.
+//! is found there is dropped. A hand-off that sends no job has its lane
+//! round's events record for its record, which names the hops of every
+//! such delivery of the round.
 //!
 //! Only redeliveries are looked up, and lookups waiting at once share one
 //! read of the stream: a dead worker's deliveries all come back together.
@@ -156,10 +158,13 @@ async fn read(
             Some(id) if marker.is(&id) => return Ok(found),
             Some(_) => {}
             None => {
-                if let Some(after) = record.header_text(headers::AFTER_HOP)
-                    && wanted.contains(&after)
-                {
-                    found.insert(after);
+                if let Some(after) = record.header_text(headers::AFTER_HOP) {
+                    // A lane's events record hands off a whole round.
+                    found.extend(
+                        headers::split_hops(&after)
+                            .filter(|hop| wanted.contains(*hop))
+                            .map(str::to_owned),
+                    );
                 }
             }
         }

@@ -12,7 +12,7 @@
 //! deliveries carried about a sixth more DMS CPEs a second than a commit
 //! per delivery (see `SLOTS_PER_LANE` in [`crate::consumer`]).
 
-use flotilla_common::{BrokerError, Message, TxPublisher};
+use flotilla_common::{BrokerError, Event, EventRecord, Message, Topology, TxPublisher};
 use lapin::{Acker, Channel, options::BasicAckOptions};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
@@ -30,7 +30,16 @@ const QUEUED: usize = 64;
 /// What one delivery hands off, until its commit.
 pub(crate) struct Outbox {
     lane: Handle,
+    handoff: Handoff,
+}
+
+/// A delivery's messages, and its events for the lane's events record.
+#[derive(Default)]
+struct Handoff {
     messages: Vec<Outgoing>,
+    events: Vec<Event>,
+    /// The delivery's hop, when that record is its hand-off's record.
+    recorded_hop: Option<String>,
 }
 
 struct Outgoing {
@@ -42,16 +51,29 @@ struct Outgoing {
 impl Outbox {
     /// Adds a persistent message to the hand-off.
     pub(crate) fn send(&mut self, queue: &str, body: Vec<u8>, message: Message) {
-        self.messages.push(Outgoing {
+        self.handoff.messages.push(Outgoing {
             queue: queue.to_owned(),
             body,
             message,
         });
     }
 
+    /// Adds events, in order, to the events record of the delivery's round.
+    /// With `hop`, that record is also the delivery's hand-off record (see
+    /// [`crate::fence`]), for a hand-off that sends no job.
+    pub(crate) fn record(&mut self, events: Vec<Event>, hop: Option<String>) {
+        if events.is_empty() {
+            return;
+        }
+        self.handoff.events.extend(events);
+        if hop.is_some() {
+            self.handoff.recorded_hop = hop;
+        }
+    }
+
     /// Drops everything added so far (a step that panicked half-way).
     pub(crate) fn discard(&mut self) {
-        self.messages.clear();
+        self.handoff = Handoff::default();
     }
 
     /// Commits everything added so far, then acks the delivery of `acker`
@@ -61,7 +83,7 @@ impl Outbox {
     pub(crate) async fn commit(&mut self, acker: &Acker) -> Result<(), BrokerError> {
         let (done, committed) = oneshot::channel();
         let queued = Queued {
-            messages: std::mem::take(&mut self.messages),
+            handoff: std::mem::take(&mut self.handoff),
             acker: acker.clone(),
             done,
         };
@@ -81,7 +103,7 @@ pub(crate) struct Handle {
 }
 
 struct Queued {
-    messages: Vec<Outgoing>,
+    handoff: Handoff,
     acker: Acker,
     done: oneshot::Sender<Result<(), BrokerError>>,
 }
@@ -91,11 +113,17 @@ struct Queued {
 pub(crate) struct Committer {
     publisher: TxPublisher,
     rounds: mpsc::Receiver<Queued>,
+    events: String,
+    handoffs: String,
 }
 
 /// A lane on `channel`, which must be the channel its deliveries came on
-/// (their acks are part of its transactions).
-pub(crate) async fn new(channel: Channel) -> Result<(Handle, Committer), BrokerError> {
+/// (their acks are part of its transactions), writing the streams of
+/// `topology`.
+pub(crate) async fn new(
+    channel: Channel,
+    topology: &Topology,
+) -> Result<(Handle, Committer), BrokerError> {
     let publisher = TxPublisher::on(channel).await?;
     let (sender, receiver) = mpsc::channel(QUEUED);
     Ok((
@@ -103,6 +131,8 @@ pub(crate) async fn new(channel: Channel) -> Result<(Handle, Committer), BrokerE
         Committer {
             publisher,
             rounds: receiver,
+            events: topology.events(),
+            handoffs: topology.handoffs(),
         },
     ))
 }
@@ -112,7 +142,7 @@ impl Handle {
     pub(crate) fn outbox(&self) -> Outbox {
         Outbox {
             lane: self.clone(),
-            messages: Vec::new(),
+            handoff: Handoff::default(),
         }
     }
 }
@@ -160,17 +190,47 @@ impl Committer {
     }
 
     async fn commit(&self, round: &mut [Queued]) -> Result<(), BrokerError> {
+        let mut outgoing = Vec::new();
+        let mut events = Vec::new();
+        let mut hops = Vec::new();
         for queued in round.iter_mut() {
-            for outgoing in queued.messages.drain(..) {
-                self.publisher
-                    .send(&outgoing.queue, &outgoing.body, outgoing.message)
-                    .await?;
+            let handoff = std::mem::take(&mut queued.handoff);
+            outgoing.extend(handoff.messages);
+            events.extend(handoff.events);
+            hops.extend(handoff.recorded_hop);
+        }
+        if !events.is_empty() {
+            // The round's events in one record: the stream's cost is per
+            // record, and a round hands off up to a lane's deliveries.
+            let (body, kind) = EventRecord::encode(&events);
+            let mut message = Message::new(kind);
+            if !hops.is_empty() {
+                let hops: Vec<&str> = hops.iter().map(String::as_str).collect();
+                message = message.hands_off_all(&hops, &self.handoffs);
             }
+            outgoing.push(Outgoing {
+                queue: self.events.clone(),
+                body,
+                message,
+            });
         }
+        self.publisher
+            .send_all(outgoing.iter_mut().map(
+                |Outgoing {
+                     queue,
+                     body,
+                     message,
+                 }| { (queue.as_str(), body.as_slice(), std::mem::take(message)) },
+            ))
+            .await?;
         self.publisher.commit().await?;
-        for queued in round.iter() {
-            queued.acker.ack(BasicAckOptions::default()).await?;
-        }
+        // Together, as the messages are (see `TxPublisher::send_all`).
+        futures::future::try_join_all(
+            round
+                .iter()
+                .map(|queued| queued.acker.ack(BasicAckOptions::default())),
+        )
+        .await?;
         self.publisher.commit().await?;
         debug!(deliveries = round.len(), "handed off and acked");
         Ok(())

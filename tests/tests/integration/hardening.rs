@@ -3,7 +3,7 @@
 //! loops, parked deadlines, and a step redelivered after its hand-off.
 
 use flotilla_common::{
-    DeviceKind, EVENT_MESSAGE_TYPE, ErrorClass, Message, Outcome, Publisher, control::Command,
+    DeviceKind, EVENTS_MESSAGE_TYPE, ErrorClass, Message, Outcome, Publisher, control::Command,
     headers,
 };
 use flotilla_sim::{Fleet, FleetSpec, Quirks, dms};
@@ -359,21 +359,22 @@ async fn a_step_timeout_that_can_outlast_the_consumer_timeout_fails_its_job() {
     harness.teardown().await;
 }
 
-/// The fence itself, without a kill to time: two jobs are taken and their
-/// taker dies holding them, one after its hand-off was recorded. The
-/// redelivered job whose hop the handoffs stream holds is dropped unrun;
-/// the other runs, so nothing but the record decides.
+/// The fence itself, without a kill to time: three jobs are taken and
+/// their taker dies holding them, two after their hand-offs were recorded,
+/// in one record as a lane's round writes it. The redelivered jobs whose
+/// hops the handoffs stream holds are dropped unrun; the other runs, so
+/// nothing but the record decides.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redelivery_whose_hand_off_is_recorded_is_dropped_unrun() {
     let harness = Harness::new("fence").await;
-    let fleet = Fleet::start(cpes(2, Quirks::default())).await.unwrap();
+    let fleet = Fleet::start(cpes(3, Quirks::default())).await.unwrap();
     let campaign = harness.campaign("fence");
     harness.publish(&campaign, fleet.devices()).await;
 
     let taker = harness.broker.connection().await.unwrap();
     let channel = taker.create_channel().await.unwrap();
     channel
-        .basic_qos(2, BasicQosOptions::default())
+        .basic_qos(3, BasicQosOptions::default())
         .await
         .unwrap();
     let mut consumer = channel
@@ -386,22 +387,24 @@ async fn a_redelivery_whose_hand_off_is_recorded_is_dropped_unrun() {
         .await
         .unwrap();
     let mut hops = std::collections::HashMap::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let delivery = consumer.next().await.unwrap().unwrap();
         let job: flotilla_common::Job = serde_json::from_slice(&delivery.data).unwrap();
         let hop = headers::get_text(delivery.properties.headers().as_ref(), headers::HOP)
             .expect("every published job has a hop");
         hops.insert(job.device.id, hop);
     }
-    let (handed_off, unfinished) = (&fleet.devices()[0], &fleet.devices()[1]);
-    // What a worker's hand-off appends to the stream besides its queue.
+    let devices = fleet.devices();
+    let (handed_off, unfinished) = (&devices[..2], &devices[2]);
+    // What a lane's round appends to the stream besides the events stream.
     let record = Publisher::open(&taker).await.unwrap();
+    let recorded: Vec<&str> = handed_off.iter().map(|d| hops[&d.id].as_str()).collect();
     record
         .publish(
             &harness.topology.handoffs(),
-            b"{}",
-            Message::new(EVENT_MESSAGE_TYPE)
-                .header(headers::AFTER_HOP, hops[&handed_off.id].as_str()),
+            b"[]",
+            Message::new(EVENTS_MESSAGE_TYPE)
+                .hands_off_all(&recorded, &harness.topology.handoffs()),
         )
         .await
         .unwrap();
@@ -413,21 +416,18 @@ async fn a_redelivery_whose_hand_off_is_recorded_is_dropped_unrun() {
         .await;
     assert!(state.outcome_of(&unfinished.id).is_some());
     worker.stop().await;
-    // The worker stopped with nothing in flight: the dropped job is not
-    // waiting anywhere, and its device saw no call and reported nothing.
+    // The worker stopped with nothing in flight: the dropped jobs are not
+    // waiting anywhere, and their devices saw no call and reported nothing.
     assert_eq!(harness.circulating_jobs().await, 0);
-    let cpe = fleet.get::<dms::Cpe>(&handed_off.id).unwrap();
-    assert_eq!(
-        cpe.dms().acting_calls(cpe.id()),
-        dms::ActingCalls::default()
-    );
-    assert!(
-        harness
-            .step_events(&campaign.id)
-            .await
-            .iter()
-            .all(|step| step.device != handed_off.id)
-    );
+    let steps = harness.step_events(&campaign.id).await;
+    for device in handed_off {
+        let cpe = fleet.get::<dms::Cpe>(&device.id).unwrap();
+        assert_eq!(
+            cpe.dms().acting_calls(cpe.id()),
+            dms::ActingCalls::default()
+        );
+        assert!(steps.iter().all(|step| step.device != device.id));
+    }
     assert_eq!(fleet.upgrades_of(&unfinished.id), 1);
     harness.teardown().await;
 }

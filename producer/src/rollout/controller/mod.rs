@@ -243,12 +243,21 @@ impl<O: FnMut(&CampaignState)> Fleet for Controller<'_, O> {
             steering.published(&events);
         }
         steering.publishing(devices.len());
-        let mut published = Vec::with_capacity(devices.len());
-        for device in devices {
-            let (body, message, event) = self.job_message(device, wave);
-            channel.send(&self.topology.jobs(), &body, message).await?;
-            published.push(event);
-        }
+        let jobs = self.topology.jobs();
+        let (mut messages, published): (Vec<_>, Vec<_>) = devices
+            .into_iter()
+            .map(|device| {
+                let (body, message, event) = self.job_message(device, wave);
+                ((body, message), event)
+            })
+            .unzip();
+        channel
+            .send_all(
+                messages.iter_mut().map(|(body, message)| {
+                    (jobs.as_str(), body.as_slice(), std::mem::take(message))
+                }),
+            )
+            .await?;
         self.add_to_transaction(&channel, &published).await?;
         self.launcher.commit(channel, published);
         Ok(())
