@@ -9,6 +9,10 @@ use flotilla_common::{
 use flotilla_producer::CampaignState;
 use std::time::Duration;
 
+/// Far more than reading a test's events stream to its end takes (well
+/// under a second), and less than the test runner's timeout.
+const READ_NOW_LIMIT: Duration = Duration::from_secs(60);
+
 impl Harness {
     /// Follows the events stream until `devices` devices of `campaign` have
     /// finished.
@@ -78,26 +82,37 @@ impl Harness {
 
     /// Hands every event written to the stream before the call to `each`,
     /// reading up to a marker of its own (see `flotilla_common::stream`).
+    /// Panics if that takes longer than [`READ_NOW_LIMIT`]: a read that
+    /// hangs fails its test at once, saying where, instead of at the test
+    /// runner's timeout.
     async fn each_event_now(&self, mut each: impl FnMut(Event)) {
-        let connection = self.broker.connection().await.expect("broker reachable");
-        let events = self.topology.events();
-        let mut reader = StreamReader::open(&connection, &events, Offset::First)
-            .await
-            .expect("the events stream opens");
-        let now = Marker::publish(&connection, &events)
-            .await
-            .expect("a marker is appended");
-        reader
-            .read_to(&now, |record| {
-                record
-                    .events()
-                    .unwrap_or_default()
-                    .into_iter()
-                    .for_each(&mut each)
-            })
-            .await
-            .expect("reading the events stream");
-        broker::close_connection(&connection, "read the events").await;
+        let read = async {
+            let connection = self.broker.connection().await.expect("broker reachable");
+            let events = self.topology.events();
+            let mut reader = StreamReader::open(&connection, &events, Offset::First)
+                .await
+                .expect("the events stream opens");
+            let now = Marker::publish(&connection, &events)
+                .await
+                .expect("a marker is appended");
+            reader
+                .read_to(&now, |record| {
+                    record
+                        .events()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .for_each(&mut each)
+                })
+                .await
+                .expect("reading the events stream");
+            broker::close_connection(&connection, "read the events").await;
+        };
+        if tokio::time::timeout(READ_NOW_LIMIT, read).await.is_err() {
+            panic!(
+                "reading {} up to now took over {READ_NOW_LIMIT:?}",
+                self.topology.events()
+            );
+        }
     }
 
     /// Appends `count` events of an unrelated campaign to the events stream,
