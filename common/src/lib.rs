@@ -31,8 +31,9 @@ pub mod stream;
 pub mod telemetry;
 pub mod tls;
 pub mod topology;
+pub mod transaction;
 
-pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher, TxPublisher};
+pub use broker::{Broker, BrokerError, DEFAULT_AMQP_URL, Message, Publisher};
 pub use event::{
     CallFailure, CallSample, CappedTarget, ClaimEvent, DeadLetteredEvent, Decision, DecisionCounts,
     DecisionEvent, Event, EventBody, EventRecord, FinishedEvent, PauseCause, PublishedEvent,
@@ -43,6 +44,7 @@ pub use kind::DeviceKind;
 pub use outcome::{Ending, ErrorClass, Outcome};
 pub use tls::TlsProfile;
 pub use topology::{Topology, TopologyError};
+pub use transaction::TxPublisher;
 
 /// The AMQP `type` of a job message.
 pub const JOB_MESSAGE_TYPE: &str = "flotilla.job.v1";
