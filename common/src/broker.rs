@@ -123,6 +123,14 @@ struct Node {
     vhost: String,
 }
 
+/// The largest frame a connection asks for, unless its URL names one.
+/// lapin keeps a read and a write ring of 32 frames for each connection,
+/// and RabbitMQ offers 128 KiB frames: 8 MiB a connection, every page of it
+/// touched as the rings turn. Jobs and events are a few KiB; a larger
+/// message only takes more frames. With 16 KiB frames a worker peaked at
+/// 33 MiB at 100,000 CPEs against 40, at the same rate.
+const FRAME_MAX: u32 = 16 * 1024;
+
 /// How long closing a connection waits for the broker's answer.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -247,7 +255,7 @@ impl Node {
         })?;
         let name = name.to_owned();
         let config = Config {
-            url: Some(url.to_owned()),
+            url: Some(with_frame_max(url)),
             ..Config::default()
         };
         let pool = config
@@ -374,6 +382,21 @@ fn redact_one(url: &str) -> Option<String> {
         path => shown.push_str(path),
     }
     Some(shown)
+}
+
+/// `url` asking for [`FRAME_MAX`]-byte frames, unless it asks for a size
+/// itself (or cannot be read, which the caller reports).
+fn with_frame_max(url: &str) -> String {
+    let Ok(mut parsed) = url::Url::parse(url) else {
+        return url.to_owned();
+    };
+    if parsed.query_pairs().any(|(key, _)| key == "frame_max") {
+        return url.to_owned();
+    }
+    parsed
+        .query_pairs_mut()
+        .append_pair("frame_max", &FRAME_MAX.to_string());
+    parsed.into()
 }
 
 /// A channel in confirm mode, owned by one publishing task.
@@ -546,6 +569,20 @@ mod tests {
             "amqp://guest:***@10.0.0.1:5672/%2f"
         );
         assert_eq!(redact_url("amqp://10.0.0.1"), "amqp://10.0.0.1");
+    }
+
+    #[test]
+    fn connections_ask_for_small_frames_unless_the_url_says_otherwise() {
+        assert_eq!(
+            with_frame_max("amqp://guest:p%23w@127.0.0.1:5672/%2f"),
+            "amqp://guest:p%23w@127.0.0.1:5672/%2f?frame_max=16384"
+        );
+        assert_eq!(
+            with_frame_max("amqp://[::1]/vh?heartbeat=10"),
+            "amqp://[::1]/vh?heartbeat=10&frame_max=16384"
+        );
+        let asked = "amqp://127.0.0.1/%2f?frame_max=131072";
+        assert_eq!(with_frame_max(asked), asked);
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! What a rollout survives: poison messages, workers killed or stopped
-//! mid-campaign, a broker connection that drops, a topology that disagrees.
+//! mid-campaign, a broker connection that drops, a topology that disagrees,
+//! a message larger than a frame.
 
 use flotilla_common::DeviceKind;
 use flotilla_common::{EventBody, Outcome, Publisher, Topology, TopologyError, headers};
@@ -361,6 +362,38 @@ async fn the_topology_declares_twice_and_names_a_queue_that_disagrees() {
 
     let cleanup = harness.broker.connection().await.unwrap();
     let _ = other.delete(&cleanup).await;
+    harness.teardown().await;
+}
+
+/// Connections ask for 16 KiB frames, which keeps lapin's buffers small
+/// (see `FRAME_MAX` in flotilla-common's broker module); a message of many
+/// frames still arrives whole.
+#[tokio::test]
+async fn connections_take_small_frames_and_a_larger_message_arrives_whole() {
+    let harness = Harness::new("frames").await;
+    let connection = harness.broker.connection().await.unwrap();
+    assert_eq!(connection.configuration().frame_max(), 16 * 1024);
+
+    let body: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    let publisher = Publisher::open(&connection).await.unwrap();
+    publisher
+        .publish(
+            &harness.topology.dead(),
+            &body,
+            flotilla_common::Message::new("large"),
+        )
+        .await
+        .unwrap();
+    let channel = connection.create_channel().await.unwrap();
+    let message = channel
+        .basic_get(
+            harness.topology.dead().into(),
+            BasicGetOptions { no_ack: true },
+        )
+        .await
+        .unwrap()
+        .expect("the message is in its queue");
+    assert_eq!(message.delivery.data, body);
     harness.teardown().await;
 }
 
